@@ -1,0 +1,197 @@
+"""Decode catalogue files and phone uploads into clean RGB images, or fail with one typed error."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO, Union
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    InvalidRequestError,
+    UnsupportedImageError,
+)
+
+logger = logging.getLogger(__name__)
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+
+# Formats a shop really receives. Anything else (PDF, PSD, EPS via Ghostscript...) is
+# refused before decoding: fewer decoders exposed to uploads, clearer errors.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF", "MPO"})
+
+# 40 megapixels covers every phone camera today (a 48 MP sensor bins to 12 MP).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+WHITE = (255, 255, 255)
+
+_heif_registered = False
+
+
+def _register_heif_opener() -> None:
+    """Teach Pillow HEIC/HEIF (iPhone photos) once, on first use rather than at import."""
+    global _heif_registered
+    if _heif_registered:
+        return
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except ImportError:  # pragma: no cover - pillow-heif is a hard dependency
+        logger.warning("pillow-heif is not installed: HEIC photos cannot be read")
+    _heif_registered = True
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A rectangle in pixels of the (orientation-corrected) image."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Crop":
+        """Parse ``"x,y,w,h"``; raises ``ValueError`` with a readable message."""
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 4:
+            raise ValueError(f"crop must be 'x,y,w,h' in pixels, got {text!r}")
+        try:
+            x, y, w, h = (int(float(p)) for p in parts)
+        except ValueError:
+            raise ValueError(f"crop must be four numbers 'x,y,w,h', got {text!r}") from None
+        if x < 0 or y < 0 or w <= 0 or h <= 0:
+            raise ValueError(f"crop needs x,y >= 0 and w,h > 0, got {text!r}")
+        return cls(x, y, w, h)
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        return Image.open(source)
+    except FileNotFoundError:
+        raise
+    except UnidentifiedImageError:
+        raise UnsupportedImageError(
+            "not a supported image: expected JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"cannot read image header: {exc}") from None
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    target_size: int | None = None,
+    crop: Crop | None = None,
+) -> Image.Image:
+    """Decode ``source`` into an upright RGB image.
+
+    Args:
+        source: a path, raw bytes or a binary file object.
+        max_pixels: refuse images with more pixels than this (decompression bombs).
+        target_size: the smallest side the caller needs; large JPEGs are then decoded
+            at a reduced scale (2x-8x faster). ``None`` decodes at full size.
+        crop: optional rectangle, in pixels of the upright image, to keep.
+
+    Returns:
+        A fully loaded ``PIL.Image`` in mode ``RGB``; transparency is composited on white.
+
+    Raises:
+        UnsupportedImageError: not an image, or a format we do not accept.
+        ImageDecodeError: a supported format whose data is corrupt or truncated.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+        FileNotFoundError: ``source`` is a path that does not exist.
+    """
+    _register_heif_opener()
+    image = _open(source)
+    try:
+        return _to_clean_rgb(image, max_pixels=max_pixels, target_size=target_size, crop=crop)
+    except (ImageTooLargeError, ImageDecodeError, UnsupportedImageError):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(f"cannot decode {image.format or 'image'} data: {exc}") from None
+    finally:
+        image.close()
+
+
+def _to_clean_rgb(
+    image: Image.Image, *, max_pixels: int, target_size: int | None, crop: Crop | None
+) -> Image.Image:
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedImageError(
+            f"{image.format or 'unknown'} images are not supported: "
+            "use JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF"
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animations: the first frame is the product shot
+    if target_size and image.format == "JPEG" and crop is None:
+        # draft() picks the largest 1/2, 1/4 or 1/8 DCT scale that stays >= the request,
+        # so the model still gets at least target_size pixels on the short side.
+        scale = min(width, height) / target_size
+        if scale >= 2:
+            image.draft("RGB", (round(width / scale), round(height / scale)))
+    with warnings.catch_warnings():
+        # Pillow warns about palette transparency given as bytes; we handle it below.
+        warnings.simplefilter("ignore", UserWarning)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    if crop is not None:
+        image = _apply_crop(image, crop)
+    return _to_rgb(image)
+
+
+def _apply_crop(image: Image.Image, crop: Crop) -> Image.Image:
+    width, height = image.size
+    if crop.x >= width or crop.y >= height:
+        raise InvalidRequestError(
+            f"crop {crop.x},{crop.y},{crop.width},{crop.height} lies outside the "
+            f"{width}x{height} image"
+        )
+    box = (crop.x, crop.y, min(width, crop.x + crop.width), min(height, crop.y + crop.height))
+    return image.crop(box)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Every mode Pillow can hand us -> RGB, compositing any transparency on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        return _to_rgb(image)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: scale to 8 bits rather than clip at 255.
+        image = image.point(lambda v: v / 256).convert("L")
+        return image.convert("RGB")
+    if mode == "F":
+        return image.convert("L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "L" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if mode == "CMYK":
+        # Pillow's CMYK->RGB ignores ICC profiles; Adobe JPEGs store inverted CMYK,
+        # which Pillow already undoes while decoding.
+        return image.convert("RGB")
+    return image.convert("RGB")
