@@ -1,0 +1,6 @@
+"""The catalogue database: products, their images, content hashes and stored vectors."""
+
+from .database import open_catalogue
+from .models import ImageStatus, Product, ProductImage
+
+__all__ = ["ImageStatus", "Product", "ProductImage", "open_catalogue"]

@@ -1,0 +1,46 @@
+"""Open the catalogue database: engine, WAL mode for SQLite, schema creation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import ConfigurationError
+from .models import Base
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers (the web app) never block on the indexer's writes and vice versa.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def open_catalogue(url: str) -> sessionmaker[Session]:
+    """Connect to the catalogue at ``url`` (any SQLAlchemy URL), creating tables if needed.
+
+    Returns:
+        A session factory bound to the engine.
+
+    Raises:
+        ConfigurationError: the URL is malformed or the database cannot be reached.
+    """
+    try:
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine: Engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    except Exception as exc:
+        raise ConfigurationError(f"cannot use catalogue database {url!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        Base.metadata.create_all(engine)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot open catalogue database {engine.url!r}: {exc}") from None
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,105 @@
+"""SQLAlchemy 2.0 models of the catalogue: the source of truth the vector index is built from."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageStatus(str, enum.Enum):
+    PENDING = "pending"  # known, not embedded yet (or its file changed)
+    INDEXED = "indexed"  # embedding stored; its id is in the vector index
+    FAILED = "failed"    # could not be read or decoded; ``error`` says why
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sku: Mapped[str] = mapped_column(String(255), unique=True)
+    title: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(255), index=True)
+    brand: Mapped[str | None] = mapped_column(String(255), index=True)
+    price: Mapped[float | None] = mapped_column(Float, index=True)
+    url: Mapped[str | None] = mapped_column(Text)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    images: Mapped[list["ProductImage"]] = relationship(
+        back_populates="product", cascade="all, delete-orphan", order_by="ProductImage.position"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sku": self.sku, "title": self.title, "category": self.category, "brand": self.brand,
+            "price": self.price, "url": self.url, "attributes": dict(self.attributes or {}),
+        }
+
+
+class ProductImage(Base):
+    """One image of a product. Its primary key is also its id in the vector index."""
+
+    __tablename__ = "product_images"
+    __table_args__ = (
+        UniqueConstraint("product_id", "path", name="uq_product_image_path"),
+        Index("ix_product_images_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Size and mtime let a re-run skip unchanged files without reading them again.
+    file_size: Mapped[int | None] = mapped_column(BigInteger)
+    file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[ImageStatus] = mapped_column(
+        Enum(ImageStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=ImageStatus.PENDING,
+    )
+    error: Mapped[str | None] = mapped_column(Text)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, little-endian
+    indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    product: Mapped[Product] = relationship(back_populates="images")
+
+    @property
+    def vector_id(self) -> int:
+        return self.id
+
+
+class CatalogueMeta(Base):
+    """Key/value facts about the stored embeddings (backbone, weights hash, dimension, revision)."""
+
+    __tablename__ = "catalogue_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,262 @@
+"""The engine: one data directory's catalogue, embedder and vector index, kept consistent.
+
+The catalogue database is the source of truth. The vector index on disk records the
+catalogue revision it reflects; whenever they differ (a crash mid-run, another
+process' update) the index is rebuilt from the stored vectors, so a reader never
+serves results from a stale or half-written index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from .backbones_builtin import DEFAULT_BACKBONE
+from .catalogue import open_catalogue
+from .catalogue import store
+from .embedder import Embedder
+from .errors import IndexCorruptError, VisualSearchError
+from .settings import Settings
+from .vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
+
+logger = logging.getLogger(__name__)
+
+FAILURES_FILE = "failures.jsonl"
+WRITE_LOCK_FILE = ".write.lock"
+
+
+class WriterBusyError(VisualSearchError):
+    """Another process is indexing or removing in this data directory."""
+
+    code = "writer_busy"
+
+
+class Engine:
+    """Open one deployment's data directory.
+
+    Args:
+        settings: the deployment's configuration.
+        read_only: serve searches only; the index is memory-mapped when it is current.
+
+    Raises:
+        ConfigurationError: the catalogue database cannot be opened.
+    """
+
+    def __init__(self, settings: Settings, *, read_only: bool = False):
+        self.settings = settings
+        self.read_only = read_only
+        self.data_dir: Path = Path(settings.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.sessions: sessionmaker[Session] = open_catalogue(settings.catalogue_url)
+        self._embedder: Embedder | None = None
+        self._index: VectorIndex | None = None
+        self._index_key: tuple | None = None
+        self._lock = threading.RLock()
+        self.embed_lock = threading.Lock()
+
+    # --- sessions ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self.sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold the data directory's single-writer lock (indexing, removing).
+
+        Raises:
+            WriterBusyError: another process holds it.
+        """
+        with open(self.data_dir / WRITE_LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WriterBusyError(
+                    f"another visualsearch process is writing to {self.data_dir}; wait for it to finish"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # --- embedder ------------------------------------------------------------------
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone asked for, else the one the catalogue was indexed with, else the default."""
+        if self.settings.backbone:
+            return self.settings.backbone
+        with self.sessions() as session:
+            stored = store.stored_identity(session)
+        return stored.backbone if stored else DEFAULT_BACKBONE
+
+    @property
+    def embedder(self) -> Embedder:
+        """The loaded backbone (loaded on first use, checked against the stored vectors).
+
+        Raises:
+            BackboneMismatchError: the catalogue holds vectors of another backbone or weights.
+            WeightsUnavailableError, ConfigurationError: the backbone cannot be loaded.
+        """
+        with self._lock:
+            if self._embedder is None:
+                embedder = Embedder(
+                    self.backbone_name,
+                    weights_path=self.settings.weights,
+                    device=self.settings.device,
+                    threads=self.settings.threads,
+                    allow_download=self.settings.allow_download,
+                )
+                with self.sessions() as session:
+                    if store.stored_identity(session) is not None:
+                        store.claim_identity(session, **_identity_kwargs(embedder))
+                self._embedder = embedder
+            return self._embedder
+
+    # --- vector index --------------------------------------------------------------
+
+    def index(self) -> VectorIndex:
+        """The vector index, reloaded when another process saved a new one.
+
+        A writer (or a reader while no writer runs) whose saved index lags behind the
+        catalogue rebuilds it from the stored vectors; a reader that sees a writer at
+        work serves the last saved index until the writer saves the next one.
+        """
+        with self._lock:
+            disk_key = self._manifest_key()
+            if self._index is None or disk_key != self._index_key:
+                self._index = self._load_or_rebuild()
+                self._index_key = self._manifest_key()
+            return self._index
+
+    def _manifest_key(self) -> tuple[int, int] | None:
+        try:
+            stat = (self.data_dir / MANIFEST_NAME).stat()
+        except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def _load_or_rebuild(self) -> VectorIndex:
+        embedder = self.embedder
+        manifest = read_manifest(self.data_dir)
+        with self.sessions() as session:
+            revision = store.vectors_revision(session)
+        if manifest is None and revision == 0:
+            return VectorIndex.create(embedder.dim)
+        if manifest is not None:
+            manifest.check_compatible(**_identity_kwargs(embedder))
+            lagging = manifest.catalogue_revision != revision
+            if not lagging or (self.read_only and self._writer_active()):
+                try:
+                    return VectorIndex.load(self.data_dir, mmap=self.read_only)[0]
+                except IndexCorruptError as exc:
+                    logger.warning("%s; rebuilding it from the catalogue", exc)
+            else:
+                logger.info("saved index is at revision %s, the catalogue at %s: rebuilding it "
+                            "from the stored vectors", manifest.catalogue_revision, revision)
+        return self.rebuild_index(save=not self.read_only)
+
+    def _writer_active(self) -> bool:
+        with open(self.data_dir / WRITE_LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def rebuild_index(self, *, save: bool = True) -> VectorIndex:
+        """Build a fresh index from the vectors stored in the catalogue (and save it)."""
+        embedder = self.embedder
+        index = VectorIndex.create(embedder.dim)
+        with self.sessions() as session:
+            revision = store.vectors_revision(session)
+            for ids, vectors in store.iter_embeddings(session):
+                index.add(ids, vectors)
+        if save:
+            self.save_index(index, revision)
+        return index
+
+    def writable_index(self) -> VectorIndex:
+        """A private in-memory copy of the current index for a writer to change and save."""
+        current = self.index()
+        if not current.read_only:
+            return current
+        return self.rebuild_index(save=False)
+
+    def save_index(self, index: VectorIndex, revision: int) -> IndexManifest:
+        embedder = self.embedder
+        manifest = index.save(self.data_dir, backbone=embedder.identity.backbone,
+                              weights_sha256=embedder.identity.weights_sha256,
+                              catalogue_revision=revision)
+        with self._lock:
+            # Keep serving the object just saved instead of reading it back from disk.
+            self._index = index
+            self._index_key = self._manifest_key()
+        return manifest
+
+    def manifest(self) -> IndexManifest | None:
+        return read_manifest(self.data_dir)
+
+    @property
+    def failures_path(self) -> Path:
+        return self.data_dir / FAILURES_FILE
+
+    # --- writes ----------------------------------------------------------------------
+
+    def remove(self, skus: list[str]) -> tuple[list[str], list[str]]:
+        """Delete products and their vectors. Returns (removed SKUs, unknown SKUs)."""
+        with self.writer():
+            index = self.writable_index()
+            with self.session() as session:
+                deleted, vector_ids = store.delete_products(session, skus)
+                revision = store.vectors_revision(session)
+            if vector_ids:
+                index.remove(np.asarray(vector_ids, dtype=np.int64))
+                self.save_index(index, revision)
+        return deleted, [sku for sku in skus if sku not in set(deleted)]
+
+    def stats(self) -> dict:
+        with self.sessions() as session:
+            stats = store.catalogue_stats(session)
+            identity = store.stored_identity(session)
+            revision = store.vectors_revision(session)
+        manifest = self.manifest()
+        return {
+            "data_dir": str(self.data_dir.resolve()),
+            "products": stats.products,
+            "images": stats.images,
+            "indexed_images": stats.indexed,
+            "failed_images": stats.failed,
+            "pending_images": stats.pending,
+            "categories": stats.categories,
+            "backbone": identity.backbone if identity else None,
+            "weights_sha256": identity.weights_sha256 if identity else None,
+            "dim": identity.dim if identity else None,
+            "index": None if manifest is None else {
+                "type": manifest.index_type, "vectors": manifest.count,
+                "file": manifest.index_file, "up_to_date": manifest.catalogue_revision == revision,
+            },
+        }
+
+
+def _identity_kwargs(embedder: Embedder) -> dict:
+    return {
+        "backbone": embedder.identity.backbone,
+        "weights_sha256": embedder.identity.weights_sha256,
+        "dim": embedder.identity.dim,
+    }
