@@ -1,0 +1,31 @@
+"""The Flask web app: the "find similar" pages and the REST API under /api/v1."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flask import Flask
+
+from visualsearch.settings import Settings
+
+
+def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settings | None = None) -> Flask:
+    """Build the app. Configuration comes from ``VISUALSEARCH_*`` variables (or ``settings``);
+    ``test_config`` overrides Flask config keys in tests."""
+    app = Flask(__name__)
+    settings = settings or Settings.from_env()
+    app.config.from_mapping(
+        VISUALSEARCH_SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.max_upload_size,
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        app.config.update(test_config)
+
+    from . import api, errors, metrics, pages
+
+    errors.register(app)
+    metrics.register(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    return app

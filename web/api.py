@@ -1,0 +1,71 @@
+"""REST API under /api/v1: search by upload, similar products, product metadata, health."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request, url_for
+
+from visualsearch.search import SearchResult, search_image, similar_products
+
+from .engine import get_engine
+from .errors import ApiError
+from .metrics import observe_search
+from .requests import parse_filters, parse_search_request, parse_top_k
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def results_json(result: SearchResult) -> dict:
+    results = []
+    for hit in result.hits:
+        entry = hit.to_dict()
+        entry["image_url"] = url_for("pages.image", image_id=entry.pop("image_id"))
+        results.append(entry)
+    return {"results": results, "took_ms": result.took_ms}
+
+
+@bp.post("/search")
+def search():
+    upload = request.files.get("image")
+    if upload is None or not upload.filename and not upload.content_length:
+        raise ApiError(400, "missing_image", "send the photo as multipart/form-data file field 'image'")
+    params = parse_search_request(request.form)
+    data = upload.read()
+    if not data:
+        raise ApiError(400, "missing_image", "the uploaded file 'image' is empty")
+    result = search_image(get_engine(), data, top_k=params.top_k, filters=params.filters, crop=params.crop)
+    observe_search(result.took_ms)
+    return jsonify(results_json(result))
+
+
+@bp.get("/products/<sku>/similar")
+def similar(sku: str):
+    result = similar_products(get_engine(), sku, top_k=parse_top_k(request.args.get("top_k")),
+                              filters=parse_filters(request.args))
+    return jsonify(results_json(result))
+
+
+@bp.get("/products/<sku>")
+def product(sku: str):
+    from visualsearch.catalogue.store import get_product
+
+    with get_engine().sessions() as session:
+        item = get_product(session, sku)
+        body = item.to_dict()
+        body["images"] = [
+            {"image_url": url_for("pages.image", image_id=image.id), "status": image.status.value,
+             "width": image.width, "height": image.height}
+            for image in item.images
+        ]
+    return jsonify(body)
+
+
+@bp.get("/health")
+def health():
+    stats = get_engine().stats()
+    return jsonify({
+        "status": "ok",
+        "products": stats["products"],
+        "indexed_images": stats["indexed_images"],
+        "backbone": stats["backbone"],
+        "index": stats["index"],
+    })

@@ -1,0 +1,72 @@
+"""Parse and validate API form/query parameters into small dataclasses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from visualsearch.errors import InvalidRequestError
+from visualsearch.images import Crop
+from visualsearch.search import MAX_TOP_K, SearchFilters
+
+DEFAULT_TOP_K = 10
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    top_k: int
+    filters: SearchFilters
+    crop: Crop | None
+
+
+def _blank_to_none(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def parse_top_k(value: str | None) -> int:
+    value = _blank_to_none(value)
+    if value is None:
+        return DEFAULT_TOP_K
+    try:
+        top_k = int(value)
+    except ValueError:
+        raise InvalidRequestError(f"top_k must be a whole number, got {value!r}") from None
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidRequestError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+    return top_k
+
+
+def _price(form: Mapping[str, str], name: str) -> float | None:
+    value = _blank_to_none(form.get(name))
+    if value is None:
+        return None
+    try:
+        price = float(value)
+    except ValueError:
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(price) or price < 0:
+        raise InvalidRequestError(f"{name} must be a non-negative number, got {value!r}")
+    return price
+
+
+def parse_filters(form: Mapping[str, str]) -> SearchFilters:
+    return SearchFilters(
+        category=_blank_to_none(form.get("category")),
+        brand=_blank_to_none(form.get("brand")),
+        min_price=_price(form, "min_price"),
+        max_price=_price(form, "max_price"),
+    )
+
+
+def parse_search_request(form: Mapping[str, str]) -> SearchRequest:
+    """Raises InvalidRequestError naming the bad parameter."""
+    crop_text = _blank_to_none(form.get("crop"))
+    try:
+        crop = Crop.parse(crop_text) if crop_text else None
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    return SearchRequest(top_k=parse_top_k(form.get("top_k")), filters=parse_filters(form), crop=crop)
