@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny registered test backbone, tiny catalogues, and the real demo index."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from visualsearch.backbones import (
+    BackboneNetwork,
+    BackboneSpec,
+    Preprocessing,
+    WeightsSource,
+    load_weights_strictly,
+    register_backbone,
+)
+from visualsearch.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MANIFEST = REPO / "data" / "demo" / "catalogue.csv"
+TINY = "test_tiny"
+
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(32, 1000)
+
+
+def _build_tiny(weights: Path) -> BackboneNetwork:
+    model = _TinyNet()
+    load_weights_strictly(model, weights, TINY)
+    return BackboneNetwork(model.trunk, lambda f: model.fc(f.mean(dim=(2, 3))))
+
+
+register_backbone(BackboneSpec(
+    name=TINY, embedding_dim=32, build=_build_tiny,
+    weights=WeightsSource(filename="test_tiny.pth"),
+    preprocessing=Preprocessing(input_size=32, resize_size=32, interpolation="bilinear"),
+    description="two-layer CNN for fast tests", hidden=True,
+))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A deterministic weights file for the tiny test backbone."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_tiny.pth"
+    torch.save(_TinyNet().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_settings(tmp_path, tiny_weights) -> Settings:
+    return Settings(data_dir=tmp_path / "data", backbone=TINY, weights=str(tiny_weights),
+                    workers=0, batch_size=8, threads=None)
+
+
+def make_image(path: Path, seed: int, size: int = 48) -> Path:
+    """A distinct, deterministic picture: random blocks of colour."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize((size, size), Image.NEAREST).save(path)
+    return path
+
+
+def write_catalogue(folder: Path, rows: list[dict], name: str = "catalogue.csv") -> Path:
+    """Write a CSV manifest with the union of the rows' columns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = folder / name
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def small_catalogue(tmp_path) -> Path:
+    """12 products, 2 images each, 3 categories, prices 10..120."""
+    folder = tmp_path / "catalogue"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for number in range(12):
+        for view in range(2):
+            make_image(folder / "img" / f"p{number}-{view}.png", seed=number * 10 + view)
+            rows.append({"sku": f"P{number}", "image": f"img/p{number}-{view}.png",
+                         "title": f"Product {number}", "category": ["shoes", "bags", "hats"][number % 3],
+                         "brand": "Acme" if number < 6 else "Globex", "price": 10 * (number + 1),
+                         "colour": random.Random(number).choice(["red", "blue"])})
+    return write_catalogue(folder, rows)
+
+
+@pytest.fixture(scope="session")
+def demo_settings(tmp_path_factory) -> Settings:
+    """The bundled demo catalogue indexed once with the real default backbone."""
+    from visualsearch.engine import Engine
+    from visualsearch.indexing import index_manifest
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("demo-data"), workers=0)
+    report = index_manifest(Engine(settings), DEMO_MANIFEST)
+    assert report.failures == [] and report.embedded == 45
+    return settings
