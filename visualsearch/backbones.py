@@ -204,11 +204,21 @@ def load_state_dict(path: Path) -> dict:
 
 def load_weights_strictly(model: nn.Module, path: Path, spec_name: str) -> None:
     """Load every parameter of ``model`` from ``path``; a partial match is an error."""
-    try:
-        model.load_state_dict(load_state_dict(path), strict=True)
-    except RuntimeError as exc:
+    state = load_state_dict(path)
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
         raise WeightsUnavailableError(
-            f"{path} does not hold the weights of backbone {spec_name!r}: {exc}"
+            f"{path} does not hold the weights of backbone {spec_name!r}: "
+            f"{len(missing)} missing tensors (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected ones (e.g. {unexpected[:3]})"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # same names, other shapes
+        raise WeightsUnavailableError(
+            f"{path} does not hold the weights of backbone {spec_name!r}: {str(exc)[:500]}"
         ) from None
 
 

@@ -22,7 +22,7 @@ from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import open_catalogue
 from .catalogue import store
 from .embedder import Embedder
-from .errors import IndexCorruptError, VisualSearchError
+from .errors import BackboneMismatchError, IndexCorruptError, VisualSearchError
 from .settings import Settings
 from .vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
 
@@ -114,6 +114,15 @@ class Engine:
         """
         with self._lock:
             if self._embedder is None:
+                with self.sessions() as session:
+                    stored = store.stored_identity(session)
+                if stored is not None and self.settings.backbone not in (None, stored.backbone):
+                    # Refuse before loading a network whose vectors could never be compared.
+                    raise BackboneMismatchError(
+                        f"this catalogue was indexed with backbone {stored.backbone!r}, not "
+                        f"{self.settings.backbone!r}: use --backbone {stored.backbone}, or a new "
+                        f"--data-dir for {self.settings.backbone}"
+                    )
                 embedder = Embedder(
                     self.backbone_name,
                     weights_path=self.settings.weights,
@@ -121,8 +130,8 @@ class Engine:
                     threads=self.settings.threads,
                     allow_download=self.settings.allow_download,
                 )
-                with self.sessions() as session:
-                    if store.stored_identity(session) is not None:
+                if stored is not None:
+                    with self.sessions() as session:
                         store.claim_identity(session, **_identity_kwargs(embedder))
                 self._embedder = embedder
             return self._embedder

@@ -1,0 +1,267 @@
+"""Catalogue manifests (CSV / TSV / JSON Lines): parsing, merging by SKU, validation errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from visualsearch.catalogue_manifest import ProductRecord, read_manifest
+from visualsearch.errors import ManifestError
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def full_csv(folder: Path, absolute: Path) -> Path:
+    return write(folder / "catalogue.csv", (
+        "sku,image,title,category,brand,price,url,colour\n"
+        "A1,img/a.jpg|img/b.jpg,Red shoe,shoes,Acme,19.5,https://shop.example/a1,red\n"
+        f"B2,{absolute},Blue bag,bags,Globex,120,,blue\n"
+        "A1,img/c.jpg|img/a.jpg,,,Acme Corp,,,\n"
+    ))
+
+
+def full_jsonl(folder: Path, absolute: Path) -> Path:
+    rows = [
+        {"sku": "A1", "image": ["img/a.jpg", "img/b.jpg"], "title": "Red shoe", "category": "shoes",
+         "brand": "Acme", "price": "19.5", "url": "https://shop.example/a1", "colour": "red"},
+        {"sku": "B2", "image": str(absolute), "title": "Blue bag", "category": "bags",
+         "brand": "Globex", "price": "120", "url": "", "colour": "blue"},
+        {"sku": "A1", "image": "img/c.jpg|img/a.jpg", "title": "", "category": "", "brand": "Acme Corp",
+         "price": "", "url": "", "colour": ""},
+    ]
+    return write(folder / "catalogue.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def problems(error: pytest.ExceptionInfo) -> str:
+    return str(error.value)
+
+
+# --- a good manifest ---------------------------------------------------------------------
+
+
+def test_csv_with_all_columns_and_merged_rows(tmp_path):
+    folder = tmp_path / "shop"
+    absolute = tmp_path / "elsewhere" / "bag.png"
+    products = read_manifest(full_csv(folder, absolute))
+    base = folder.resolve()
+
+    assert [p.sku for p in products] == ["A1", "B2"]  # order of first appearance
+    a1, b2 = products
+    assert isinstance(a1, ProductRecord)
+    # Two rows of A1 merged: images in order, the repeated a.jpg listed once.
+    assert a1.images == [base / "img" / "a.jpg", base / "img" / "b.jpg", base / "img" / "c.jpg"]
+    assert all(image.is_absolute() for image in a1.images)
+    # The later non-empty brand overrides; its empty cells erase nothing.
+    assert a1.brand == "Acme Corp"
+    assert (a1.title, a1.category, a1.price, a1.url) == (
+        "Red shoe", "shoes", 19.5, "https://shop.example/a1")
+    assert a1.attributes == {"colour": "red"}
+    assert a1.line == 2
+
+    assert b2.images == [absolute]  # absolute paths are kept as they are
+    assert (b2.title, b2.category, b2.brand, b2.price, b2.url) == ("Blue bag", "bags", "Globex", 120.0, None)
+    assert b2.attributes == {"colour": "blue"}
+    assert b2.line == 3
+
+
+def test_relative_paths_resolve_against_the_manifest_folder_not_the_cwd(tmp_path, monkeypatch):
+    folder = tmp_path / "deep" / "shop"
+    path = write(folder / "c.csv", "sku,image\nX,pics/x.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    [product] = read_manifest(Path("deep/shop/c.csv"))
+    assert product.images == [folder.resolve() / "pics" / "x.jpg"]
+    assert read_manifest(str(path))[0].images == product.images  # str paths work too
+
+
+def test_later_rows_override_fields_they_fill_in(tmp_path):
+    path = write(tmp_path / "c.csv", (
+        "sku,image,title,price,colour\n"
+        "A,a.jpg,Old title,10,red\n"
+        "A,a.jpg,New title,12.25,\n"
+        "A,b.jpg,,,green\n"
+    ))
+    [product] = read_manifest(path)
+    assert product.title == "New title"
+    assert product.price == 12.25
+    assert product.attributes == {"colour": "green"}
+    assert product.images == [tmp_path.resolve() / "a.jpg", tmp_path.resolve() / "b.jpg"]
+    assert product.line == 2
+
+
+def test_image_list_with_spaces_and_empty_parts(tmp_path):
+    path = write(tmp_path / "c.csv", 'sku,image\nA," a.jpg | | b.jpg |"\n')
+    [product] = read_manifest(path)
+    assert product.images == [tmp_path.resolve() / "a.jpg", tmp_path.resolve() / "b.jpg"]
+
+
+def test_jsonl_with_the_same_content_gives_equal_records(tmp_path):
+    absolute = tmp_path / "elsewhere" / "bag.png"
+    from_csv = read_manifest(full_csv(tmp_path / "shop", absolute))
+    from_jsonl = read_manifest(full_jsonl(tmp_path / "shop", absolute))
+    # Everything but `line` (the CSV's header line shifts its numbers by one).
+    assert [replace(r, line=0) for r in from_jsonl] == [replace(r, line=0) for r in from_csv]
+    assert [r.line for r in from_jsonl] == [1, 2]
+
+
+def test_jsonl_accepts_numbers_lists_and_blank_lines(tmp_path):
+    path = write(tmp_path / "c.ndjson", (
+        '{"sku": "A", "image": ["x.jpg", "y.jpg", "x.jpg"], "price": 7, "size": 42}\n'
+        "\n"
+        '{"sku": "B", "image": "z.jpg"}\n'
+    ))
+    a, b = read_manifest(path)
+    base = tmp_path.resolve()
+    assert a.images == [base / "x.jpg", base / "y.jpg"]
+    assert a.price == 7.0 and a.attributes == {"size": 42}
+    assert b.images == [base / "z.jpg"] and b.line == 3
+
+
+def test_utf8_bom_in_the_csv_header_is_handled(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffsku,image,title\nA,a.jpg,Café\n".encode("utf-8"))
+    [product] = read_manifest(path)
+    assert product.sku == "A" and product.title == "Café"
+    assert product.attributes == {}  # the BOM did not turn 'sku' into an extra column
+
+
+def test_utf8_bom_in_a_jsonl_file_is_handled(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('\ufeff{"sku": "A", "image": "a.jpg"}\n'.encode("utf-8"))
+    assert [p.sku for p in read_manifest(path)] == ["A"]
+
+
+def test_tsv_works(tmp_path):
+    path = write(tmp_path / "c.tsv", "sku\timage\ttitle\tmaterial\nA\ta.jpg|b.jpg\tA, with comma\tleather\n")
+    [product] = read_manifest(path)
+    assert product.title == "A, with comma"
+    assert product.attributes == {"material": "leather"}
+    assert product.images == [tmp_path.resolve() / "a.jpg", tmp_path.resolve() / "b.jpg"]
+
+
+def test_header_names_with_spaces_are_stripped(tmp_path):
+    path = write(tmp_path / "c.csv", " sku , image ,title\nA,a.jpg,T\n")
+    [product] = read_manifest(path)
+    assert product.sku == "A" and product.title == "T" and product.attributes == {}
+
+
+# --- bad manifests -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header, missing", [("sku,title", "image"), ("image,title", "sku")])
+def test_a_missing_required_column_is_named(tmp_path, header, missing):
+    path = write(tmp_path / "c.csv", f"{header}\nA,B\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert re.search(rf"missing required column\(s\) {missing}\b", problems(caught))
+
+
+def test_a_missing_required_key_in_jsonl_is_named(tmp_path):
+    path = write(tmp_path / "c.jsonl", '{"sku": "A", "title": "no image"}\n')
+    with pytest.raises(ManifestError, match="missing required column.*image"):
+        read_manifest(path)
+
+
+def test_bad_rows_are_all_reported_with_their_line_numbers(tmp_path):
+    path = write(tmp_path / "c.csv", (
+        "sku,image,price\n"
+        "A,a.jpg,1\n"          # line 2: fine
+        ",b.jpg,2\n"           # line 3: empty sku
+        "C,,3\n"               # line 4: empty image
+        "D,d.jpg,cheap\n"      # line 5: non-numeric price
+        "E,e.jpg,\n"           # line 6: fine (no price)
+    ))
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    message = problems(caught)
+    assert "3 bad row(s)" in message
+    assert re.search(r"line 3: empty sku", message)
+    assert re.search(r"line 4: .*'C'.*empty image", message)
+    assert re.search(r"line 5: price 'cheap' of 'D' is not a number", message)
+    assert "line 2" not in message and "line 6" not in message
+
+
+def test_bad_jsonl_rows_report_line_numbers(tmp_path):
+    path = write(tmp_path / "c.jsonl", (
+        '{"sku": "A", "image": "a.jpg"}\n'
+        '{"sku": "B", "image": []}\n'
+        '{"sku": "", "image": "c.jpg"}\n'
+    ))
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert "line 2:" in problems(caught) and "line 3: empty sku" in problems(caught)
+
+
+def test_many_bad_rows_are_summarised(tmp_path):
+    path = write(tmp_path / "c.csv", "sku,image\n" + ",x.jpg\n" * 15)
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    message = problems(caught)
+    assert "15 bad row(s)" in message
+    assert "line 11:" in message and "line 12:" not in message  # the first 10 are listed
+    assert "and 5 more" in message
+
+
+@pytest.mark.parametrize("url", ["http://cdn.example/a.jpg", "https://cdn.example/a.jpg"])
+def test_an_image_url_is_rejected(tmp_path, url):
+    path = write(tmp_path / "c.csv", f"sku,image\nA,a.jpg\nB,{url}\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert "line 3:" in problems(caught) and "URL" in problems(caught)
+
+
+def test_unknown_extension_is_rejected(tmp_path):
+    path = write(tmp_path / "c.xlsx", "sku,image\nA,a.jpg\n")
+    with pytest.raises(ManifestError, match="unknown manifest format"):
+        read_manifest(path)
+
+
+def test_missing_file_is_rejected(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "nope.csv")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "dir.csv")
+
+
+def test_invalid_json_line_is_rejected_with_its_number(tmp_path):
+    path = write(tmp_path / "c.jsonl", '{"sku": "A", "image": "a.jpg"}\n{"sku": "B", "image": \n')
+    with pytest.raises(ManifestError, match="line 2 is not valid JSON"):
+        read_manifest(path)
+
+
+def test_a_json_line_that_is_not_an_object_is_rejected(tmp_path):
+    path = write(tmp_path / "c.jsonl", '{"sku": "A", "image": "a.jpg"}\n["B", "b.jpg"]\n')
+    with pytest.raises(ManifestError, match="line 2 is not a JSON object"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("empty.csv", ""),
+    ("empty.jsonl", ""),
+    ("blank.jsonl", "\n\n  \n"),
+    ("header_only.csv", "sku,image\n"),
+])
+def test_a_manifest_without_rows_is_rejected(tmp_path, name, text):
+    with pytest.raises(ManifestError):
+        read_manifest(write(tmp_path / name, text))
+
+
+def test_a_row_with_more_fields_than_the_header_is_rejected(tmp_path):
+    path = write(tmp_path / "c.csv", "sku,image\nA,a.jpg\nB,b.jpg,surprise\n")
+    with pytest.raises(ManifestError, match="line 3 has more fields"):
+        read_manifest(path)
+
+
+def test_a_file_that_is_not_utf8_is_rejected(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes("sku,image,title\nA,a.jpg,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        read_manifest(path)
