@@ -265,3 +265,20 @@ def test_a_file_that_is_not_utf8_is_rejected(tmp_path):
     path.write_bytes("sku,image,title\nA,a.jpg,Caf\xe9\n".encode("latin-1"))
     with pytest.raises(ManifestError, match="not UTF-8"):
         read_manifest(path)
+
+
+def test_regressions_from_review(tmp_path):
+    huge = tmp_path / "huge.csv"
+    huge.write_text("sku,image\nA," + "x" * 200_000 + "\n")
+    with pytest.raises(ManifestError, match="CSV"):
+        read_manifest(huge)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("sku,image,colour\nA,a.jpg,red\nA,b.jpg,  \n")
+    assert read_manifest(blank)[0].attributes == {"colour": "red"}
+    same = tmp_path / "same.csv"
+    same.write_text("sku,image\nA,a.jpg|sub/../a.jpg\n")
+    assert read_manifest(same)[0].images == [tmp_path / "a.jpg"]
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"sku": "A", "image": {"x": 1}}) + "\n")
+    with pytest.raises(ManifestError, match="line 1"):
+        read_manifest(odd)

@@ -373,3 +373,25 @@ def test_load_rejects_an_index_whose_dim_disagrees_with_the_manifest(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(asdict(wrong)))
     with pytest.raises(IndexCorruptError, match="dimension"):
         VectorIndex.load(tmp_path)
+
+
+def test_duplicate_ids_in_one_add_and_bad_query_shapes_are_invalid_requests():
+    index = VectorIndex.create(DIM)
+    with pytest.raises(InvalidRequestError, match="twice"):
+        index.add(np.array([5, 5]), unit_vectors(2))
+    index.add(np.array([1, 2]), unit_vectors(2))
+    for shape in [(1, DIM + 1), (2, 3, DIM)]:
+        with pytest.raises(InvalidRequestError):
+            index.search(np.zeros(shape, dtype=np.float32), 1)
+    assert index.search(unit_vectors(1)[0], 1)[1].shape == (1, 1)  # one 1-D query is fine
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    index = build()
+    def broken_write(_index, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(vector_index_module.faiss, "write_index", broken_write)
+    with pytest.raises(RuntimeError):
+        save(index, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -82,6 +83,8 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise ManifestError(f"{path}: unknown manifest format {suffix!r}; use .csv or .jsonl")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path} is not UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path} is not a valid CSV file: {exc}") from None
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -137,6 +140,8 @@ def _merge_row(products: dict[str, ProductRecord], row: dict[str, Any], line: in
     if not sku:
         raise ValueError("empty sku")
     images = row.get("image")
+    if isinstance(images, dict) or (isinstance(images, list) and not all(isinstance(p, str) for p in images)):
+        raise ValueError(f"image of {sku!r} must be a path, a '|'-separated string or a list of paths")
     if isinstance(images, list):
         paths = [_text(p) for p in images]
     else:
@@ -161,7 +166,11 @@ def _merge_row(products: dict[str, ProductRecord], row: dict[str, Any], line: in
     if price_value is not None:
         record.price = price_value
     for name, value in row.items():
-        if name not in KNOWN_COLUMNS and name and value not in (None, ""):
+        if name in KNOWN_COLUMNS or not name:
+            continue
+        if isinstance(value, str):
+            value = _text(value)
+        if value not in (None, [], {}):
             record.attributes[name] = value
     for text in paths:
         resolved = _resolve_image(text, base)
@@ -175,4 +184,5 @@ def _resolve_image(text: str, base: Path) -> Path:
             f"image {text!r} is a URL; only local files are supported (download the images first)"
         )
     path = Path(text).expanduser()
-    return path if path.is_absolute() else (base / path)
+    # normpath: "a.jpg" and "sub/../a.jpg" are the same image, listed once.
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))

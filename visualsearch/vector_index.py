@@ -123,6 +123,8 @@ class VectorIndex:
             raise InvalidRequestError(
                 f"expected {len(ids)} vectors of dimension {self.dim}, got shape {vectors.shape}"
             )
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidRequestError("the same id appears twice in one add()")
         if len(ids):
             self._index.remove_ids(ids)  # replace, never duplicate, an id
             self._index.add_with_ids(vectors, ids)
@@ -146,7 +148,11 @@ class VectorIndex:
         Returns:
             ``(scores, ids)``, both (Q, k'); missing hits have id -1.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InvalidRequestError(f"queries must have shape (n, {self.dim}), got {queries.shape}")
         limit = self.count if allowed_ids is None else min(self.count, len(allowed_ids))
         k = min(k, limit)
         if k <= 0:
@@ -165,10 +171,14 @@ class VectorIndex:
         previous = read_manifest(directory)
         index_file = f"index-{time.time_ns()}.faiss"
         tmp = directory / f".{index_file}.tmp"
-        faiss.write_index(self._index, str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / index_file)
+        try:
+            faiss.write_index(self._index, str(tmp))
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, directory / index_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         manifest = IndexManifest(
             backbone=backbone, weights_sha256=weights_sha256, dim=self.dim,
             index_type=index_type, metric="inner_product", count=self.count,
