@@ -387,7 +387,8 @@ def test_duplicate_ids_in_one_add_and_bad_query_shapes_are_invalid_requests():
 
 
 def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
-    index = build()
+    index, _, _ = build()
+
     def broken_write(_index, path):
         Path(path).write_bytes(b"partial")
         raise RuntimeError("disk full")
