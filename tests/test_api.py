@@ -1,0 +1,131 @@
+"""REST API: search by upload, similar, product, health, metrics, and JSON errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+from PIL import Image
+from werkzeug.serving import make_server
+
+from visualsearch.engine import Engine
+from visualsearch.indexing import index_manifest
+from web import create_app
+
+from .conftest import make_image
+
+
+@pytest.fixture
+def app(tiny_settings, small_catalogue):
+    index_manifest(Engine(tiny_settings), small_catalogue)
+    return create_app({"TESTING": True}, settings=tiny_settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def upload(path, **fields):
+    data = {"image": (io.BytesIO(path.read_bytes()), path.name)}
+    data.update(fields)
+    return data
+
+
+def test_search_returns_products_best_first(client, small_catalogue):
+    response = client.post("/api/v1/search", data=upload(small_catalogue.parent / "img" / "p2-1.png", top_k="4"))
+    assert response.status_code == 200
+    body = response.get_json()
+    assert [r["sku"] for r in body["results"]][0] == "P2" and len(body["results"]) == 4
+    first = body["results"][0]
+    assert set(first) == {"sku", "title", "category", "brand", "price", "url", "image_url", "score"}
+    assert first["score"] == pytest.approx(1.0, abs=1e-4)
+    assert set(body["took_ms"]) == {"decode", "embed", "search", "total"}
+    with client.get(first["image_url"]) as image:
+        assert image.status_code == 200 and image.mimetype == "image/png"
+
+
+def test_filters_and_crop(client, small_catalogue):
+    query = small_catalogue.parent / "img" / "p0-0.png"
+    body = client.post("/api/v1/search", data=upload(query, category="hats", min_price="50")).get_json()
+    assert {r["sku"] for r in body["results"]} == {"P5", "P8", "P11"}
+    cropped = client.post("/api/v1/search", data=upload(query, crop="0,0,20,20", top_k="2"))
+    assert cropped.status_code == 200 and len(cropped.get_json()["results"]) == 2
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"top_k": "0"}, "bad_request"), ({"top_k": "101"}, "bad_request"), ({"top_k": "ten"}, "bad_request"),
+    ({"min_price": "cheap"}, "bad_request"), ({"crop": "1,2,3"}, "bad_request"),
+    ({"min_price": "9", "max_price": "1"}, "bad_request"), ({"crop": "5000,5000,10,10"}, "bad_request"),
+])
+def test_bad_parameters_are_400(client, small_catalogue, fields, code):
+    response = client.post("/api/v1/search", data=upload(small_catalogue.parent / "img" / "p0-0.png", **fields))
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == code
+
+
+def test_bad_uploads(client, app, tmp_path):
+    assert client.post("/api/v1/search", data={}).status_code == 400
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    response = client.post("/api/v1/search", data=upload(text))
+    assert response.status_code == 415 and response.get_json()["error"]["code"] == "unsupported_image"
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(buffer, "JPEG")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(buffer.getvalue()[:400])
+    response = client.post("/api/v1/search", data=upload(truncated))
+    assert response.status_code == 422 and response.get_json()["error"]["code"] == "undecodable_image"
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    big = make_image(tmp_path / "big.png", seed=3, size=400)
+    response = client.post("/api/v1/search", data=upload(big))
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "too_large"
+
+
+def test_product_similar_health_metrics(client):
+    product = client.get("/api/v1/products/P3").get_json()
+    assert product["sku"] == "P3" and len(product["images"]) == 2 and product["attributes"]["colour"]
+    similar = client.get("/api/v1/products/P3/similar?top_k=3").get_json()["results"]
+    assert len(similar) == 3 and "P3" not in {r["sku"] for r in similar}
+    missing = client.get("/api/v1/products/NOPE")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "product_not_found"
+    assert client.get("/api/v1/products/NOPE/similar").status_code == 404
+    assert client.get("/api/v1/products/P3/similar?top_k=x").status_code == 400
+    health = client.get("/api/v1/health").get_json()
+    assert health["status"] == "ok" and health["products"] == 12 and health["indexed_images"] == 24
+    assert client.get("/api/v1/nothing-here").get_json()["error"]["code"] == "not_found"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "visualsearch_http_requests_total" in metrics
+
+
+def test_pages_render(client):
+    page = client.get("/")
+    assert page.status_code == 200 and b'type="file"' in page.data and b"hats" in page.data
+    product = client.get("/products/P3")
+    assert product.status_code == 200 and b"Product 3" in product.data and b"More like this" in product.data
+    assert client.get("/products/NOPE").status_code == 404
+
+
+def test_over_a_real_http_server(app, small_catalogue):
+    """The same search through a real socket and a real WSGI server."""
+    import urllib.request
+    import uuid
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        boundary = uuid.uuid4().hex
+        image = (small_catalogue.parent / "img" / "p9-0.png").read_bytes()
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.server_port}/api/v1/search", data=body, method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            import json
+
+            assert json.load(response)["results"][0]["sku"] == "P9"
+    finally:
+        server.shutdown()
+        thread.join()

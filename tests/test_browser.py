@@ -1,0 +1,85 @@
+"""The upload page in a real browser (Debian's Chromium) against a real server and real weights."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+
+import pytest
+from werkzeug.serving import make_server
+
+from benchmarks.demo_retrieval import DEMO_MANIFEST, shopper_photo
+from web import create_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (.ci/run installs it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Playwright's own browser download cannot work offline: use the system Chromium.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+        ])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    yield context.new_page()
+    context.close()
+
+
+@pytest.fixture
+def live_server(demo_settings):
+    app = create_app(settings=demo_settings)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
+def test_upload_a_photo_and_open_a_result(page, live_server, tmp_path):
+    photo = tmp_path / "snapshot.jpg"
+    photo.write_bytes(shopper_photo(DEMO_MANIFEST.parent / "images" / "saleor-white-plimsolls-2.jpg",
+                                    random.Random(7)))
+    page.goto(live_server + "/")
+    page.set_input_files("#file", str(photo))
+    first = page.locator("#results .card").first
+    first.wait_for(timeout=30_000)
+    assert page.locator("#results .card").count() == 10
+    assert "Plimsolls" in first.locator(".title").inner_text()
+    assert "similar products in" in page.locator("#status").inner_text()
+
+    # Filtering by category re-runs the search with only that category.
+    page.select_option("select[name=category]", "Paints")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
+    assert page.locator("#results .card").count() == 5
+
+    first = page.locator("#results .card").first
+    first.click()
+    page.wait_for_url("**/products/*")
+    assert page.locator("h2", has_text="More like this").is_visible()
+
+
+def test_a_non_image_shows_an_error(page, live_server, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    page.goto(live_server + "/")
+    page.set_input_files("#file", str(text))
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "not a supported image" in page.locator("#status").inner_text()
