@@ -37,9 +37,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
-## bench: retrieval quality and speed on the demo catalogue (docs/retrieval-quality.md)
-bench: $(VENV)/.installed
+## bench: retrieval quality and speed (docs/retrieval-quality.md, docs/performance.md)
+bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.demo_retrieval
+	$(BIN)/python -m benchmarks.embed_throughput --batch-sizes 1,8,16,32,64
+	$(BIN)/python -m benchmarks.index_throughput --images 1000 --workers 0,1,2
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

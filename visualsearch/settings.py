@@ -85,15 +85,17 @@ class Settings:
     device: str = _opt("cpu", "Where the CNN runs: cpu, cuda, cuda:N or auto (CUDA when present).")
     threads: int | None = _opt(None, "CPU threads for the CNN (default: PyTorch's choice, one per core).",
                                _parse_optional_int)
-    batch_size: int = _opt(32, "Images per CNN batch while indexing.", _parse_int)
-    workers: int = _opt(max(1, min(4, (os.cpu_count() or 2) // 2)),
+    batch_size: int = _opt(16, "Images per CNN batch while indexing (CPU is fastest at 8-16; on a GPU use 128+).",
+                           _parse_int)
+    # Decoding is ~10 % of the work: on 2 cores extra processes only steal the CNN's
+    # cores (docs/performance.md), so they start paying from 4 cores up.
+    workers: int = _opt(max(0, min(4, ((os.cpu_count() or 2) - 2) // 2)),
                         "Processes that read and decode images while indexing (0: in the main process).",
                         _parse_int)
     max_image_pixels: int = _opt(40_000_000, "Images with more pixels are refused (decompression bombs).",
                                  _parse_int)
     max_upload_size: int = _opt(16 * 1024**2, "Largest accepted upload, e.g. 16M; larger requests get 413.",
                                 parse_size)
-    api_key: str | None = _opt(None, "Bearer key for the API's write endpoints; unset: they answer 403.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
