@@ -65,6 +65,7 @@ def test_bad_parameters_are_400(client, small_catalogue, fields, code):
 
 
 def test_bad_uploads(client, app, tmp_path):
+    before = client.get("/api/v1/health").get_json()
     assert client.post("/api/v1/search", data={}).status_code == 400
     text = tmp_path / "notes.jpg"
     text.write_text("hello")
@@ -80,6 +81,7 @@ def test_bad_uploads(client, app, tmp_path):
     big = make_image(tmp_path / "big.png", seed=3, size=400)
     response = client.post("/api/v1/search", data=upload(big))
     assert response.status_code == 413 and response.get_json()["error"]["code"] == "too_large"
+    assert client.get("/api/v1/health").get_json() == before  # bad input changed nothing
 
 
 def test_product_similar_health_metrics(client):
@@ -129,3 +131,15 @@ def test_over_a_real_http_server(app, small_catalogue):
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_openapi_describes_every_api_route(app, client):
+    spec = client.get("/api/v1/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    described = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
+    served = set()
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/"):
+            path = rule.rule.replace("<", "{").replace(">", "}")
+            served |= {(path, method) for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert described == served

@@ -9,6 +9,7 @@ from visualsearch.search import SearchResult, search_image, similar_products
 from .engine import get_engine
 from .errors import ApiError
 from .metrics import observe_search
+from .openapi import spec as openapi_spec
 from .requests import parse_filters, parse_search_request, parse_top_k
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -57,6 +58,11 @@ def product(sku: str):
             for image in item.images
         ]
     return jsonify(body)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_spec())
 
 
 @bp.get("/health")

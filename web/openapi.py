@@ -1,0 +1,107 @@
+"""The OpenAPI 3 description of /api/v1, served at /api/v1/openapi.json.
+
+A test checks that every API route is described here and vice versa.
+"""
+
+from __future__ import annotations
+
+from visualsearch import __version__
+from visualsearch.search import MAX_TOP_K
+
+from .requests import DEFAULT_TOP_K
+
+
+def _error(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_TOP_K = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K}
+_FILTERS = {
+    "category": {"type": "string", "description": "Only products of this category (case-insensitive)."},
+    "brand": {"type": "string", "description": "Only products of this brand (case-insensitive)."},
+    "min_price": {"type": "number", "minimum": 0},
+    "max_price": {"type": "number", "minimum": 0},
+}
+_RESULTS = {"description": "Products, best first, one entry per product.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchResponse"}}}}
+
+
+def spec() -> dict:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "visualsearch API", "version": __version__,
+                 "description": "Find the catalogue products that look most like a photo."},
+        "paths": {
+            "/api/v1/search": {"post": {
+                "summary": "Search by photo",
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary",
+                                  "description": "JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF."},
+                        "top_k": _TOP_K, **_FILTERS,
+                        "crop": {"type": "string", "pattern": r"^\d+,\d+,\d+,\d+$",
+                                 "description": "x,y,w,h in pixels of the uploaded image."},
+                    }}}}},
+                "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
+                              "413": _error("Upload too large."), "415": _error("Not a supported image."),
+                              "422": _error("The image cannot be decoded.")},
+            }},
+            "/api/v1/products/{sku}/similar": {"get": {
+                "summary": "Products similar to a catalogue product",
+                "parameters": [_SKU, *[{"name": name, "in": "query", "schema": schema}
+                                       for name, schema in {"top_k": _TOP_K, **_FILTERS}.items()]],
+                "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
+                              "404": _error("Unknown product.")},
+            }},
+            "/api/v1/products/{sku}": {"get": {
+                "summary": "A product's metadata and images",
+                "parameters": [_SKU],
+                "responses": {"200": {"description": "The product.", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Product"}}}},
+                    "404": _error("Unknown product.")},
+            }},
+            "/api/v1/health": {"get": {
+                "summary": "Liveness and index state",
+                "responses": {"200": {"description": "Counts, backbone and index state.",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }},
+            "/api/v1/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3 document.",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }},
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "SearchHit": {"type": "object",
+                          "required": ["sku", "title", "category", "brand", "price", "url", "image_url", "score"],
+                          "properties": {
+                              "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
+                              "category": {"type": "string", "nullable": True},
+                              "brand": {"type": "string", "nullable": True},
+                              "price": {"type": "number", "nullable": True},
+                              "url": {"type": "string", "nullable": True},
+                              "image_url": {"type": "string"},
+                              "score": {"type": "number", "description": "Cosine similarity, -1..1."}}},
+            "SearchResponse": {"type": "object", "required": ["results", "took_ms"], "properties": {
+                "results": {"type": "array", "items": {"$ref": "#/components/schemas/SearchHit"}},
+                "took_ms": {"type": "object", "properties": {
+                    stage: {"type": "number"} for stage in ("decode", "embed", "search", "total")}}}},
+            "Product": {"type": "object", "properties": {
+                "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
+                "category": {"type": "string", "nullable": True}, "brand": {"type": "string", "nullable": True},
+                "price": {"type": "number", "nullable": True}, "url": {"type": "string", "nullable": True},
+                "attributes": {"type": "object"},
+                "images": {"type": "array", "items": {"type": "object", "properties": {
+                    "image_url": {"type": "string"}, "status": {"type": "string"},
+                    "width": {"type": "integer", "nullable": True},
+                    "height": {"type": "integer", "nullable": True}}}}}},
+        }},
+    }
+
+
+_SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}}
