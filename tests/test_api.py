@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from visualsearch.engine import Engine
 from visualsearch.indexing import index_manifest
 from web import create_app
 
-from .conftest import make_image
+from .conftest import make_image, write_catalogue
 
 
 @pytest.fixture
@@ -140,6 +141,28 @@ def test_openapi_describes_every_api_route(app, client):
     served = set()
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/"):
-            path = rule.rule.replace("<", "{").replace(">", "}")
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
             served |= {(path, method) for method in rule.methods - {"HEAD", "OPTIONS"}}
     assert described == served
+
+
+def test_review_regressions(client, tiny_settings, tmp_path, small_catalogue):
+    # A huge image id is a 404, not an SQL overflow.
+    assert client.get("/images/99999999999999999999999").status_code == 404
+    # A non-finite crop is a 400.
+    query = small_catalogue.parent / "img" / "p0-0.png"
+    assert client.post("/api/v1/search", data=upload(query, crop="inf,0,1,1")).status_code == 400
+    # A manifest row naming a non-image file never makes it servable.
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    secret = folder / "secret.txt"
+    secret.write_text("password")
+    index_manifest(Engine(tiny_settings), write_catalogue(folder, [
+        {"sku": "EVIL", "image": str(secret)}, {"sku": "A/B-1", "image": str(query)}]))
+    images = client.get("/api/v1/products/EVIL").get_json()["images"]
+    assert images[0]["status"] == "failed"
+    assert client.get(images[0]["image_url"]).status_code == 404
+    # SKUs with a slash work in every route.
+    assert client.get("/api/v1/products/A%2FB-1").get_json()["sku"] == "A/B-1"
+    assert client.get("/api/v1/products/A%2FB-1/similar?top_k=2").status_code == 200
+    assert client.get("/products/A%2FB-1").status_code == 200

@@ -282,3 +282,10 @@ def test_regressions_from_review(tmp_path):
     odd.write_text(json.dumps({"sku": "A", "image": {"x": 1}}) + "\n")
     with pytest.raises(ManifestError, match="line 1"):
         read_manifest(odd)
+
+
+def test_non_finite_prices_are_rejected(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("sku,image,price\nA,a.jpg,inf\nB,b.jpg,nan\n")
+    with pytest.raises(ManifestError, match="line 2.*\\n.*line 3"):
+        read_manifest(path)

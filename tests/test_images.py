@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,10 @@ def test_crop_and_its_validation():
     for bad in ("1,2,3", "a,b,c,d", "0,0,0,10", "-1,0,5,5"):
         with pytest.raises(ValueError):
             Crop.parse(bad)
+
+
+@pytest.mark.parametrize("name", ["fuzzed-missing-dimensions.tif", "fuzzed-bad-exif.jpg"])
+def test_fuzzed_files_are_decode_errors_not_crashes(name):
+    """Found by mutating real files: Pillow raised TypeError / struct.error on these."""
+    with pytest.raises(ImageDecodeError):
+        load_image((Path(__file__).parent / "data" / name).read_bytes())

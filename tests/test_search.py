@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from visualsearch.engine import Engine
-from visualsearch.errors import InvalidRequestError, ProductNotFoundError, UnsupportedImageError
+from visualsearch.errors import ConfigurationError, InvalidRequestError, ProductNotFoundError, UnsupportedImageError
 from visualsearch.images import Crop
 from visualsearch.indexing import index_manifest
 from visualsearch.search import SearchFilters, search_image, similar_products
@@ -81,7 +81,10 @@ def test_bad_requests(indexed, small_catalogue, tmp_path):
     assert len(result.hits) == 3
 
 
-def test_search_on_an_empty_catalogue(tiny_settings, tmp_path):
-    engine = Engine(tiny_settings, read_only=True)
+def test_search_on_an_empty_or_missing_catalogue(tiny_settings, tmp_path):
+    with pytest.raises(ConfigurationError, match="visualsearch index"):
+        Engine(tiny_settings, read_only=True)
+    assert not tiny_settings.data_dir.exists()  # a reader creates nothing
+    Engine(tiny_settings)  # a writer creates the empty catalogue
     query = make_image(tmp_path / "q.png", seed=5)
-    assert search_image(engine, query).hits == []
+    assert search_image(Engine(tiny_settings, read_only=True), query).hits == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,8 @@ def _merge_row(products: dict[str, ProductRecord], row: dict[str, Any], line: in
         price_value = float(price) if price is not None else None
     except ValueError:
         raise ValueError(f"price {price!r} of {sku!r} is not a number") from None
+    if price_value is not None and not math.isfinite(price_value):
+        raise ValueError(f"price {price!r} of {sku!r} is not a finite number")
 
     record = products.get(sku)
     if record is None:

@@ -22,7 +22,7 @@ from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import open_catalogue
 from .catalogue import store
 from .embedder import Embedder
-from .errors import BackboneMismatchError, IndexCorruptError, VisualSearchError
+from .errors import BackboneMismatchError, ConfigurationError, IndexCorruptError, VisualSearchError
 from .settings import Settings
 from .vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
 
@@ -46,18 +46,23 @@ class Engine:
         read_only: serve searches only; the index is memory-mapped when it is current.
 
     Raises:
-        ConfigurationError: the catalogue database cannot be opened.
+        ConfigurationError: the catalogue database cannot be opened, or (read-only)
+            the data directory holds no catalogue yet.
     """
 
     def __init__(self, settings: Settings, *, read_only: bool = False):
         self.settings = settings
         self.read_only = read_only
         self.data_dir: Path = Path(settings.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if read_only:
+            _check_catalogue_exists(settings)
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         self.sessions: sessionmaker[Session] = open_catalogue(settings.catalogue_url)
         self._embedder: Embedder | None = None
         self._index: VectorIndex | None = None
         self._index_key: tuple | None = None
+        self._index_revision = 0
         self._lock = threading.RLock()
         self.embed_lock = threading.Lock()
 
@@ -139,48 +144,61 @@ class Engine:
     # --- vector index --------------------------------------------------------------
 
     def index(self) -> VectorIndex:
-        """The vector index, reloaded when another process saved a new one.
+        """The vector index, current with the catalogue.
 
-        A writer (or a reader while no writer runs) whose saved index lags behind the
-        catalogue rebuilds it from the stored vectors; a reader that sees a writer at
-        work serves the last saved index until the writer saves the next one.
+        Reloaded when another process saved a new one. A writer, or a reader while no
+        writer runs, whose index lags behind the catalogue (a writer died before saving)
+        rebuilds it from the stored vectors; a reader that sees a writer at work serves
+        the last saved index until the writer saves the next one.
         """
         with self._lock:
-            disk_key = self._manifest_key()
-            if self._index is None or disk_key != self._index_key:
-                self._index = self._load_or_rebuild()
-                self._index_key = self._manifest_key()
+            disk_key = self._manifest_key()  # read before loading: a save meanwhile means reload
+            revision = self._catalogue_revision()
+            if self._index is not None and disk_key == self._index_key and (
+                revision == self._index_revision or (self.read_only and self._writer_active())
+            ):
+                return self._index
+            self._index, self._index_revision = self._load_or_rebuild(revision)
+            self._index_key = disk_key
             return self._index
 
-    def _manifest_key(self) -> tuple[int, int] | None:
+    def _catalogue_revision(self) -> int:
+        with self.sessions() as session:
+            return store.vectors_revision(session)
+
+    def _manifest_key(self) -> tuple[int, int, int] | None:
         try:
             stat = (self.data_dir / MANIFEST_NAME).stat()
         except FileNotFoundError:
             return None
-        return (stat.st_mtime_ns, stat.st_size)
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
-    def _load_or_rebuild(self) -> VectorIndex:
+    def _load_or_rebuild(self, revision: int) -> tuple[VectorIndex, int]:
+        """(index, catalogue revision it reflects)."""
         embedder = self.embedder
-        manifest = read_manifest(self.data_dir)
-        with self.sessions() as session:
-            revision = store.vectors_revision(session)
+        manifest = self.manifest()
         if manifest is None and revision == 0:
-            return VectorIndex.create(embedder.dim)
+            return VectorIndex.create(embedder.dim), 0
         if manifest is not None:
             manifest.check_compatible(**_identity_kwargs(embedder))
             lagging = manifest.catalogue_revision != revision
             if not lagging or (self.read_only and self._writer_active()):
                 try:
-                    return VectorIndex.load(self.data_dir, mmap=self.read_only)[0]
+                    index, loaded = VectorIndex.load(self.data_dir, mmap=self.read_only)
+                    return index, loaded.catalogue_revision
                 except IndexCorruptError as exc:
                     logger.warning("%s; rebuilding it from the catalogue", exc)
             else:
                 logger.info("saved index is at revision %s, the catalogue at %s: rebuilding it "
                             "from the stored vectors", manifest.catalogue_revision, revision)
-        return self.rebuild_index(save=not self.read_only)
+        return self._rebuild(save=not self.read_only)
 
     def _writer_active(self) -> bool:
-        with open(self.data_dir / WRITE_LOCK_FILE, "a") as handle:
+        try:
+            handle = open(self.data_dir / WRITE_LOCK_FILE, "r")
+        except FileNotFoundError:
+            return False
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -190,15 +208,17 @@ class Engine:
 
     def rebuild_index(self, *, save: bool = True) -> VectorIndex:
         """Build a fresh index from the vectors stored in the catalogue (and save it)."""
-        embedder = self.embedder
-        index = VectorIndex.create(embedder.dim)
+        return self._rebuild(save=save)[0]
+
+    def _rebuild(self, *, save: bool) -> tuple[VectorIndex, int]:
+        index = VectorIndex.create(self.embedder.dim)
         with self.sessions() as session:
             revision = store.vectors_revision(session)
             for ids, vectors in store.iter_embeddings(session):
                 index.add(ids, vectors)
         if save:
             self.save_index(index, revision)
-        return index
+        return index, revision
 
     def writable_index(self) -> VectorIndex:
         """A private in-memory copy of the current index for a writer to change and save."""
@@ -214,12 +234,18 @@ class Engine:
                               catalogue_revision=revision)
         with self._lock:
             # Keep serving the object just saved instead of reading it back from disk.
-            self._index = index
+            self._index, self._index_revision = index, revision
             self._index_key = self._manifest_key()
         return manifest
 
     def manifest(self) -> IndexManifest | None:
-        return read_manifest(self.data_dir)
+        """The saved index's manifest; ``None`` if there is none or it is unreadable
+        (the catalogue holds every vector, so the index is then rebuilt)."""
+        try:
+            return read_manifest(self.data_dir)
+        except IndexCorruptError as exc:
+            logger.warning("%s; the index will be rebuilt from the catalogue", exc)
+            return None
 
     @property
     def failures_path(self) -> Path:
@@ -269,3 +295,16 @@ def _identity_kwargs(embedder: Embedder) -> dict:
         "weights_sha256": embedder.identity.weights_sha256,
         "dim": embedder.identity.dim,
     }
+
+
+def _check_catalogue_exists(settings: Settings) -> None:
+    """A reader must not create an empty catalogue where a typo in --data-dir points."""
+    if settings.db_url:
+        return
+    database = Path(settings.data_dir) / "catalogue.db"
+    if not database.is_file():
+        raise ConfigurationError(
+            f"no catalogue in {Path(settings.data_dir).resolve()}: index one first with "
+            f"'visualsearch index MANIFEST --data-dir {settings.data_dir}', or point --data-dir / "
+            "VISUALSEARCH_DATA_DIR at an indexed data directory"
+        )

@@ -119,6 +119,8 @@ class _ReadImages(Dataset):
             item.update(code="file_not_found", message=f"no such file: {task.path}")
         except OSError as exc:
             item.update(code="unreadable_file", message=f"cannot read {task.path}: {exc.strerror or exc}")
+        except Exception as exc:  # one hostile file must never stop a catalogue run
+            item.update(code="undecodable_image", message=f"cannot process {task.path}: {exc!r}")
         return item
 
 

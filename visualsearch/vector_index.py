@@ -168,7 +168,10 @@ class VectorIndex:
              catalogue_revision: int, index_type: str = DEFAULT_INDEX_TYPE) -> IndexManifest:
         """Write the index and its manifest atomically into ``directory``; returns the manifest."""
         directory.mkdir(parents=True, exist_ok=True)
-        previous = read_manifest(directory)
+        try:
+            previous = read_manifest(directory)
+        except IndexCorruptError:
+            previous = None  # replaced below; its index file (if any) is left behind
         index_file = f"index-{time.time_ns()}.faiss"
         tmp = directory / f".{index_file}.tmp"
         try:

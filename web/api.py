@@ -38,14 +38,14 @@ def search():
     return jsonify(results_json(result))
 
 
-@bp.get("/products/<sku>/similar")
+@bp.get("/products/<path:sku>/similar")
 def similar(sku: str):
     result = similar_products(get_engine(), sku, top_k=parse_top_k(request.args.get("top_k")),
                               filters=parse_filters(request.args))
     return jsonify(results_json(result))
 
 
-@bp.get("/products/<sku>")
+@bp.get("/products/<path:sku>")
 def product(sku: str):
     from visualsearch.catalogue.store import get_product
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from visualsearch.errors import (
@@ -70,6 +70,8 @@ def register(app: Flask) -> None:
         status = status_of(error)
         if status >= 500:
             logger.error("request failed: %s", error)
+        if not request.path.startswith("/api/"):
+            return render_template("error.html", status=status, message=str(error)), status
         return error_response(status, error.code, str(error))
 
     @app.errorhandler(HTTPException)

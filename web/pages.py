@@ -31,7 +31,7 @@ def index():
     return render_template("index.html", categories=categories, brands=brands)
 
 
-@bp.get("/products/<sku>")
+@bp.get("/products/<path:sku>")
 def product(sku: str):
     engine = get_engine()
     with engine.sessions() as session:
@@ -47,11 +47,17 @@ def product(sku: str):
     return render_template("product.html", product=item, images=images, similar=similar)
 
 
+MAX_IMAGE_ID = 2**63 - 1  # SQL integers; a larger id cannot exist
+
+
 @bp.get("/images/<int:image_id>")
 def image(image_id: int):
+    if image_id > MAX_IMAGE_ID:
+        abort(404)
     with get_engine().sessions() as session:
         row = get_image(session, image_id)
-    # Only files the catalogue names are served: the id, not a path, comes from the URL.
-    if row is None or not Path(row.path).is_file():
+    # The id, not a path, comes from the URL, and only files that were decoded and
+    # indexed as images are served: a manifest row naming /etc/passwd stays "failed".
+    if row is None or row.status != ImageStatus.INDEXED or not Path(row.path).is_file():
         abort(404)
     return send_file(row.path, max_age=3600, conditional=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigurationError
@@ -40,7 +42,13 @@ def open_catalogue(url: str) -> sessionmaker[Session]:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        Base.metadata.create_all(engine)
+        try:
+            Base.metadata.create_all(engine)
+        except OperationalError:
+            # Two processes creating a fresh catalogue at once: the loser's CREATE fails
+            # because the winner's table now exists; checking again then finds it.
+            time.sleep(0.5)
+            Base.metadata.create_all(engine)
     except Exception as exc:
         raise ConfigurationError(f"cannot open catalogue database {engine.url!r}: {exc}") from None
     return sessionmaker(engine, expire_on_commit=False)
