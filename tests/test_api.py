@@ -166,3 +166,55 @@ def test_review_regressions(client, tiny_settings, tmp_path, small_catalogue):
     assert client.get("/api/v1/products/A%2FB-1").get_json()["sku"] == "A/B-1"
     assert client.get("/api/v1/products/A%2FB-1/similar?top_k=2").status_code == 200
     assert client.get("/products/A%2FB-1").status_code == 200
+
+
+def test_write_endpoints_are_forbidden_without_a_configured_key(client):
+    for method in (client.put, client.delete):
+        response = method("/api/v1/products/P1", json={"title": "x"})
+        assert response.status_code == 403 and response.get_json()["error"]["code"] == "forbidden"
+
+
+@pytest.fixture
+def writer_client(tiny_settings, small_catalogue):
+    from dataclasses import replace
+
+    settings = replace(tiny_settings, api_key="s3cret")
+    index_manifest(Engine(settings), small_catalogue)
+    return create_app({"TESTING": True}, settings=settings).test_client()
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def test_put_and_delete_a_product(writer_client, small_catalogue, tmp_path):
+    client = writer_client
+    assert client.put("/api/v1/products/P1", json={"title": "x"}).status_code == 401
+    assert client.put("/api/v1/products/P1", json={"title": "x"},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    # Metadata-only update keeps the images.
+    updated = client.put("/api/v1/products/P1", json={"title": "Renamed", "price": 5, "attributes": {"a": 1}},
+                         headers=AUTH)
+    assert updated.status_code == 200 and updated.get_json()["title"] == "Renamed"
+    assert client.get("/api/v1/products/P1").get_json()["price"] == 5.0
+    # A new product with an uploaded photo becomes searchable at once.
+    photo = make_image(tmp_path / "new.png", seed=4242)
+    created = client.put("/api/v1/products/NEW-1", headers=AUTH, data={
+        "title": "New", "category": "hats", "image": (io.BytesIO(photo.read_bytes()), "new.png")})
+    assert created.status_code == 201 and created.get_json()["indexing"]["embedded"] == 1
+    hits = client.post("/api/v1/search", data=upload(photo, top_k="1")).get_json()["results"]
+    assert hits[0]["sku"] == "NEW-1"
+    # A bad upload is refused and changes nothing.
+    before = client.get("/api/v1/health").get_json()
+    bad = client.put("/api/v1/products/BAD", headers=AUTH, data={
+        "title": "Bad", "image": (io.BytesIO(b"not an image"), "x.jpg")})
+    assert bad.status_code == 415
+    assert client.get("/api/v1/products/BAD").status_code == 404
+    assert client.get("/api/v1/health").get_json() == before
+    for fields in ({"price": "free"}, {"colour": "red"}, {"attributes": "[1]"}):
+        assert client.put("/api/v1/products/P2", headers=AUTH, data=fields).status_code == 400
+    # Delete.
+    assert client.delete("/api/v1/products/NEW-1", headers=AUTH).get_json() == {"removed": "NEW-1"}
+    assert client.get("/api/v1/products/NEW-1").status_code == 404
+    assert client.delete("/api/v1/products/NEW-1", headers=AUTH).status_code == 404
+    hits = client.post("/api/v1/search", data=upload(photo, top_k="1")).get_json()["results"]
+    assert hits[0]["sku"] != "NEW-1"

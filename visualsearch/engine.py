@@ -44,13 +44,14 @@ class Engine:
     Args:
         settings: the deployment's configuration.
         read_only: serve searches only; the index is memory-mapped when it is current.
+        embedder: an already loaded embedder to share (e.g. the web app's writer engine).
 
     Raises:
         ConfigurationError: the catalogue database cannot be opened, or (read-only)
             the data directory holds no catalogue yet.
     """
 
-    def __init__(self, settings: Settings, *, read_only: bool = False):
+    def __init__(self, settings: Settings, *, read_only: bool = False, embedder: Embedder | None = None):
         self.settings = settings
         self.read_only = read_only
         self.data_dir: Path = Path(settings.data_dir)
@@ -59,7 +60,7 @@ class Engine:
         else:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         self.sessions: sessionmaker[Session] = open_catalogue(settings.catalogue_url)
-        self._embedder: Embedder | None = None
+        self._embedder: Embedder | None = embedder  # a loaded one can be shared between engines
         self._index: VectorIndex | None = None
         self._index_key: tuple | None = None
         self._index_revision = 0

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .catalogue import ImageStatus, ProductImage
 from .catalogue import store
-from .catalogue_manifest import read_manifest
+from .catalogue_manifest import ProductRecord, read_manifest
 from .engine import Engine
 from .errors import ImageError
 from .images import load_image
@@ -151,9 +151,18 @@ def index_manifest(engine: Engine, manifest_path: str | Path, *,
         BackboneMismatchError: the catalogue holds vectors of another backbone.
         WriterBusyError: another process is writing to this data directory.
     """
+    return index_records(engine, read_manifest(manifest_path), progress=progress)
+
+
+def index_records(engine: Engine, records: Sequence[ProductRecord], *,
+                  progress: Progress | None = None) -> IndexingReport:
+    """Add or update ``records`` (already validated products) and embed their images.
+
+    The work and the guarantees of :func:`index_manifest`, for callers that build
+    records themselves (the API's product upload).
+    """
     started = time.perf_counter()
     progress = progress or _NoProgress()
-    records = read_manifest(manifest_path)
     report = IndexingReport(products=len(records))
     with engine.writer():
         embedder = engine.embedder

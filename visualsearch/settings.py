@@ -96,6 +96,8 @@ class Settings:
                                  _parse_int)
     max_upload_size: int = _opt(16 * 1024**2, "Largest accepted upload, e.g. 16M; larger requests get 413.",
                                 parse_size)
+    api_key: str | None = _opt(None, "Bearer key for the API's write endpoints (PUT/DELETE a product); "
+                                     "unset: they answer 403.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -22,10 +22,11 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
     if test_config:
         app.config.update(test_config)
 
-    from . import api, errors, metrics, pages
+    from . import api, errors, metrics, pages, writes
 
     errors.register(app)
     metrics.register(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(writes.bp)
     app.register_blueprint(pages.bp)
     return app

@@ -20,3 +20,17 @@ def get_engine() -> Engine:
                 engine = Engine(current_app.config["VISUALSEARCH_SETTINGS"], read_only=True)
                 current_app.extensions["visualsearch"] = engine
     return engine
+
+
+def get_writer_engine() -> Engine:
+    """The engine the write endpoints use; it shares the reader's loaded CNN."""
+    writer = current_app.extensions.get("visualsearch-writer")
+    if writer is None:
+        with _lock:
+            writer = current_app.extensions.get("visualsearch-writer")
+            if writer is None:
+                reader = current_app.extensions.get("visualsearch")
+                writer = Engine(current_app.config["VISUALSEARCH_SETTINGS"],
+                                embedder=reader.embedder if reader is not None else None)
+                current_app.extensions["visualsearch-writer"] = writer
+    return writer

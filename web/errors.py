@@ -20,6 +20,7 @@ from visualsearch.errors import (
     UnsupportedImageError,
     VisualSearchError,
 )
+from visualsearch.engine import WriterBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ STATUS_BY_ERROR: list[tuple[type[VisualSearchError], int]] = [
     (BackboneMismatchError, 503),
     (ConfigurationError, 503),
     (IndexCorruptError, 503),
+    (WriterBusyError, 409),  # another process is indexing: retry later
 ]
 
 

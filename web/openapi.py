@@ -55,13 +55,39 @@ def spec() -> dict:
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
                               "404": _error("Unknown product.")},
             }},
-            "/api/v1/products/{sku}": {"get": {
-                "summary": "A product's metadata and images",
-                "parameters": [_SKU],
-                "responses": {"200": {"description": "The product.", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Product"}}}},
-                    "404": _error("Unknown product.")},
-            }},
+            "/api/v1/products/{sku}": {
+                "get": {
+                    "summary": "A product's metadata and images",
+                    "parameters": [_SKU],
+                    "responses": {"200": _PRODUCT, "404": _error("Unknown product.")},
+                },
+                "put": {
+                    "summary": "Create or update a product (fields given replace, others are kept; "
+                               "uploaded images are added and indexed)",
+                    "security": [{"bearer": []}],
+                    "parameters": [_SKU],
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ProductFields"}},
+                        "multipart/form-data": {"schema": {"allOf": [
+                            {"$ref": "#/components/schemas/ProductFields"},
+                            {"type": "object", "properties": {
+                                "attributes": {"type": "string", "description": "A JSON object."},
+                                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            }}]}},
+                    }},
+                    "responses": {"200": _PRODUCT, "201": _PRODUCT, **_WRITE_ERRORS,
+                                  "413": _error("Upload too large."), "415": _error("Not a supported image."),
+                                  "422": _error("An image cannot be decoded.")},
+                },
+                "delete": {
+                    "summary": "Remove a product and its vectors",
+                    "security": [{"bearer": []}],
+                    "parameters": [_SKU],
+                    "responses": {"200": {"description": "Removed.", "content": {"application/json": {
+                        "schema": {"type": "object", "properties": {"removed": {"type": "string"}}}}}},
+                        "404": _error("Unknown product."), **_WRITE_ERRORS},
+                },
+            },
             "/api/v1/health": {"get": {
                 "summary": "Liveness and index state",
                 "responses": {"200": {"description": "Counts, backbone and index state.",
@@ -73,35 +99,49 @@ def spec() -> dict:
                                       "content": {"application/json": {"schema": {"type": "object"}}}}},
             }},
         },
-        "components": {"schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-            "SearchHit": {"type": "object",
-                          "required": ["sku", "title", "category", "brand", "price", "url", "image_url", "score"],
-                          "properties": {
-                              "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
-                              "category": {"type": "string", "nullable": True},
-                              "brand": {"type": "string", "nullable": True},
-                              "price": {"type": "number", "nullable": True},
-                              "url": {"type": "string", "nullable": True},
-                              "image_url": {"type": "string"},
-                              "score": {"type": "number", "description": "Cosine similarity, -1..1."}}},
-            "SearchResponse": {"type": "object", "required": ["results", "took_ms"], "properties": {
-                "results": {"type": "array", "items": {"$ref": "#/components/schemas/SearchHit"}},
-                "took_ms": {"type": "object", "properties": {
-                    stage: {"type": "number"} for stage in ("decode", "embed", "search", "total")}}}},
-            "Product": {"type": "object", "properties": {
-                "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
-                "category": {"type": "string", "nullable": True}, "brand": {"type": "string", "nullable": True},
-                "price": {"type": "number", "nullable": True}, "url": {"type": "string", "nullable": True},
-                "attributes": {"type": "object"},
-                "images": {"type": "array", "items": {"type": "object", "properties": {
-                    "image_url": {"type": "string"}, "status": {"type": "string"},
-                    "width": {"type": "integer", "nullable": True},
-                    "height": {"type": "integer", "nullable": True}}}}}},
-        }},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "The value of VISUALSEARCH_API_KEY."}},
+            "schemas": _SCHEMAS,
+        },
     }
 
 
 _SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}}
+_PRODUCT = {"description": "The product.", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/Product"}}}}
+_WRITE_ERRORS = {"400": _error("Bad fields."), "401": _error("Missing or wrong bearer key."),
+                 "403": _error("Write endpoints disabled: no VISUALSEARCH_API_KEY configured."),
+                 "409": _error("Another process is writing; retry later.")}
+_SCHEMAS = {
+    "ProductFields": {"type": "object", "additionalProperties": False, "properties": {
+        "title": {"type": "string"}, "category": {"type": "string"}, "brand": {"type": "string"},
+        "url": {"type": "string"}, "price": {"type": "number", "minimum": 0},
+        "attributes": {"type": "object"}}},
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+    "SearchHit": {"type": "object",
+                  "required": ["sku", "title", "category", "brand", "price", "url", "image_url", "score"],
+                  "properties": {
+                      "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
+                      "category": {"type": "string", "nullable": True},
+                      "brand": {"type": "string", "nullable": True},
+                      "price": {"type": "number", "nullable": True},
+                      "url": {"type": "string", "nullable": True},
+                      "image_url": {"type": "string"},
+                      "score": {"type": "number", "description": "Cosine similarity, -1..1."}}},
+    "SearchResponse": {"type": "object", "required": ["results", "took_ms"], "properties": {
+        "results": {"type": "array", "items": {"$ref": "#/components/schemas/SearchHit"}},
+        "took_ms": {"type": "object", "properties": {
+            stage: {"type": "number"} for stage in ("decode", "embed", "search", "total")}}}},
+    "Product": {"type": "object", "properties": {
+        "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
+        "category": {"type": "string", "nullable": True}, "brand": {"type": "string", "nullable": True},
+        "price": {"type": "number", "nullable": True}, "url": {"type": "string", "nullable": True},
+        "attributes": {"type": "object"},
+        "images": {"type": "array", "items": {"type": "object", "properties": {
+            "image_url": {"type": "string"}, "status": {"type": "string"},
+            "width": {"type": "integer", "nullable": True},
+            "height": {"type": "integer", "nullable": True}}}}}},
+}

@@ -1,0 +1,142 @@
+"""Write endpoints: PUT and DELETE /api/v1/products/<sku>, behind a bearer key."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from flask import Blueprint, current_app, jsonify, request
+from PIL import Image
+
+from visualsearch.catalogue.store import get_product
+from visualsearch.catalogue_manifest import ProductRecord
+from visualsearch.errors import ProductNotFoundError
+from visualsearch.images import load_image
+from visualsearch.indexing import index_records
+
+from .engine import get_writer_engine
+from .errors import ApiError
+
+bp = Blueprint("api_write", __name__, url_prefix="/api/v1")
+
+TEXT_FIELDS = ("title", "category", "brand", "url")
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
+              "BMP": ".bmp", "TIFF": ".tif", "HEIF": ".heic", "AVIF": ".avif"}
+
+
+def require_api_key(view):
+    """403 while no key is configured; 401 unless ``Authorization: Bearer <key>`` matches."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        key = current_app.config["VISUALSEARCH_SETTINGS"].api_key
+        if not key:
+            raise ApiError(403, "forbidden", "write endpoints are disabled: set VISUALSEARCH_API_KEY")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <VISUALSEARCH_API_KEY>'")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+@bp.put("/products/<path:sku>")
+@require_api_key
+def put_product(sku: str):
+    """Create or update a product: JSON metadata, or multipart metadata plus image files."""
+    engine = get_writer_engine()
+    if request.is_json:
+        fields, uploads = _json_fields(), []
+    else:
+        fields, uploads = request.form.to_dict(), request.files.getlist("image")
+    record = _record(sku, fields)
+    with engine.sessions() as session:
+        try:
+            get_product(session, sku)
+            created = False
+        except ProductNotFoundError:
+            created = True
+    # Every upload is decoded before anything is stored: a bad file changes nothing.
+    checked = [(upload, upload.read()) for upload in uploads]
+    formats = [_check_image(data, engine.settings.max_image_pixels) for _, data in checked]
+    record.images = [_store_upload(engine.data_dir, data, fmt) for (_, data), fmt in zip(checked, formats)]
+    report = index_records(engine, [record])
+    with engine.sessions() as session:
+        body = get_product(session, sku).to_dict()
+    body["indexing"] = {"embedded": report.embedded, "reused": report.reused, "unchanged": report.unchanged,
+                        "failures": [failure.message for failure in report.failures]}
+    return jsonify(body), 201 if created else 200
+
+
+@bp.delete("/products/<path:sku>")
+@require_api_key
+def delete_product(sku: str):
+    removed, _ = get_writer_engine().remove([sku])
+    if not removed:
+        raise ApiError(404, "product_not_found", f"no product with sku {sku!r}")
+    return jsonify({"removed": sku})
+
+
+def _json_fields() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the JSON body must be an object of product fields")
+    return body
+
+
+def _record(sku: str, fields: dict) -> ProductRecord:
+    record = ProductRecord(sku=sku)
+    unknown = set(fields) - {*TEXT_FIELDS, "price", "attributes"}
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    for name in TEXT_FIELDS:
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, "bad_request", f"{name} must be a string")
+        setattr(record, name, (value or "").strip() or None)
+    price = fields.get("price")
+    if price not in (None, ""):
+        try:
+            record.price = float(price)
+        except (TypeError, ValueError):
+            raise ApiError(400, "bad_request", f"price must be a number, got {price!r}") from None
+        if not math.isfinite(record.price) or record.price < 0:
+            raise ApiError(400, "bad_request", f"price must be a non-negative number, got {price!r}")
+    attributes = fields.get("attributes")
+    if isinstance(attributes, str):  # multipart: a JSON object in a form field
+        try:
+            attributes = json.loads(attributes)
+        except ValueError:
+            raise ApiError(400, "bad_request", "attributes must be a JSON object") from None
+    if attributes is not None and not isinstance(attributes, dict):
+        raise ApiError(400, "bad_request", "attributes must be a JSON object")
+    record.attributes = attributes or {}
+    return record
+
+
+def _check_image(data: bytes, max_pixels: int) -> str:
+    """Raises the library's typed image errors (-> 413/415/422); returns the format."""
+    load_image(data, max_pixels=max_pixels)
+    with Image.open(io.BytesIO(data)) as image:
+        return image.format
+
+
+def _store_upload(data_dir: Path, data: bytes, image_format: str) -> Path:
+    """Keep an uploaded image under DATA_DIR/uploads/<sha256><ext>, written atomically."""
+    folder = data_dir / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha256(data).hexdigest() + EXTENSIONS.get(image_format, ".img"))
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    return path
+
