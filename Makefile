@@ -35,6 +35,7 @@ demo: $(VENV)/.installed
 
 ## test: install with the dev extras and run the whole test suite
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 ## bench: retrieval quality and speed (docs/retrieval-quality.md, docs/performance.md)

@@ -34,15 +34,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
     args = parser.parse_args()
 
-    from PIL import Image
     import skimage.data
+    from PIL import Image
     from torchvision.models import ResNet50_Weights
 
     from visualsearch.embedder import Embedder
 
     embedder = Embedder(args.backbone, device=args.device, threads=args.threads)
-    print(f"backbone {args.backbone} on {embedder.device} "
-          f"({torch.cuda.get_device_name(embedder.device) if embedder.device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    if embedder.device.type == "cuda":
+        where = torch.cuda.get_device_name(embedder.device)
+    else:
+        where = f"{torch.get_num_threads()} threads"
+    print(f"backbone {args.backbone} on {embedder.device} ({where})")
     photos = [Image.fromarray(skimage.data.coffee()), Image.fromarray(skimage.data.chelsea()),
               Image.fromarray(skimage.data.astronaut())]
     categories = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]

@@ -9,10 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from visualsearch.catalogue import ImageStatus
-from visualsearch.catalogue import store
-from visualsearch.engine import Engine, WriterBusyError
-from visualsearch.errors import BackboneMismatchError, ManifestError
+from visualsearch.catalogue import ImageStatus, store
+from visualsearch.engine import Engine
+from visualsearch.errors import BackboneMismatchError, ManifestError, WriterBusyError
 from visualsearch.indexing import index_manifest
 from visualsearch.settings import Settings
 

@@ -19,10 +19,9 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from .backbones_builtin import DEFAULT_BACKBONE
-from .catalogue import open_catalogue
-from .catalogue import store
+from .catalogue import open_catalogue, store
 from .embedder import Embedder
-from .errors import BackboneMismatchError, ConfigurationError, IndexCorruptError, VisualSearchError
+from .errors import BackboneMismatchError, ConfigurationError, IndexCorruptError, WriterBusyError
 from .settings import Settings
 from .vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
 
@@ -30,12 +29,6 @@ logger = logging.getLogger(__name__)
 
 FAILURES_FILE = "failures.jsonl"
 WRITE_LOCK_FILE = ".write.lock"
-
-
-class WriterBusyError(VisualSearchError):
-    """Another process is indexing or removing in this data directory."""
-
-    code = "writer_busy"
 
 
 class Engine:
@@ -221,13 +214,6 @@ class Engine:
             self.save_index(index, revision)
         return index, revision
 
-    def writable_index(self) -> VectorIndex:
-        """A private in-memory copy of the current index for a writer to change and save."""
-        current = self.index()
-        if not current.read_only:
-            return current
-        return self.rebuild_index(save=False)
-
     def save_index(self, index: VectorIndex, revision: int) -> IndexManifest:
         embedder = self.embedder
         manifest = index.save(self.data_dir, backbone=embedder.identity.backbone,
@@ -257,14 +243,15 @@ class Engine:
     def remove(self, skus: list[str]) -> tuple[list[str], list[str]]:
         """Delete products and their vectors. Returns (removed SKUs, unknown SKUs)."""
         with self.writer():
-            index = self.writable_index()
+            index = self.index()
             with self.session() as session:
                 deleted, vector_ids = store.delete_products(session, skus)
                 revision = store.vectors_revision(session)
             if vector_ids:
                 index.remove(np.asarray(vector_ids, dtype=np.int64))
                 self.save_index(index, revision)
-        return deleted, [sku for sku in skus if sku not in set(deleted)]
+        removed = set(deleted)
+        return deleted, [sku for sku in skus if sku not in removed]
 
     def stats(self) -> dict:
         with self.sessions() as session:

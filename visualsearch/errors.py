@@ -72,6 +72,12 @@ class ProductNotFoundError(VisualSearchError):
     code = "product_not_found"
 
 
+class WriterBusyError(VisualSearchError):
+    """Another process is indexing or removing in this data directory."""
+
+    code = "writer_busy"
+
+
 class IndexCorruptError(VisualSearchError):
     """The stored vector index cannot be read; it can be rebuilt from the catalogue."""
 

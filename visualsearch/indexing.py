@@ -21,10 +21,10 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+from sqlalchemy import select
 from torch.utils.data import DataLoader, Dataset
 
-from .catalogue import ImageStatus, ProductImage
-from .catalogue import store
+from .catalogue import ImageStatus, ProductImage, store
 from .catalogue_manifest import ProductRecord, read_manifest
 from .engine import Engine
 from .errors import ImageError
@@ -166,7 +166,7 @@ def index_records(engine: Engine, records: Sequence[ProductRecord], *,
     report = IndexingReport(products=len(records))
     with engine.writer():
         embedder = engine.embedder
-        index = engine.writable_index()
+        index = engine.index()
         with engine.session() as session:
             store.claim_identity(session, backbone=embedder.identity.backbone,
                                  weights_sha256=embedder.identity.weights_sha256, dim=embedder.dim)
@@ -243,8 +243,8 @@ def _process_batch(engine: Engine, index, batch: list[tuple[_Task, dict[str, Any
         report.stage_seconds["embed"] += time.perf_counter() - embed_started
 
         write_started = time.perf_counter()
-        rows = {image.id: image for image in session.query(ProductImage).filter(
-            ProductImage.id.in_([task.image_id for task, _ in batch]))}
+        rows = {image.id: image for image in session.scalars(
+            select(ProductImage).where(ProductImage.id.in_([task.image_id for task, _ in batch])))}
         removed_ids = []
         for task, item in batch:
             image = rows.get(task.image_id)

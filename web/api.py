@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
+from visualsearch.catalogue.store import get_product
 from visualsearch.search import SearchResult, search_image, similar_products
 
 from .engine import get_engine
@@ -47,8 +48,6 @@ def similar(sku: str):
 
 @bp.get("/products/<path:sku>")
 def product(sku: str):
-    from visualsearch.catalogue.store import get_product
-
     with get_engine().sessions() as session:
         item = get_product(session, sku)
         body = item.to_dict()

@@ -19,8 +19,8 @@ from visualsearch.errors import (
     ProductNotFoundError,
     UnsupportedImageError,
     VisualSearchError,
+    WriterBusyError,
 )
-from visualsearch.engine import WriterBusyError
 
 logger = logging.getLogger(__name__)
 
