@@ -93,12 +93,32 @@ def other_view_ranks(engine) -> tuple[list[int], list[int]]:
     return product_ranks, image_ranks
 
 
+def _preprocessing_variant(backbone: str | None, resize: int | None, input_size: int | None) -> str:
+    """Register a hidden copy of ``backbone`` with other resize/crop sizes; returns its name."""
+    from dataclasses import replace
+
+    from visualsearch.backbones import get_backbone, register_backbone
+    from visualsearch.backbones_builtin import DEFAULT_BACKBONE
+
+    spec = get_backbone(backbone or DEFAULT_BACKBONE)
+    pre = spec.preprocessing
+    pre = replace(pre, resize_size=resize or pre.resize_size, input_size=input_size or pre.input_size)
+    name = f"{spec.name}@{pre.resize_size}-{pre.input_size}"
+    register_backbone(replace(spec, name=name, preprocessing=pre, hidden=True))
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default=None, help="registered backbone (default: the default one)")
     parser.add_argument("--seeds", type=int, default=5, help="shopper-photo rounds (45 photos each)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the CNN")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="try another preprocessing: resize the short side to this many pixels")
+    parser.add_argument("--input-size", type=int, default=None, help="... and centre-crop this square")
     args = parser.parse_args()
+    if args.resize or args.input_size:
+        args.backbone = _preprocessing_variant(args.backbone, args.resize, args.input_size)
 
     from visualsearch.engine import Engine
     from visualsearch.indexing import index_manifest
