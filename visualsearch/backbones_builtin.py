@@ -63,7 +63,7 @@ register_backbone(
         # The TF-Lite training pipeline scales pixels to [-1, 1]; ImageNet mean/std here
         # gives visibly worse features (see the classification test). Resizing to 224
         # without the usual 0.875 centre crop keeps the whole product of a square shot:
-        # 216/225 vs 211/225 shopper photos found first (docs/retrieval-quality.md).
+        # 219/225 vs 207/225 shopper photos found first (docs/retrieval-quality.md).
         preprocessing=Preprocessing(
             input_size=224, resize_size=224, interpolation="bicubic",
             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
