@@ -102,6 +102,24 @@ def small_catalogue(tmp_path) -> Path:
     return write_catalogue(folder, rows)
 
 
+class Crash(Exception):
+    """Stands for the process dying mid-run."""
+
+
+class CrashAfterFirstBatch:
+    """An indexing progress reporter that "kills" the run once the first batch is committed."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def advance(self, count: int) -> None:
+        if count == self.batch_size:
+            raise Crash()
+
+
 @pytest.fixture(scope="session")
 def demo_settings(tmp_path_factory) -> Settings:
     """The bundled demo catalogue indexed once with the real default backbone."""

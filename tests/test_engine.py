@@ -5,31 +5,19 @@ from __future__ import annotations
 import multiprocessing
 
 import numpy as np
+import pytest
 
 from visualsearch.engine import Engine
 from visualsearch.indexing import index_manifest
 from visualsearch.search import search_image
 from visualsearch.vector_index import MANIFEST_NAME
 
-from .conftest import make_image, write_catalogue
+from .conftest import Crash, CrashAfterFirstBatch, make_image, write_catalogue
 
 
 def _crash_after_first_batch(settings, manifest):
-    class Crash(Exception):
-        pass
-
-    class Progress:
-        def set_total(self, total):
-            pass
-
-        def advance(self, count):
-            if count == settings.batch_size:
-                raise Crash()
-
-    try:
-        index_manifest(Engine(settings), manifest, progress=Progress())
-    except Crash:
-        pass
+    with pytest.raises(Crash):
+        index_manifest(Engine(settings), manifest, progress=CrashAfterFirstBatch(settings.batch_size))
 
 
 def test_a_running_reader_notices_a_writer_that_died_before_saving(tiny_settings, small_catalogue, tmp_path):

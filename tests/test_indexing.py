@@ -15,7 +15,7 @@ from visualsearch.errors import BackboneMismatchError, ManifestError, WriterBusy
 from visualsearch.indexing import index_manifest
 from visualsearch.settings import Settings
 
-from .conftest import make_image, write_catalogue
+from .conftest import Crash, CrashAfterFirstBatch, make_image, write_catalogue
 
 
 def test_index_then_rerun_skips_everything(tiny_settings, small_catalogue):
@@ -95,20 +95,8 @@ def test_changed_file_is_re_embedded_and_duplicate_content_reused(tiny_settings,
 
 def test_a_crash_mid_run_loses_nothing_and_the_next_run_resumes(tiny_settings, small_catalogue):
     engine = Engine(tiny_settings)
-
-    class Crash(Exception):
-        pass
-
-    class CrashAfterFirstBatch:
-        def set_total(self, total):
-            pass
-
-        def advance(self, count):
-            if count == tiny_settings.batch_size:
-                raise Crash()
-
     with pytest.raises(Crash):
-        index_manifest(engine, small_catalogue, progress=CrashAfterFirstBatch())
+        index_manifest(engine, small_catalogue, progress=CrashAfterFirstBatch(tiny_settings.batch_size))
     # The committed batch is in the catalogue; no index was saved yet.
     assert engine.stats()["indexed_images"] == 8
     # A reader opening the data directory now rebuilds the index from the catalogue.
