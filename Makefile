@@ -42,7 +42,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.demo_retrieval
 	$(BIN)/python -m benchmarks.embed_throughput --batch-sizes 1,8,16,32,64
-	$(BIN)/python -m benchmarks.index_throughput --images 1000 --workers 0,1,2
+	$(BIN)/python -m benchmarks.index_throughput --images 600 --workers 0,1,2
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

@@ -58,10 +58,10 @@ def library_errors(function: Callable) -> Callable:
     return wrapper
 
 
-def _open_engine(settings: Settings, *, read_only: bool = False):
+def _open_engine(settings: Settings, *, read_only: bool = False, create: bool = True):
     from visualsearch.engine import Engine  # torch/faiss load only when a command needs them
 
-    return Engine(settings, read_only=read_only)
+    return Engine(settings, read_only=read_only, create=create)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,7 +127,7 @@ def index(manifest: Path, strict: bool, as_json: bool, **options: Any) -> None:
 @library_errors
 def remove(skus: tuple[str, ...], **options: Any) -> None:
     """Remove products (and their vectors) by SKU."""
-    engine = _open_engine(_settings(**options))
+    engine = _open_engine(_settings(**options), create=False)
     removed, unknown = engine.remove(list(skus))
     click.echo(f"removed {len(removed)} product(s)")
     if unknown:

@@ -210,7 +210,8 @@ def test_put_and_delete_a_product(writer_client, small_catalogue, tmp_path):
     assert bad.status_code == 415
     assert client.get("/api/v1/products/BAD").status_code == 404
     assert client.get("/api/v1/health").get_json() == before
-    for fields in ({"price": "free"}, {"colour": "red"}, {"attributes": "[1]"}):
+    assert client.put("/api/v1/products/a/similar", json={}, headers=AUTH).status_code == 400
+    for fields in ({"price": "free"}, {"price": "-1"}, {"colour": "red"}, {"attributes": "[1]"}):
         assert client.put("/api/v1/products/P2", headers=AUTH, data=fields).status_code == 400
     # Delete.
     assert client.delete("/api/v1/products/NEW-1", headers=AUTH).get_json() == {"removed": "NEW-1"}

@@ -184,7 +184,7 @@ def test_bad_rows_are_all_reported_with_their_line_numbers(tmp_path):
     assert "3 bad row(s)" in message
     assert re.search(r"line 3: empty sku", message)
     assert re.search(r"line 4: .*'C'.*empty image", message)
-    assert re.search(r"line 5: price 'cheap' of 'D' is not a number", message)
+    assert re.search(r"line 5: price 'cheap' is not a number \(product 'D'\)", message)
     assert "line 2" not in message and "line 6" not in message
 
 
@@ -286,6 +286,6 @@ def test_regressions_from_review(tmp_path):
 
 def test_non_finite_prices_are_rejected(tmp_path):
     path = tmp_path / "m.csv"
-    path.write_text("sku,image,price\nA,a.jpg,inf\nB,b.jpg,nan\n")
-    with pytest.raises(ManifestError, match="line 2.*\\n.*line 3"):
+    path.write_text("sku,image,price\nA,a.jpg,inf\nB,b.jpg,nan\nC,c.jpg,-5\n")
+    with pytest.raises(ManifestError, match="line 2.*\\n.*line 3.*\\n.*line 4"):
         read_manifest(path)

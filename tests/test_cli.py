@@ -38,8 +38,12 @@ def test_index_search_stats_remove(run, small_catalogue):
     assert found.exit_code == 0
     results = json.loads(found.stdout)["results"]
     assert [hit["sku"] for hit in results][0] == "P7" and len(results) == 3
-    text = run("search", query, "-k", "2", "--category", "shoes")
-    assert "P" in text.stdout and text.stdout.count("\n") == 2
+    shoes = json.loads(run("search", query, "-k", "10", "--category", "shoes", "--max-price", "80",
+                           "--json").stdout)["results"]
+    assert {hit["category"] for hit in shoes} == {"shoes"} and max(hit["price"] for hit in shoes) <= 80
+    assert len(shoes) == 3  # P0, P3, P6
+    text = run("search", query, "-k", "2")
+    assert text.stdout.count("\n") == 2 and text.stdout.lstrip().startswith("1. 1.000  P7")
 
     stats = json.loads(run("stats", "--json").stdout)
     assert stats["products"] == 12 and stats["backbone"] == TINY and stats["index"]["vectors"] == 24
@@ -69,6 +73,21 @@ def test_failed_images_are_listed_and_strict_exits_1(run, tmp_path):
     assert relaxed.exit_code == 0 and "broken.png" in relaxed.stderr and "failures.jsonl" in relaxed.stderr
     strict = run("index", str(manifest), "--strict")
     assert strict.exit_code == 1
+
+
+def test_commands_on_a_missing_data_dir_create_nothing(run, small_catalogue, tmp_path):
+    query = str(small_catalogue.parent / "img" / "p1-0.png")
+    typo = tmp_path / "typo"
+    for args in (("search", query), ("stats",), ("remove", "P1")):
+        result = run(*args, "--data-dir", str(typo))
+        assert result.exit_code == 1 and "visualsearch index" in result.output
+    assert not typo.exists()
+
+
+def test_bad_settings_from_the_environment_are_clean_errors(run, small_catalogue, monkeypatch):
+    monkeypatch.setenv("VISUALSEARCH_BATCH_SIZE", "0")
+    result = run("index", str(small_catalogue))
+    assert result.exit_code == 2 and "VISUALSEARCH_BATCH_SIZE" in result.output
 
 
 def test_bad_manifest_and_bad_options(run, tmp_path):

@@ -45,3 +45,12 @@ def test_similar_products_of_a_sneaker_are_sneakers(demo_settings):
     hits = similar_products(engine, "saleor-white-plimsolls", top_k=3).hits
     assert hits[0].sku == "saleor-yellow-plimsolls"
     assert similar_products(engine, "saleor-orange-juice", top_k=3).hits[0].category == "Juices"
+
+
+def test_stored_sizes_are_the_files_not_the_reduced_decode(demo_settings):
+    from visualsearch.catalogue import store
+
+    engine = Engine(demo_settings, read_only=True)
+    with engine.sessions() as session:
+        images = store.get_product(session, "saleor-white-plimsolls").images
+    assert [(image.width, image.height) for image in images] == [(512, 512)] * 4

@@ -126,3 +126,12 @@ def test_fuzzed_files_are_decode_errors_not_crashes(name):
     """Found by mutating real files: Pillow raised TypeError / struct.error on these."""
     with pytest.raises(ImageDecodeError):
         load_image((Path(__file__).parent / "data" / name).read_bytes())
+
+
+def test_info_reports_the_files_format_and_upright_size_before_reduced_decoding():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.new("RGB", (2000, 1000), (9, 9, 9)), "JPEG", exif=exif)
+    image = load_image(data, target_size=232)
+    assert image.info["format"] == "JPEG" and image.info["source_size"] == (1000, 2000)
+    assert image.size[0] < image.size[1] and min(image.size) >= 232

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -196,9 +196,13 @@ def load_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from None
-    if isinstance(state, dict) and "state_dict" in state:
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc!r}") from None
+    if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise WeightsUnavailableError(
+            f"{path} holds a {type(state).__name__}, not a state dict of named tensors"
+        )
     return state
 
 

@@ -150,13 +150,10 @@ def _merge_row(products: dict[str, ProductRecord], row: dict[str, Any], line: in
     paths = [p for p in paths if p]
     if not paths:
         raise ValueError(f"product {sku!r} has an empty image")
-    price = _text(row.get("price"))
     try:
-        price_value = float(price) if price is not None else None
-    except ValueError:
-        raise ValueError(f"price {price!r} of {sku!r} is not a number") from None
-    if price_value is not None and not math.isfinite(price_value):
-        raise ValueError(f"price {price!r} of {sku!r} is not a finite number")
+        price_value = parse_price(row.get("price"))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (product {sku!r})") from None
 
     record = products.get(sku)
     if record is None:
@@ -179,6 +176,23 @@ def _merge_row(products: dict[str, ProductRecord], row: dict[str, Any], line: in
         resolved = _resolve_image(text, base)
         if resolved not in record.images:
             record.images.append(resolved)
+
+
+def parse_price(value: Any) -> float | None:
+    """A price as a finite, non-negative float; ``None`` for an empty value.
+
+    Raises:
+        ValueError: with a message naming the bad value.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"price {value!r} is not a number") from None
+    if not math.isfinite(price) or price < 0:
+        raise ValueError(f"price {value!r} is not a finite, non-negative number")
+    return price
 
 
 def _resolve_image(text: str, base: Path) -> Path:

@@ -116,6 +116,11 @@ class Embedder:
     def input_size(self) -> int:
         return self.spec.preprocessing.input_size
 
+    @property
+    def decode_size(self) -> int:
+        """The short side an image needs before preprocessing (JPEGs decode at about that)."""
+        return max(self.spec.preprocessing.resize_size, self.spec.preprocessing.input_size)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One RGB image -> its (3, S, S) input tensor (safe to call in worker processes)."""
         return self.transform(image)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import open_catalogue, store
 from .embedder import Embedder
-from .errors import BackboneMismatchError, ConfigurationError, IndexCorruptError, WriterBusyError
+from .errors import ConfigurationError, IndexCorruptError, WriterBusyError
 from .settings import Settings
 from .vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
 
@@ -37,6 +37,7 @@ class Engine:
     Args:
         settings: the deployment's configuration.
         read_only: serve searches only; the index is memory-mapped when it is current.
+        create: create the data directory and catalogue if missing (False: that is an error).
         embedder: an already loaded embedder to share (e.g. the web app's writer engine).
 
     Raises:
@@ -44,14 +45,17 @@ class Engine:
             the data directory holds no catalogue yet.
     """
 
-    def __init__(self, settings: Settings, *, read_only: bool = False, embedder: Embedder | None = None):
+    def __init__(self, settings: Settings, *, read_only: bool = False, create: bool = True,
+                 embedder: Embedder | None = None):
         self.settings = settings
         self.read_only = read_only
         self.data_dir: Path = Path(settings.data_dir)
-        if read_only:
+        if read_only or not create:
             _check_catalogue_exists(settings)
-        else:
+        try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot use data directory {self.data_dir}: {exc.strerror or exc}") from None
         self.sessions: sessionmaker[Session] = open_catalogue(settings.catalogue_url)
         self._embedder: Embedder | None = embedder  # a loaded one can be shared between engines
         self._index: VectorIndex | None = None
@@ -115,13 +119,9 @@ class Engine:
             if self._embedder is None:
                 with self.sessions() as session:
                     stored = store.stored_identity(session)
-                if stored is not None and self.settings.backbone not in (None, stored.backbone):
+                if stored is not None and self.settings.backbone:
                     # Refuse before loading a network whose vectors could never be compared.
-                    raise BackboneMismatchError(
-                        f"this catalogue was indexed with backbone {stored.backbone!r}, not "
-                        f"{self.settings.backbone!r}: use --backbone {stored.backbone}, or a new "
-                        f"--data-dir for {self.settings.backbone}"
-                    )
+                    store.check_backbone_name(stored, self.settings.backbone)
                 embedder = Embedder(
                     self.backbone_name,
                     weights_path=self.settings.weights,
@@ -200,11 +200,8 @@ class Engine:
             fcntl.flock(handle, fcntl.LOCK_UN)
             return False
 
-    def rebuild_index(self, *, save: bool = True) -> VectorIndex:
-        """Build a fresh index from the vectors stored in the catalogue (and save it)."""
-        return self._rebuild(save=save)[0]
-
     def _rebuild(self, *, save: bool) -> tuple[VectorIndex, int]:
+        """A fresh index from the vectors stored in the catalogue, and the revision it reflects."""
         index = VectorIndex.create(self.embedder.dim)
         with self.sessions() as session:
             revision = store.vectors_revision(session)
@@ -286,13 +283,14 @@ def _identity_kwargs(embedder: Embedder) -> dict:
 
 
 def _check_catalogue_exists(settings: Settings) -> None:
-    """A reader must not create an empty catalogue where a typo in --data-dir points."""
-    if settings.db_url:
-        return
-    database = Path(settings.data_dir) / "catalogue.db"
+    """Opening for reading must not create an empty catalogue where a typo points."""
+    url = settings.catalogue_url
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        return  # a server database: connecting creates nothing
+    database = Path(url.removeprefix("sqlite:///"))
     if not database.is_file():
         raise ConfigurationError(
-            f"no catalogue in {Path(settings.data_dir).resolve()}: index one first with "
-            f"'visualsearch index MANIFEST --data-dir {settings.data_dir}', or point --data-dir / "
-            "VISUALSEARCH_DATA_DIR at an indexed data directory"
+            f"no catalogue at {database}: index one first with 'visualsearch index MANIFEST "
+            f"--data-dir {settings.data_dir}', or point --data-dir / VISUALSEARCH_DATA_DIR (or --db) "
+            "at an indexed one"
         )

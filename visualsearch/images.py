@@ -32,6 +32,8 @@ _OPENERS = sorted(SUPPORTED_FORMATS - {"MPO"})
 DEFAULT_MAX_PIXELS = 40_000_000
 
 WHITE = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # the ones that swap width and height
 
 _heif_registered = False
 
@@ -110,6 +112,8 @@ def load_image(
 
     Returns:
         A fully loaded ``PIL.Image`` in mode ``RGB``; transparency is composited on white.
+        ``info["format"]`` is the file's format and ``info["source_size"]`` its upright
+        (width, height) before any reduced decoding or crop.
 
     Raises:
         UnsupportedImageError: not an image, or a format we do not accept.
@@ -139,6 +143,7 @@ def _to_clean_rgb(
             f"{image.format or 'unknown'} images are not supported: "
             "use JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF"
         )
+    file_format = image.format
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLargeError(
@@ -156,10 +161,14 @@ def _to_clean_rgb(
         # Pillow warns about palette transparency given as bytes; we handle it below.
         warnings.simplefilter("ignore", UserWarning)
         image.load()
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         image = ImageOps.exif_transpose(image)
+    source_size = (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
     if crop is not None:
         image = _apply_crop(image, crop)
-    return _to_rgb(image)
+    result = _to_rgb(image)
+    result.info.update(format=file_format, source_size=source_size)
+    return result
 
 
 def _apply_crop(image: Image.Image, crop: Crop) -> Image.Image:
@@ -193,8 +202,5 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, WHITE)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if mode == "CMYK":
-        # Pillow's CMYK->RGB ignores ICC profiles; Adobe JPEGs store inverted CMYK,
-        # which Pillow already undoes while decoding.
-        return image.convert("RGB")
+    # Everything else, CMYK included (Pillow already undoes Adobe's inverted CMYK).
     return image.convert("RGB")

@@ -93,11 +93,11 @@ class _Task:
 class _ReadImages(Dataset):
     """Reads, hashes, decodes and preprocesses one image (runs in the worker processes)."""
 
-    def __init__(self, tasks: Sequence[_Task], transform: Callable, max_pixels: int, input_size: int):
+    def __init__(self, tasks: Sequence[_Task], transform: Callable, max_pixels: int, decode_size: int):
         self.tasks = tasks
         self.transform = transform
         self.max_pixels = max_pixels
-        self.input_size = input_size
+        self.decode_size = decode_size
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -109,9 +109,10 @@ class _ReadImages(Dataset):
             stat = os.stat(task.path)
             with open(task.path, "rb") as handle:
                 data = handle.read()
-            image = load_image(data, max_pixels=self.max_pixels, target_size=self.input_size)
+            image = load_image(data, max_pixels=self.max_pixels, target_size=self.decode_size)
+            width, height = image.info["source_size"]  # the file's, not the reduced decode's
             item.update(sha256=hashlib.sha256(data).hexdigest(), size=stat.st_size,
-                        mtime_ns=stat.st_mtime_ns, width=image.width, height=image.height,
+                        mtime_ns=stat.st_mtime_ns, width=width, height=height,
                         tensor=self.transform(image))
         except ImageError as exc:
             item.update(code=exc.code, message=str(exc))
@@ -219,7 +220,7 @@ def _unchanged_on_disk(image: ProductImage) -> bool:
 
 def _loader(engine: Engine, tasks: list[_Task]) -> DataLoader:
     embedder = engine.embedder
-    dataset = _ReadImages(tasks, embedder.transform, engine.settings.max_image_pixels, embedder.input_size)
+    dataset = _ReadImages(tasks, embedder.transform, engine.settings.max_image_pixels, embedder.decode_size)
     workers = engine.settings.workers if len(tasks) > engine.settings.batch_size else 0
     return DataLoader(
         dataset, batch_size=engine.settings.batch_size, num_workers=workers,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .catalogue import store
+from .catalogue_manifest import parse_price
 from .engine import Engine
 from .errors import InvalidRequestError
 from .images import Crop, ImageSource, load_image
@@ -33,6 +34,11 @@ class SearchFilters:
     max_price: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("min_price", "max_price"):
+            try:
+                object.__setattr__(self, name, parse_price(getattr(self, name)))
+            except ValueError as exc:
+                raise InvalidRequestError(f"{name}: {exc}") from None
         if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
             raise InvalidRequestError(f"min_price {self.min_price} is above max_price {self.max_price}")
 
@@ -96,7 +102,7 @@ def search_image(engine: Engine, image: ImageSource, *, top_k: int = 10,
     started = time.perf_counter()
     embedder = engine.embedder
     picture = load_image(image, max_pixels=engine.settings.max_image_pixels,
-                         target_size=embedder.input_size, crop=crop)
+                         target_size=embedder.decode_size, crop=crop)
     decoded = time.perf_counter()
     with engine.embed_lock:
         query = embedder.embed_images([picture])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigurationError
+from .images import DEFAULT_MAX_PIXELS
 
 ENV_PREFIX = "VISUALSEARCH_"
 
@@ -66,6 +67,16 @@ def _parse_int(text: str | int) -> int:
     return value
 
 
+def _at_least(minimum: int, parse=_parse_int):
+    def parse_bounded(text):
+        value = parse(text)
+        if value is not None and value < minimum:
+            raise ConfigurationError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse_bounded
+
+
 @dataclass(frozen=True)
 class Settings:
     """Configuration of one deployment. Build with :meth:`from_env`."""
@@ -84,18 +95,18 @@ class Settings:
     allow_download: bool = _opt(True, "Let torch.hub download missing torchvision weights.", _parse_bool)
     device: str = _opt("cpu", "Where the CNN runs: cpu, cuda, cuda:N or auto (CUDA when present).")
     threads: int | None = _opt(None, "CPU threads for the CNN (default: PyTorch's choice, one per core).",
-                               _parse_optional_int)
+                               _at_least(1, _parse_optional_int))
     batch_size: int = _opt(16, "Images per CNN batch while indexing (CPU is fastest at 8-16; on a GPU use 128+).",
-                           _parse_int)
+                           _at_least(1))
     # Decoding is ~10 % of the work: on 2 cores extra processes only steal the CNN's
     # cores (docs/performance.md), so they start paying from 4 cores up.
     workers: int = _opt(max(0, min(4, ((os.cpu_count() or 2) - 2) // 2)),
                         "Processes that read and decode images while indexing (0: in the main process).",
-                        _parse_int)
-    max_image_pixels: int = _opt(40_000_000, "Images with more pixels are refused (decompression bombs).",
-                                 _parse_int)
+                        _at_least(0))
+    max_image_pixels: int = _opt(DEFAULT_MAX_PIXELS, "Images with more pixels are refused (decompression bombs).",
+                                 _at_least(1))
     max_upload_size: int = _opt(16 * 1024**2, "Largest accepted upload, e.g. 16M; larger requests get 413.",
-                                parse_size)
+                                _at_least(1, parse_size))
     api_key: str | None = _opt(None, "Bearer key for the API's write endpoints (PUT/DELETE a product); "
                                      "unset: they answer 403.")
 

@@ -46,20 +46,20 @@ def spec() -> dict:
                     }}}}},
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
                               "413": _error("Upload too large."), "415": _error("Not a supported image."),
-                              "422": _error("The image cannot be decoded.")},
+                              "422": _error("The image cannot be decoded."), **_UNAVAILABLE},
             }},
             "/api/v1/products/{sku}/similar": {"get": {
                 "summary": "Products similar to a catalogue product",
                 "parameters": [_SKU, *[{"name": name, "in": "query", "schema": schema}
                                        for name, schema in {"top_k": _TOP_K, **_FILTERS}.items()]],
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
-                              "404": _error("Unknown product.")},
+                              "404": _error("Unknown product."), **_UNAVAILABLE},
             }},
             "/api/v1/products/{sku}": {
                 "get": {
                     "summary": "A product's metadata and images",
                     "parameters": [_SKU],
-                    "responses": {"200": _PRODUCT, "404": _error("Unknown product.")},
+                    "responses": {"200": _PRODUCT, "404": _error("Unknown product."), **_UNAVAILABLE},
                 },
                 "put": {
                     "summary": "Create or update a product (fields given replace, others are kept; "
@@ -91,7 +91,8 @@ def spec() -> dict:
             "/api/v1/health": {"get": {
                 "summary": "Liveness and index state",
                 "responses": {"200": {"description": "Counts, backbone and index state.",
-                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+                                      "content": {"application/json": {"schema": {"type": "object"}}}},
+                              **_UNAVAILABLE},
             }},
             "/api/v1/openapi.json": {"get": {
                 "summary": "This document",
@@ -110,7 +111,8 @@ def spec() -> dict:
 _SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}}
 _PRODUCT = {"description": "The product.", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/Product"}}}}
-_WRITE_ERRORS = {"400": _error("Bad fields."), "401": _error("Missing or wrong bearer key."),
+_UNAVAILABLE = {"503": _error("The deployment is misconfigured (no catalogue yet, another backbone...).")}
+_WRITE_ERRORS = {**_UNAVAILABLE, "400": _error("Bad fields."), "401": _error("Missing or wrong bearer key."),
                  "403": _error("Write endpoints disabled: no VISUALSEARCH_API_KEY configured."),
                  "409": _error("Another process is writing; retry later.")}
 _SCHEMAS = {

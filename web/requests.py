@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -40,25 +39,12 @@ def parse_top_k(value: str | None) -> int:
     return top_k
 
 
-def _price(form: Mapping[str, str], name: str) -> float | None:
-    value = _blank_to_none(form.get(name))
-    if value is None:
-        return None
-    try:
-        price = float(value)
-    except ValueError:
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(price) or price < 0:
-        raise InvalidRequestError(f"{name} must be a non-negative number, got {value!r}")
-    return price
-
-
 def parse_filters(form: Mapping[str, str]) -> SearchFilters:
     return SearchFilters(
         category=_blank_to_none(form.get("category")),
         brand=_blank_to_none(form.get("brand")),
-        min_price=_price(form, "min_price"),
-        max_price=_price(form, "max_price"),
+        min_price=_blank_to_none(form.get("min_price")),  # SearchFilters validates prices
+        max_price=_blank_to_none(form.get("max_price")),
     )
 
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import io
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
-from PIL import Image
 
 from visualsearch.catalogue.store import get_product
-from visualsearch.catalogue_manifest import ProductRecord
+from visualsearch.catalogue_manifest import ProductRecord, parse_price
 from visualsearch.errors import ProductNotFoundError
 from visualsearch.images import load_image
 from visualsearch.indexing import index_records
@@ -51,6 +48,8 @@ def require_api_key(view):
 @require_api_key
 def put_product(sku: str):
     """Create or update a product: JSON metadata, or multipart metadata plus image files."""
+    if sku.endswith("/similar"):  # GET would route it to the similar-products endpoint
+        raise ApiError(400, "bad_request", "a sku may not end in '/similar'")
     engine = get_writer_engine()
     if request.is_json:
         fields, uploads = _json_fields(), []
@@ -101,14 +100,10 @@ def _record(sku: str, fields: dict) -> ProductRecord:
         if value is not None and not isinstance(value, str):
             raise ApiError(400, "bad_request", f"{name} must be a string")
         setattr(record, name, (value or "").strip() or None)
-    price = fields.get("price")
-    if price not in (None, ""):
-        try:
-            record.price = float(price)
-        except (TypeError, ValueError):
-            raise ApiError(400, "bad_request", f"price must be a number, got {price!r}") from None
-        if not math.isfinite(record.price) or record.price < 0:
-            raise ApiError(400, "bad_request", f"price must be a non-negative number, got {price!r}")
+    try:
+        record.price = parse_price(fields.get("price"))
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
     attributes = fields.get("attributes")
     if isinstance(attributes, str):  # multipart: a JSON object in a form field
         try:
@@ -123,9 +118,7 @@ def _record(sku: str, fields: dict) -> ProductRecord:
 
 def _check_image(data: bytes, max_pixels: int) -> str:
     """Raises the library's typed image errors (-> 413/415/422); returns the format."""
-    load_image(data, max_pixels=max_pixels)
-    with Image.open(io.BytesIO(data)) as image:
-        return image.format
+    return load_image(data, max_pixels=max_pixels).info["format"]
 
 
 def _store_upload(data_dir: Path, data: bytes, image_format: str) -> Path:

@@ -59,6 +59,15 @@ def stored_identity(session: Session) -> StoredIdentity | None:
     return StoredIdentity(backbone, get_meta(session, "weights_sha256") or "", int(get_meta(session, "dim") or 0))
 
 
+def check_backbone_name(stored: StoredIdentity, backbone: str) -> None:
+    """Raises BackboneMismatchError unless the catalogue's vectors came from ``backbone``."""
+    if stored.backbone != backbone:
+        raise BackboneMismatchError(
+            f"this catalogue was indexed with backbone {stored.backbone!r}, not {backbone!r}: "
+            f"use --backbone {stored.backbone}, or a new --data-dir for {backbone}"
+        )
+
+
 def claim_identity(session: Session, *, backbone: str, weights_sha256: str, dim: int) -> None:
     """Record which network produces this catalogue's vectors, or check it is the same one.
 
@@ -71,11 +80,7 @@ def claim_identity(session: Session, *, backbone: str, weights_sha256: str, dim:
         set_meta(session, "weights_sha256", weights_sha256)
         set_meta(session, "dim", str(dim))
         return
-    if current.backbone != backbone:
-        raise BackboneMismatchError(
-            f"this catalogue was indexed with backbone {current.backbone!r}, not {backbone!r}: "
-            f"use --backbone {current.backbone}, or a new --data-dir for {backbone}"
-        )
+    check_backbone_name(current, backbone)
     if current.weights_sha256 != weights_sha256 or current.dim != dim:
         raise BackboneMismatchError(
             f"this catalogue was indexed with other weights for {backbone!r} "
