@@ -99,15 +99,6 @@ class Engine:
     # --- embedder ------------------------------------------------------------------
 
     @property
-    def backbone_name(self) -> str:
-        """The backbone asked for, else the one the catalogue was indexed with, else the default."""
-        if self.settings.backbone:
-            return self.settings.backbone
-        with self.sessions() as session:
-            stored = store.stored_identity(session)
-        return stored.backbone if stored else DEFAULT_BACKBONE
-
-    @property
     def embedder(self) -> Embedder:
         """The loaded backbone (loaded on first use, checked against the stored vectors).
 
@@ -122,8 +113,10 @@ class Engine:
                 if stored is not None and self.settings.backbone:
                     # Refuse before loading a network whose vectors could never be compared.
                     store.check_backbone_name(stored, self.settings.backbone)
+                # The backbone asked for, else the catalogue's, else the default.
+                name = self.settings.backbone or (stored.backbone if stored else DEFAULT_BACKBONE)
                 embedder = Embedder(
-                    self.backbone_name,
+                    name,
                     weights_path=self.settings.weights,
                     device=self.settings.device,
                     threads=self.settings.threads,
@@ -147,7 +140,7 @@ class Engine:
         """
         with self._lock:
             disk_key = self._manifest_key()  # read before loading: a save meanwhile means reload
-            revision = self._catalogue_revision()
+            revision = self.catalogue_revision()
             if self._index is not None and disk_key == self._index_key and (
                 revision == self._index_revision or (self.read_only and self._writer_active())
             ):
@@ -156,7 +149,8 @@ class Engine:
             self._index_key = disk_key
             return self._index
 
-    def _catalogue_revision(self) -> int:
+    def catalogue_revision(self) -> int:
+        """The catalogue's vectors revision (bumped by every change to stored vectors)."""
         with self.sessions() as session:
             return store.vectors_revision(session)
 

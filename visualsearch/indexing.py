@@ -279,9 +279,7 @@ def _process_batch(engine: Engine, index, batch: list[tuple[_Task, dict[str, Any
 
 
 def _save(engine: Engine, index) -> None:
-    with engine.sessions() as session:
-        revision = store.vectors_revision(session)
-    engine.save_index(index, revision)
+    engine.save_index(index, engine.catalogue_revision())
 
 
 class _FailureLog:

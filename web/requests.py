@@ -7,7 +7,7 @@ from typing import Mapping
 
 from visualsearch.errors import InvalidRequestError
 from visualsearch.images import Crop
-from visualsearch.search import MAX_TOP_K, SearchFilters
+from visualsearch.search import SearchFilters, validate_top_k
 
 DEFAULT_TOP_K = 10
 
@@ -34,9 +34,7 @@ def parse_top_k(value: str | None) -> int:
         top_k = int(value)
     except ValueError:
         raise InvalidRequestError(f"top_k must be a whole number, got {value!r}") from None
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidRequestError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-    return top_k
+    return validate_top_k(top_k)
 
 
 def parse_filters(form: Mapping[str, str]) -> SearchFilters:
