@@ -1,0 +1,170 @@
+"""The trained part of an ANN plan, shared by every segment encoded with it.
+
+A codec holds an optional PCA reduction, the IVF coarse centroids and the SQ8
+ranges. All ANN segments of one codec share the centroids, so a query is reduced
+and coarse-assigned once and then scans each segment's inverted lists
+(``search_preassigned``); merging segments only re-encodes their rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .planner import IndexPlan
+
+logger = logging.getLogger(__name__)
+
+# k-means points per centroid: FAISS warns under 39; more buys little for our use
+# (re-ranking from exact vectors absorbs small centroid errors) and costs training time.
+TRAIN_POINTS_PER_LIST = 40
+MAX_TRAIN_POINTS = 200_000
+KMEANS_ITERATIONS = 12
+
+
+class Codec:
+    """Trained PCA (optional) + IVF centroids + SQ8 ranges for one :class:`IndexPlan`."""
+
+    def __init__(self, codec_id: str, plan: IndexPlan, template: faiss.IndexIVF,
+                 pca: faiss.PCAMatrix | None):
+        self.codec_id = codec_id
+        self.plan = plan
+        self.template = template  # trained, empty
+        self.pca = pca
+
+    @property
+    def quantizer(self) -> faiss.Index:
+        return self.template.quantizer
+
+    @classmethod
+    def train(cls, codec_id: str, plan: IndexPlan, sample: np.ndarray, *, seed: int = 1234) -> "Codec":
+        """Train on ``sample`` (unit vectors; at most MAX_TRAIN_POINTS are used).
+
+        Raises:
+            ValueError: the plan is not an IVF plan, or the sample is too small.
+        """
+        if plan.kind != "ivf":
+            raise ValueError(f"a codec needs an IVF plan, not {plan.kind!r}")
+        wanted = min(MAX_TRAIN_POINTS, plan.nlist * TRAIN_POINTS_PER_LIST)
+        if len(sample) > wanted:
+            rng = np.random.default_rng(seed)
+            sample = sample[np.sort(rng.choice(len(sample), wanted, replace=False))]
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if len(sample) < plan.nlist:
+            raise ValueError(f"{len(sample)} training vectors for {plan.nlist} lists")
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # searches run on one; training wants all
+        try:
+            return cls._train(codec_id, plan, sample, seed)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    @classmethod
+    def _train(cls, codec_id: str, plan: IndexPlan, sample: np.ndarray, seed: int) -> "Codec":
+        pca = None
+        reduced = sample
+        if plan.reduce_dim:
+            pca = faiss.PCAMatrix(plan.dim, plan.reduce_dim)
+            pca.train(sample)
+            reduced = pca.apply(sample)
+        dim = reduced.shape[1]
+        kmeans = faiss.Kmeans(dim, plan.nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+                              max_points_per_centroid=TRAIN_POINTS_PER_LIST * 4)
+        kmeans.train(reduced)
+        quantizer = faiss.IndexFlatIP(dim)
+        quantizer.add(kmeans.centroids)
+        template = faiss.IndexIVFScalarQuantizer(quantizer, dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                 faiss.METRIC_INNER_PRODUCT)
+        template.train(reduced)  # the quantizer is already trained: this learns the SQ ranges
+        return cls(codec_id, plan, template, pca)
+
+    def reduce(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        return self.pca.apply(vectors) if self.pca is not None else vectors
+
+    def encode(self, vectors: np.ndarray) -> faiss.IndexIVF:
+        """A new IVF index of ``vectors``, labelled with their row numbers 0..n-1."""
+        index = faiss.clone_index(self.template)
+        reduced = self.reduce(vectors)
+        if len(reduced):
+            index.add_with_ids(reduced, np.arange(len(reduced), dtype=np.int64))
+        return index
+
+    def coarse(self, reduced_queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, list numbers) of the ``nprobe`` lists nearest each query."""
+        nprobe = max(1, min(nprobe, self.plan.nlist))
+        return self.quantizer.search(reduced_queries, nprobe)
+
+    # --- files ------------------------------------------------------------------
+
+    def save(self, directory: Path) -> list[str]:
+        """Write the codec's files into ``directory``; returns their names."""
+        names = [f"codec-{self.codec_id}.ivf"]
+        _write_atomic(lambda path: faiss.write_index(self.template, path), directory / names[0])
+        if self.pca is not None:
+            names.append(f"codec-{self.codec_id}.pca")
+            _write_atomic(lambda path: faiss.write_VectorTransform(self.pca, path), directory / names[1])
+        return names
+
+    @classmethod
+    def load(cls, directory: Path, codec_id: str, plan: IndexPlan) -> "Codec":
+        """Raises RuntimeError (from FAISS) when a file is missing or damaged."""
+        template = faiss.read_index(str(directory / f"codec-{codec_id}.ivf"))
+        pca = None
+        if plan.reduce_dim:
+            pca = faiss.downcast_VectorTransform(faiss.read_VectorTransform(str(directory / f"codec-{codec_id}.pca")))
+        return cls(codec_id, plan, faiss.downcast_index(template), pca)
+
+
+def _write_atomic(write, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_ann(index: faiss.IndexIVF, path: Path) -> None:
+    """Save a segment's inverted lists (read back memory-mapped by :func:`read_ann`)."""
+    _write_atomic(lambda tmp: faiss.write_index(index, tmp), path)
+
+
+def read_ann(path: Path) -> faiss.IndexIVF:
+    # IO_FLAG_MMAP_IFC maps the inverted lists: every server worker shares the pages.
+    return faiss.downcast_index(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC))
+
+
+def search_segment(index: faiss.IndexIVF, reduced: np.ndarray, coarse: tuple[np.ndarray, np.ndarray], k: int,
+                   allowed_bitmap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` (approximate scores, row numbers) of one segment for preassigned queries.
+
+    ``allowed_bitmap`` (little-endian packed bits over the segment's rows) restricts
+    the rows considered: dead rows and rows a filter excludes never take a slot.
+    """
+    distances, lists = coarse
+    n = len(reduced)
+    k = max(1, min(k, index.ntotal))
+    scores = np.empty((n, k), dtype=np.float32)
+    rows = np.empty((n, k), dtype=np.int64)
+    params = faiss.SearchParametersIVF(nprobe=lists.shape[1])
+    selector = None
+    if allowed_bitmap is not None:
+        selector = faiss.IDSelectorBitmap(allowed_bitmap)
+        params.sel = selector
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    distances = np.ascontiguousarray(distances, dtype=np.float32)
+    reduced = np.ascontiguousarray(reduced, dtype=np.float32)
+    # The Python wrapper of search_preassigned refuses search parameters; the C++
+    # method takes them (the selector must outlive the call: ``selector`` holds it).
+    index.search_preassigned_c(n, faiss.swig_ptr(reduced), k, faiss.swig_ptr(lists), faiss.swig_ptr(distances),
+                               faiss.swig_ptr(scores), faiss.swig_ptr(rows), False, params)
+    del selector
+    return scores, rows

@@ -1,0 +1,154 @@
+"""Pure decisions of the vector store: which index to build, which segments to merge.
+
+Both are plain functions of numbers so that a table-driven test pins every choice
+(the autofaiss way). The rules follow the FAISS wiki's "Guidelines to choose an
+index" (https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index):
+
+- exact search while scanning every vector stays within a few milliseconds: the
+  scan reads ``count * dim * 4`` bytes, and on the reference 2-core machine numpy
+  reads ~25 GB/s from RAM (20,000 x 1280 floats: 2.2 ms), so up to
+  :data:`EXACT_SCAN_BYTES` we scan;
+- beyond that an inverted file (IVF) with ``nlist`` about 4 * sqrt(count) lists,
+  codes of 8-bit scalar quantization (SQ8) of the full vector while they fit the
+  memory budget, else of a PCA-reduced vector (PCA halves the bytes and the code
+  scan time, at a recall cost the exact re-ranking from the stored float32 vectors
+  wins back), and the candidates re-ranked exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+# Exact scans up to this many bytes of float32 vectors (about 5 ms on 2 cores).
+EXACT_SCAN_BYTES = 64 * 1024**2
+# A newer segment smaller than this is scanned exactly even when the store has an
+# ANN codec: encoding and a coarse search are not worth it for a few rows.
+MIN_ANN_SEGMENT_ROWS = 4096
+# The share of the memory budget the codes may take (ids, masks and caches need the rest).
+CODE_SHARE_OF_BUDGET = 0.7
+# PCA output sizes tried, largest (best recall) first, when full-size SQ8 does not fit.
+PCA_DIMS = (512, 256, 128, 64)
+MIN_NLIST, MAX_NLIST = 64, 65536
+# Re-plan (train a new codec) once the catalogue has grown or shrunk this much
+# since the codec was planned: nlist then no longer suits the list lengths.
+REPLAN_FACTOR = 4
+# Tiered merging (Lucene's LogMergePolicy): MERGE_FACTOR segments of one size level
+# become one segment of the next level, so each vector is rewritten about
+# log_MERGE_FACTOR(count / MERGE_FLOOR_ROWS) times in its life.
+MERGE_FACTOR = 8
+MERGE_FLOOR_ROWS = 1024
+# A segment is rewritten without its dead rows once this share of it is dead.
+MAX_DEAD_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build for ``planned_for`` vectors of dimension ``dim``."""
+
+    kind: str                 # "flat" (exact scan) or "ivf" (inverted file + exact re-rank)
+    dim: int
+    planned_for: int
+    nlist: int = 0
+    reduce_dim: int | None = None   # PCA output size; None: the codes keep every dimension
+    encoding: str = ""              # "SQ8"
+    code_bytes: int = 0             # bytes of one vector's code
+
+    @property
+    def description(self) -> str:
+        """A FAISS-factory-like name for manifests and logs."""
+        if self.kind == "flat":
+            return "Flat (exact)"
+        pca = f"PCA{self.reduce_dim}," if self.reduce_dim else ""
+        return f"{pca}IVF{self.nlist},{self.encoding} + exact re-rank"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_index(count: int, dim: int, memory_budget: int) -> IndexPlan:
+    """Choose the index for ``count`` vectors of ``dim`` floats within ``memory_budget`` bytes.
+
+    Raises:
+        ValueError: a count below 0, or a budget too small for even the smallest codes.
+    """
+    if count < 0 or dim <= 0:
+        raise ValueError(f"bad sizes: count {count}, dim {dim}")
+    if count * dim * 4 <= EXACT_SCAN_BYTES:
+        return IndexPlan(kind="flat", dim=dim, planned_for=count)
+    nlist = _nlist_for(count)
+    code_budget = memory_budget * CODE_SHARE_OF_BUDGET / count
+    for reduce_dim in (None, *[d for d in PCA_DIMS if d < dim]):
+        code_bytes = reduce_dim or dim  # SQ8: one byte per dimension
+        if code_bytes <= code_budget:
+            return IndexPlan(kind="ivf", dim=dim, planned_for=count, nlist=nlist,
+                             reduce_dim=reduce_dim, encoding="SQ8", code_bytes=code_bytes)
+    smallest = min(PCA_DIMS[-1], dim)
+    raise ValueError(
+        f"{count:,} vectors need at least {count * smallest / CODE_SHARE_OF_BUDGET / 1024**3:.1f} GiB "
+        f"of index memory; raise VISUALSEARCH_INDEX_MEMORY (now {memory_budget / 1024**3:.1f} GiB)"
+    )
+
+
+def _nlist_for(count: int) -> int:
+    """A power of two near 4 * sqrt(count), within [MIN_NLIST, MAX_NLIST], and at
+    most count / 39 so that k-means has the 39 points per centroid FAISS asks for."""
+    target = 4 * math.sqrt(count)
+    nlist = 2 ** round(math.log2(max(target, 1)))
+    while nlist > MIN_NLIST and nlist * 39 > count:
+        nlist //= 2
+    return max(MIN_NLIST, min(MAX_NLIST, nlist))
+
+
+def needs_replan(plan: IndexPlan | None, count: int, dim: int, memory_budget: int) -> bool:
+    """True when the current plan no longer suits ``count`` vectors (or there is none)."""
+    if plan is None or plan.dim != dim:
+        return True
+    wanted = plan_index(count, dim, memory_budget)
+    if wanted.kind != plan.kind:
+        return True
+    if plan.kind == "flat":
+        return False
+    grown = count > plan.planned_for * REPLAN_FACTOR or count * REPLAN_FACTOR < plan.planned_for
+    return grown or (wanted.code_bytes < plan.code_bytes)  # no longer fits the budget
+
+
+def segment_level(rows: int) -> int:
+    """The size level of a segment: 0 below MERGE_FLOOR_ROWS * MERGE_FACTOR, and so on."""
+    if rows < MERGE_FLOOR_ROWS:
+        return 0
+    return int(math.log(rows / MERGE_FLOOR_ROWS, MERGE_FACTOR)) + 1
+
+
+def plan_merge(segment_rows: Sequence[int], *, max_rows: int | None = None) -> tuple[int, int] | None:
+    """Which newest segments to merge after a commit, as a ``(first, end)`` slice, or None.
+
+    Segments are ordered oldest first. When the newest MERGE_FACTOR segments share one
+    size level they become one segment (and the check repeats after that merge), so
+    the number of segments stays logarithmic in the catalogue size and a small write
+    never rewrites a big segment. ``max_rows`` caps the merged size (writes that must
+    stay fast, such as an API call, leave bigger merges to the indexer or ``compact``).
+    """
+    if not segment_rows:
+        return None
+    # The newest segments no bigger (in level) than the newest one: a run of small
+    # segments behind a big one merges among itself and never drags the big one in.
+    level = segment_level(segment_rows[-1])
+    run = 0
+    for rows in reversed(segment_rows):
+        if segment_level(rows) > level:
+            break
+        run += 1
+    if run < MERGE_FACTOR:
+        return None
+    tail = segment_rows[-run:]
+    merged = sum(tail)
+    if max_rows is not None and merged > max_rows:
+        return None
+    return len(segment_rows) - len(tail), len(segment_rows)
+
+
+def needs_compaction(alive: int, total: int) -> bool:
+    """True when so many rows are dead (deleted or replaced) that rewriting pays."""
+    return total > 0 and (total - alive) > MAX_DEAD_SHARE * total

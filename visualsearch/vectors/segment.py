@@ -1,0 +1,253 @@
+"""Immutable segments: rows of vectors with their filter fields, plus deletes of older rows.
+
+A segment is written once (``seg-<uid>.vseg``, and ``seg-<uid>.ivf`` when its rows
+are ANN-encoded) and never modified. A row is an image: its id, its product's id,
+its float32 unit vector (the durable copy the index is rebuilt from), its
+product's price and its filter tokens. ``deletes`` lists ids whose rows in *older*
+segments are dead from this segment on; a newer row with the same id replaces an
+older one. Which rows are alive is the business of :mod:`.state`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from .arrayfile import ArrayFileBuilder, read_array_file, write_array_file
+from .codec import Codec, read_ann, write_ann
+from .filters import SearchFilters
+
+SEGMENT_SUFFIX = ".vseg"
+ANN_SUFFIX = ".ivf"
+# Filter masks kept per segment (one byte per row each); segments never change, so
+# a cached mask is valid for the segment's whole life.
+TOKEN_MASK_CACHE = 32
+# Rows copied at a time when merging segments (bounds the memory of a merge).
+MERGE_CHUNK_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class VectorRows:
+    """Rows to store: parallel arrays, tokens in CSR form (``token_offsets`` has n + 1 entries)."""
+
+    ids: np.ndarray
+    product_ids: np.ndarray
+    vectors: np.ndarray
+    prices: np.ndarray
+    token_offsets: np.ndarray
+    tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, *, ids: Sequence[int], product_ids: Sequence[int], vectors: np.ndarray,
+              prices: Sequence[float | None], tokens: Sequence[Sequence[int]], dim: int) -> "VectorRows":
+        """Raises ValueError when the arrays disagree in length or dimension."""
+        ids_array = np.asarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, dim) if len(ids_array) else \
+            np.zeros((0, dim), dtype=np.float32)
+        if not (len(ids_array) == len(product_ids) == len(vectors) == len(prices) == len(tokens)):
+            raise ValueError("ids, product ids, vectors, prices and tokens must have one entry per row")
+        if len(np.unique(ids_array)) != len(ids_array):
+            raise ValueError("the same id appears twice in one write")
+        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+        offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((tok for row in tokens for tok in row), dtype=np.int64, count=int(offsets[-1]))
+        price_array = np.array([np.nan if p is None else p for p in prices], dtype=np.float32)
+        return cls(ids_array, np.asarray(product_ids, dtype=np.int64).reshape(-1), vectors, price_array,
+                   offsets, flat)
+
+    @classmethod
+    def empty(cls, dim: int) -> "VectorRows":
+        return cls.build(ids=[], product_ids=[], vectors=np.zeros((0, dim), np.float32), prices=[], tokens=[],
+                         dim=dim)
+
+    def take(self, rows: np.ndarray) -> "VectorRows":
+        """The rows at positions ``rows`` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.token_offsets[rows], self.token_offsets[rows + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Position j of the result reads tokens[start of its row + j - offset of its row].
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
+        flat = np.asarray(self.tokens)[gather]
+        return VectorRows(np.asarray(self.ids[rows]), np.asarray(self.product_ids[rows]),
+                          np.asarray(self.vectors[rows]), np.asarray(self.prices[rows]), offsets,
+                          flat.astype(np.int64, copy=False))
+
+    @staticmethod
+    def concat(parts: Sequence["VectorRows"], dim: int) -> "VectorRows":
+        parts = [part for part in parts if len(part)]
+        if not parts:
+            return VectorRows.empty(dim)
+        offsets = [np.zeros(1, dtype=np.int64)]
+        base = 0
+        for part in parts:
+            offsets.append(part.token_offsets[1:] + base)
+            base += int(part.token_offsets[-1])
+        return VectorRows(
+            np.concatenate([p.ids for p in parts]), np.concatenate([p.product_ids for p in parts]),
+            np.concatenate([p.vectors for p in parts]), np.concatenate([p.prices for p in parts]),
+            np.concatenate(offsets), np.concatenate([p.tokens for p in parts]),
+        )
+
+
+class Segment:
+    """A loaded (memory-mapped) segment. Thread-safe for searches."""
+
+    def __init__(self, uid: int, rows: VectorRows, deletes: np.ndarray, ann: faiss.IndexIVF | None,
+                 codec_id: str | None, meta: dict):
+        self.uid = uid
+        self.rows = rows
+        self.deletes = deletes
+        self.ann = ann
+        self.codec_id = codec_id
+        self.meta = meta
+        self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._masks_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def name(self) -> str:
+        return segment_name(self.uid)
+
+    @property
+    def merged_from(self) -> list[int]:
+        return list(self.meta.get("merged_from", []))
+
+    # --- writing and reading ---------------------------------------------------------
+
+    @classmethod
+    def write(cls, directory: Path, uid: int, rows: VectorRows, *, deletes: Sequence[int] = (),
+              codec: Codec | None = None, merged_from: Sequence[int] = ()) -> "Segment":
+        """Write a new segment (ANN-encoded with ``codec`` when given) and return it loaded."""
+        deletes_array = np.unique(np.asarray(deletes, dtype=np.int64))
+        meta = {"uid": uid, "rows": len(rows), "deletes": len(deletes_array),
+                "codec": codec.codec_id if codec is not None else None, "merged_from": list(merged_from)}
+        if codec is not None and len(rows):
+            # The inverted lists first: a segment file is only ever referenced complete.
+            write_ann(codec.encode(rows.vectors), directory / (segment_name(uid) + ANN_SUFFIX))
+        arrays = {"ids": rows.ids, "product_ids": rows.product_ids, "vectors": rows.vectors,
+                  "prices": rows.prices, "token_offsets": rows.token_offsets, "tokens": rows.tokens,
+                  "deletes": deletes_array}
+        write_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX), arrays, meta)
+        return cls.load(directory, uid)
+
+    @classmethod
+    def write_merged(cls, directory: Path, uid: int, inputs: Sequence[tuple["Segment", np.ndarray]], *,
+                     deletes: np.ndarray, codec: Codec | None, dim: int) -> "Segment":
+        """Write the alive rows of ``inputs`` (segment, alive mask) as one new segment.
+
+        Streams in chunks, so merging millions of rows needs memory for one chunk, not
+        for the catalogue (plus the inverted lists being built when ``codec`` is given).
+        """
+        alive_rows = [np.flatnonzero(mask) for _, mask in inputs]
+        count = sum(len(rows) for rows in alive_rows)
+        token_count = sum(int(np.sum(seg.rows.token_offsets[rows + 1] - seg.rows.token_offsets[rows]))
+                          for (seg, _), rows in zip(inputs, alive_rows))
+        deletes = np.unique(np.asarray(deletes, dtype=np.int64))
+        meta = {"uid": uid, "rows": count, "deletes": len(deletes),
+                "codec": codec.codec_id if codec is not None and count else None,
+                "merged_from": [seg.uid for seg, _ in inputs]}
+        specs = {"ids": (np.int64, (count,)), "product_ids": (np.int64, (count,)),
+                 "vectors": (np.float32, (count, dim)), "prices": (np.float32, (count,)),
+                 "token_offsets": (np.int64, (count + 1,)), "tokens": (np.int64, (token_count,)),
+                 "deletes": (np.int64, (len(deletes),))}
+        builder = ArrayFileBuilder(directory / (segment_name(uid) + SEGMENT_SUFFIX), specs, meta)
+        ann = codec.encode(np.zeros((0, dim), np.float32)) if meta["codec"] else None
+        try:
+            out = builder.arrays
+            if len(deletes):
+                out["deletes"][:] = deletes
+            out["token_offsets"][0] = 0
+            row, tok = 0, 0
+            for (seg, _), rows in zip(inputs, alive_rows):
+                for start in range(0, len(rows), MERGE_CHUNK_ROWS):
+                    part = seg.rows.take(rows[start:start + MERGE_CHUNK_ROWS])
+                    end = row + len(part)
+                    out["ids"][row:end] = part.ids
+                    out["product_ids"][row:end] = part.product_ids
+                    out["vectors"][row:end] = part.vectors
+                    out["prices"][row:end] = part.prices
+                    out["token_offsets"][row + 1:end + 1] = part.token_offsets[1:] + tok
+                    out["tokens"][tok:tok + len(part.tokens)] = part.tokens
+                    if ann is not None:
+                        ann.add_with_ids(codec.reduce(part.vectors), np.arange(row, end, dtype=np.int64))
+                    row, tok = end, tok + len(part.tokens)
+            if ann is not None:
+                write_ann(ann, directory / (segment_name(uid) + ANN_SUFFIX))
+            builder.commit()
+        except BaseException:
+            builder.abort()
+            (directory / (segment_name(uid) + ANN_SUFFIX)).unlink(missing_ok=True)
+            raise
+        return cls.load(directory, uid)
+
+    @classmethod
+    def load(cls, directory: Path, uid: int) -> "Segment":
+        """Raises ArrayFileError, OSError or RuntimeError (FAISS) for a missing or damaged file."""
+        arrays, meta = read_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX))
+        rows = VectorRows(arrays["ids"], arrays["product_ids"], arrays["vectors"], arrays["prices"],
+                          arrays["token_offsets"], arrays["tokens"])
+        ann = None
+        if meta.get("codec") and len(rows):
+            ann = read_ann(directory / (segment_name(uid) + ANN_SUFFIX))
+        return cls(uid, rows, arrays["deletes"], ann, meta.get("codec"), meta)
+
+    def file_names(self) -> list[str]:
+        names = [self.name + SEGMENT_SUFFIX]
+        if self.ann is not None:
+            names.append(self.name + ANN_SUFFIX)
+        return names
+
+    # --- filters --------------------------------------------------------------------
+
+    def token_mask(self, tok: int) -> np.ndarray:
+        """Boolean mask of the rows carrying ``tok`` (cached: the segment never changes)."""
+        with self._masks_lock:
+            mask = self._masks.get(tok)
+            if mask is not None:
+                self._masks.move_to_end(tok)
+                return mask
+        positions = np.flatnonzero(np.asarray(self.rows.tokens) == tok)
+        mask = np.zeros(len(self.rows), dtype=bool)
+        if len(positions):
+            mask[np.searchsorted(self.rows.token_offsets, positions, side="right") - 1] = True
+        with self._masks_lock:
+            self._masks[tok] = mask
+            while len(self._masks) > TOKEN_MASK_CACHE:
+                self._masks.popitem(last=False)
+        return mask
+
+    def filter_mask(self, filters: SearchFilters) -> np.ndarray | None:
+        """Rows passing ``filters`` (None: every row, no filter)."""
+        if not filters.active:
+            return None
+        mask = np.ones(len(self.rows), dtype=bool)
+        for group in filters.token_groups():
+            any_of = self.token_mask(group[0])
+            for tok in group[1:]:
+                any_of = any_of | self.token_mask(tok)
+            mask &= any_of
+        if filters.min_price is not None or filters.max_price is not None:
+            prices = np.asarray(self.rows.prices)
+            if filters.min_price is not None:
+                mask &= prices >= filters.min_price
+            if filters.max_price is not None:
+                mask &= prices <= filters.max_price
+        return mask
+
+
+def segment_name(uid: int) -> str:
+    return f"seg-{uid:08d}"

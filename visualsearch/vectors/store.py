@@ -1,0 +1,702 @@
+"""The vector store: immutable segments searched together, written by appending.
+
+The Lucene / Milvus segment model, on one machine:
+
+- a write (an indexing batch, an API ``PUT`` or ``DELETE``) appends one small
+  segment with the new rows and the ids it deletes, then replaces the manifest:
+  its cost follows the change, not the catalogue;
+- the newest segments are merged into bigger ones by a tiered policy
+  (:func:`.planner.plan_merge`), dropping dead rows; merges of more than
+  :data:`LOCKED_MERGE_ROWS` rows run outside the commit lock so that API writes are
+  never stuck behind them;
+- big segments are ANN-encoded with the store's *codec* (:mod:`.codec`), chosen by
+  :func:`.planner.plan_index` and re-planned as the catalogue grows; small ones are
+  scanned exactly; ANN candidates are re-ranked with the exact float32 vectors;
+- readers (every server worker) memory-map the segment files and follow the
+  manifest: a change is one ``stat`` away, adopting it costs the new segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from ..errors import IndexCorruptError, InvalidRequestError, WriterBusyError
+from .arrayfile import ArrayFileError
+from .codec import MAX_TRAIN_POINTS, Codec, search_segment
+from .filters import SearchFilters
+from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
+from .planner import MIN_ANN_SEGMENT_ROWS, IndexPlan, needs_compaction, needs_replan, plan_index, plan_merge
+from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows
+from .state import Snapshot, StoreState
+
+logger = logging.getLogger(__name__)
+
+SEGMENTS_DIR = "vectors"
+LOCK_FILE = ".commit.lock"
+# Exact scan of a filter's rows while they are at most this many bytes of vectors;
+# beyond, the ANN lists are searched with the filter as an id selector.
+FILTER_EXACT_BYTES = 16 * 1024**2
+DEFAULT_RERANK = 100
+TARGET_RECALL = 0.95
+TUNING_QUERIES = 200
+NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Merges up to this size run while holding the commit lock (well under a second);
+# bigger ones are built outside it and installed if their inputs are still current.
+LOCKED_MERGE_ROWS = 65_536
+# Files not referenced by the manifest are deleted once this old (a merge in
+# progress elsewhere writes files before it installs them).
+LEFTOVER_GRACE_SECONDS = 3600.0
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class StoreHits:
+    """Search candidates, best first, one per image id."""
+
+    ids: np.ndarray
+    product_ids: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    vectors: int
+    rows: int
+    segments: int
+    ann_segments: int
+    index_type: str
+    plan: dict
+    tuning: dict
+    disk_bytes: int
+
+
+class VectorStore:
+    """The vectors of one data directory.
+
+    Args:
+        data_dir: the deployment's folder (``manifest.json`` and ``vectors/`` live there).
+        backbone, weights_sha256, dim: the network the vectors come from; opening a store
+            built by another is a :class:`BackboneMismatchError`.
+        memory_budget: bytes the ANN codes may use (the planner's budget).
+        read_only: refuse writes (server workers).
+
+    Raises:
+        BackboneMismatchError, IndexCorruptError: from :meth:`refresh`.
+    """
+
+    def __init__(self, data_dir: Path, *, backbone: str, weights_sha256: str, dim: int,
+                 memory_budget: int, read_only: bool = False):
+        self.data_dir = Path(data_dir)
+        self.segments_dir = self.data_dir / SEGMENTS_DIR
+        self.identity = {"backbone": backbone, "weights_sha256": weights_sha256, "dim": dim}
+        self.dim = dim
+        self.memory_budget = memory_budget
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._state = StoreState()
+        self._manifest: StoreManifest | None = None
+        self._key: tuple | None = None
+        self._loaded: dict[int, Segment] = {}
+        self._codecs: dict[str, Codec] = {}
+        self._bitmaps: dict[tuple[int, int], np.ndarray] = {}
+        self.refresh()
+
+    # --- reading -----------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> StoreManifest | None:
+        return self._manifest
+
+    def refresh(self) -> None:
+        """Adopt the latest committed state (a no-op unless the manifest changed)."""
+        if manifest_key(self.data_dir) == self._key and self._key is not None:
+            return
+        with self._lock:
+            self._reload()
+
+    def _reload(self) -> None:
+        for _attempt in range(5):
+            key = manifest_key(self.data_dir)
+            if key == self._key and key is not None:
+                return
+            manifest = read_store_manifest(self.data_dir)
+            if manifest is None:
+                self._state.move_to([])
+                self._manifest, self._key = None, key
+                return
+            manifest.check_compatible(**self.identity)
+            try:
+                segments = [self._segment(uid) for uid in manifest.segments]
+                for codec_id in {s.codec_id for s in segments if s.codec_id}:
+                    self._codec(manifest, codec_id)
+            except FileNotFoundError:
+                continue  # a merge replaced files after we read the manifest: read it again
+            self._state.move_to(segments)
+            self._loaded = {segment.uid: segment for segment in segments}
+            self._bitmaps.clear()
+            self._manifest, self._key = manifest, key
+            return
+        raise IndexCorruptError(f"the vector index in {self.data_dir} keeps changing under us or lost files")
+
+    def _segment(self, uid: int) -> Segment:
+        segment = self._loaded.get(uid)
+        if segment is None:
+            try:
+                segment = Segment.load(self.segments_dir, uid)
+            except (ArrayFileError, RuntimeError) as exc:
+                raise IndexCorruptError(f"vector segment {uid} is damaged: {exc}") from None
+        return segment
+
+    def _codec(self, manifest: StoreManifest, codec_id: str) -> Codec:
+        codec = self._codecs.get(codec_id)
+        if codec is None:
+            try:
+                codec = Codec.load(self.segments_dir, codec_id, manifest.codec_plan(codec_id))
+            except RuntimeError as exc:
+                if not (self.segments_dir / f"codec-{codec_id}.ivf").exists():
+                    raise FileNotFoundError(codec_id) from None
+                raise IndexCorruptError(f"codec {codec_id} of the vector index is damaged: {exc}") from None
+            self._codecs[codec_id] = codec
+        return codec
+
+    def snapshot(self) -> Snapshot:
+        self.refresh()
+        with self._lock:
+            return self._state.snapshot()
+
+    @property
+    def count(self) -> int:
+        """Live vectors."""
+        return self.snapshot().alive_count
+
+    def get_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, their vectors) for the live rows of ``ids``."""
+        self.refresh()
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            uids, rows = self._state.lookup(ids)
+            found = uids >= 0
+            vectors = np.zeros((int(found.sum()), self.dim), dtype=np.float32)
+            out = 0
+            for position in np.flatnonzero(found):
+                vectors[out] = self._state.segment(int(uids[position])).rows.vectors[rows[position]]
+                out += 1
+        return ids[found], vectors
+
+    def search(self, queries: np.ndarray, k: int, filters: SearchFilters | None = None, *,
+               nprobe: int | None = None, rerank: int | None = None) -> StoreHits:
+        """The ``k`` best images for ``queries`` (several queries: an image's best score counts).
+
+        Args:
+            queries: (Q, dim) unit vectors.
+            k: candidates wanted.
+            filters: restrict to rows whose fields pass.
+            nprobe, rerank: override the tuned search parameters (used by tuning).
+
+        Raises:
+            InvalidRequestError: queries of the wrong shape.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InvalidRequestError(f"queries must have shape (n, {self.dim}), got {queries.shape}")
+        filters = filters or SearchFilters()
+        snap = self.snapshot()
+        tuning = self._manifest.tuning if self._manifest else Tuning()
+        nprobe = nprobe or tuning.nprobe
+        depth = max(k, rerank or tuning.rerank)
+        coarse_cache: dict[str, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
+        found_ids, found_products, found_scores = [], [], []
+        for segment in snap.segments:
+            alive = snap.alive[segment.uid]
+            mask = segment.filter_mask(filters)
+            allowed = alive if mask is None else alive & mask
+            n_allowed = int(np.count_nonzero(allowed))
+            if n_allowed == 0:
+                continue
+            exact = segment.ann is None or n_allowed * self.dim * 4 <= FILTER_EXACT_BYTES
+            if exact:
+                rows, scores = self._exact(segment, queries, allowed, n_allowed, k)
+            else:
+                share = n_allowed / len(segment)
+                # A selective filter leaves fewer allowed rows per list: probe more lists
+                # (sqrt: the true neighbours of a filtered query cluster less tightly).
+                probes = min(segment.ann.nlist, math.ceil(nprobe / math.sqrt(share)))
+                bitmap = None if n_allowed == len(segment) else self._bitmap(segment, allowed, mask is None)
+                rows, scores = self._ann(segment, queries, probes, depth, bitmap, coarse_cache)
+            found_ids.append(np.asarray(segment.rows.ids)[rows])
+            found_products.append(np.asarray(segment.rows.product_ids)[rows])
+            found_scores.append(scores)
+        if not found_ids:
+            empty = np.zeros(0, dtype=np.int64)
+            return StoreHits(empty, empty, np.zeros(0, dtype=np.float32))
+        return _best(np.concatenate(found_ids), np.concatenate(found_products), np.concatenate(found_scores), k)
+
+    def _exact(self, segment: Segment, queries: np.ndarray, allowed: np.ndarray, n_allowed: int,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+        if n_allowed == len(segment):
+            rows = None
+            vectors = segment.rows.vectors
+        else:
+            rows = np.flatnonzero(allowed)
+            vectors = segment.rows.vectors[rows]
+        scores = queries @ np.asarray(vectors).T  # (Q, n)
+        take = min(k, scores.shape[1])
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < scores.shape[1] else \
+            np.tile(np.arange(scores.shape[1]), (len(queries), 1))
+        picked = np.take_along_axis(scores, top, axis=1).ravel()
+        top = top.ravel()
+        return (top if rows is None else rows[top]), picked
+
+    def _ann(self, segment: Segment, queries: np.ndarray, probes: int, depth: int, bitmap: np.ndarray | None,
+             coarse_cache: dict) -> tuple[np.ndarray, np.ndarray]:
+        codec = self._codecs[segment.codec_id]
+        cached = coarse_cache.get(segment.codec_id)
+        if cached is None or cached[1][1].shape[1] < probes:
+            reduced = codec.reduce(queries)
+            cached = coarse_cache[segment.codec_id] = (reduced, codec.coarse(reduced, probes))
+        reduced, (distances, lists) = cached
+        coarse = (distances[:, :probes], lists[:, :probes])
+        _, rows = search_segment(segment.ann, reduced, coarse, depth, bitmap)
+        rows = np.unique(rows[rows >= 0])
+        if not len(rows):
+            return rows, np.zeros(0, dtype=np.float32)
+        # Exact re-ranking from the stored float32 vectors (sorted rows: sequential reads).
+        exact = np.asarray(segment.rows.vectors[rows]) @ queries.T  # (n, Q)
+        return np.repeat(rows, len(queries)), exact.ravel()
+
+    def _bitmap(self, segment: Segment, allowed: np.ndarray, cacheable: bool) -> np.ndarray:
+        if not cacheable:
+            return np.packbits(allowed, bitorder="little")
+        key = (segment.uid, id(allowed))  # an alive mask is replaced, never changed
+        bitmap = self._bitmaps.get(key)
+        if bitmap is None:
+            bitmap = np.packbits(allowed, bitorder="little")
+            with self._lock:
+                self._bitmaps = {k: v for k, v in self._bitmaps.items() if k[0] != segment.uid}
+                self._bitmaps[key] = bitmap
+        return bitmap
+
+    # --- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+        """Hold the commit lock (between processes and threads), with the latest state loaded.
+
+        Raises:
+            WriterBusyError: another writer held it for ``timeout`` seconds.
+        """
+        if self.read_only:
+            raise InvalidRequestError("this vector store was opened read-only")
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=max(timeout, 0.001)):
+            raise WriterBusyError(f"the vector index in {self.data_dir} is busy; try again")
+        try:
+            with open(self.segments_dir / LOCK_FILE, "a") as handle:
+                delay = 0.005
+                while True:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise WriterBusyError(
+                                f"another process has held the vector index of {self.data_dir} for "
+                                f"{timeout:.0f}s; try again later") from None
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.1)
+                try:
+                    self._reload()
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def commit(self, upserts: VectorRows | None = None, deletes: Sequence[int] = (), *,
+               merge_limit: int | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        """Append ``upserts`` (rows replace older rows of the same ids) and delete ``deletes``.
+
+        Args:
+            merge_limit: the largest merge this call may perform (None: any size; an API
+                write passes a small limit to stay fast).
+
+        Raises:
+            WriterBusyError: the commit lock stayed busy.
+            OSError: the disk refused the write (nothing was committed).
+        """
+        upserts = upserts if upserts is not None else VectorRows.empty(self.dim)
+        if not len(upserts) and not len(deletes):
+            return
+        with self.writing(lock_timeout):
+            manifest = self._manifest or self._empty_manifest()
+            uid = manifest.next_uid
+            codec = self._current_codec() if len(upserts) >= MIN_ANN_SEGMENT_ROWS else None
+            segment = Segment.write(self.segments_dir, uid, upserts, deletes=deletes, codec=codec)
+            self._install([*self._state.segments, segment], manifest, next_uid=uid + 1)
+            big = self._merge_locked(min(LOCKED_MERGE_ROWS, merge_limit or LOCKED_MERGE_ROWS))
+        if big and (merge_limit is None or merge_limit > LOCKED_MERGE_ROWS):
+            self._merge_unlocked(merge_limit)
+
+    def _empty_manifest(self) -> StoreManifest:
+        plan = plan_index(0, self.dim, self.memory_budget)
+        return StoreManifest(**self.identity, plan=plan.to_dict())
+
+    def _current_codec(self) -> Codec | None:
+        manifest = self._manifest
+        if manifest is None or manifest.codec is None:
+            return None
+        return self._codec(manifest, manifest.codec)
+
+    def _install(self, order: list[Segment], manifest: StoreManifest, **changes) -> None:
+        """Make ``order`` the committed segment list (caller holds the commit lock)."""
+        previous = list(self._state.segments)
+        self._state.move_to(order)
+        new = manifest.evolve(segments=tuple(s.uid for s in order), vectors=self._state.alive_count, **changes)
+        try:
+            write_store_manifest(self.data_dir, new)
+        except BaseException:
+            self._state.move_to(previous)
+            raise
+        self._manifest, self._key = new, manifest_key(self.data_dir)
+        self._loaded = {segment.uid: segment for segment in order}
+        self._bitmaps.clear()
+        kept = set(self._loaded)
+        for segment in previous:
+            if segment.uid not in kept:
+                for name in segment.file_names():
+                    # Readers that mapped the file keep their mapping after the unlink.
+                    (self.segments_dir / name).unlink(missing_ok=True)
+
+    # --- merging -------------------------------------------------------------------------
+
+    def _merge_locked(self, limit: int) -> bool:
+        """Merge newest segments while the policy asks and they fit ``limit`` rows.
+        Returns True when a bigger merge is due."""
+        while True:
+            sizes = [self._alive_rows(s) for s in self._state.segments]
+            span = plan_merge(sizes)
+            if span is None:
+                return False
+            if sum(sizes[span[0]:span[1]]) > limit:
+                return True
+            self._merge_span(span)
+
+    def _alive_rows(self, segment: Segment) -> int:
+        alive = self._state.alive.get(segment.uid)
+        return int(np.count_nonzero(alive)) if alive is not None else len(segment)
+
+    def _merge_span(self, span: tuple[int, int]) -> None:
+        manifest = self._manifest
+        inputs = self._state.segments[span[0]:span[1]]
+        uid = manifest.next_uid
+        merged = self._write_merged(uid, inputs, self._state.alive, drop_deletes=span[0] == 0)
+        order = [*self._state.segments[:span[0]], merged, *self._state.segments[span[1]:]]
+        self._install(order, manifest, next_uid=uid + 1)
+
+    def _write_merged(self, uid: int, inputs: Sequence[Segment], alive: dict[int, np.ndarray], *,
+                      drop_deletes: bool, codec: Codec | None = None) -> Segment:
+        rows = sum(int(np.count_nonzero(alive[s.uid])) for s in inputs)
+        codec = codec or (self._current_codec() if rows >= MIN_ANN_SEGMENT_ROWS else None)
+        # Deletes aimed at segments older than the merged ones must survive the merge;
+        # merging from the oldest segment leaves nothing older to aim at.
+        deletes = np.zeros(0, np.int64) if drop_deletes else \
+            np.concatenate([np.asarray(s.deletes) for s in inputs] or [np.zeros(0, np.int64)])
+        return Segment.write_merged(self.segments_dir, uid, [(s, alive[s.uid]) for s in inputs],
+                                    deletes=deletes, codec=codec, dim=self.dim)
+
+    def _merge_unlocked(self, limit: int | None) -> None:
+        """Build a big merge outside the commit lock; install it if its inputs are unchanged."""
+        while True:
+            with self.writing():
+                sizes = [self._alive_rows(s) for s in self._state.segments]
+                span = plan_merge(sizes)
+                if span is None or (limit is not None and sum(sizes[span[0]:span[1]]) > limit):
+                    return
+                inputs = list(self._state.segments[span[0]:span[1]])
+                alive = dict(self._state.alive)
+                uid = self._manifest.next_uid
+                self._install(list(self._state.segments), self._manifest, next_uid=uid + 1)  # reserve uid
+            merged = self._write_merged(uid, inputs, alive, drop_deletes=span[0] == 0)
+            with self.writing():
+                if not self._replace(inputs, merged):
+                    logger.info("segments changed during a merge; dropping segment %s", merged.uid)
+                    for name in merged.file_names():
+                        (self.segments_dir / name).unlink(missing_ok=True)
+                    return
+
+    def _replace(self, inputs: Sequence[Segment], merged: Segment) -> bool:
+        uids = [s.uid for s in self._state.segments]
+        wanted = [s.uid for s in inputs]
+        for start in range(len(uids) - len(wanted) + 1):
+            if uids[start:start + len(wanted)] == wanted:
+                order = [*self._state.segments[:start], merged, *self._state.segments[start + len(wanted):]]
+                self._install(order, self._manifest)
+                return True
+        return False
+
+    # --- planning, rebuilding, tuning -------------------------------------------------
+
+    def needs_rebuild(self) -> bool:
+        """True when the index plan no longer suits the catalogue, or too much is dead."""
+        manifest = self._manifest
+        if manifest is None:
+            return False
+        snap = self.snapshot()
+        rows = sum(len(s) for s in snap.segments)
+        stale_codec = any(s.codec_id not in (None, manifest.codec) for s in snap.segments)
+        return (needs_replan(manifest.index_plan, snap.alive_count, self.dim, self.memory_budget)
+                or needs_compaction(snap.alive_count, rows) or stale_codec)
+
+    def rebuild(self, *, plan: IndexPlan | None = None, tune: bool = True, seed: int = 1234) -> IndexPlan:
+        """Re-plan the index for the current vector count, rewrite every live row into one
+        segment with the new codec, and tune the search parameters. No model work.
+
+        Writes that arrive meanwhile land in segments after the rebuilt one.
+
+        Returns:
+            The plan now in force.
+        """
+        with self.writing():
+            manifest = self._manifest
+            if manifest is None:
+                return plan_index(0, self.dim, self.memory_budget)
+            inputs = list(self._state.segments)
+            alive = dict(self._state.alive)
+            count = self._state.alive_count
+            uid = manifest.next_uid
+            self._install(inputs, manifest, next_uid=uid + 1)  # reserve the uid
+        plan = plan or plan_index(count, self.dim, self.memory_budget)
+        codec = None
+        if plan.kind == "ivf":
+            codec = Codec.train(f"{uid:08d}", plan, _sample(inputs, alive, seed), seed=seed)
+            codec.save(self.segments_dir)
+            self._codecs[codec.codec_id] = codec
+        merged = self._write_merged(uid, inputs, alive, drop_deletes=True, codec=codec) if codec else \
+            self._write_merged_flat(uid, inputs, alive)
+        with self.writing():
+            manifest = self._manifest
+            codecs = dict(manifest.codecs)
+            if codec is not None:
+                codecs[codec.codec_id] = plan.to_dict()
+            staged = manifest.evolve(codecs=codecs, codec=codec.codec_id if codec else None, plan=plan.to_dict(),
+                                     tuning=Tuning(nprobe=1, rerank=DEFAULT_RERANK))
+            self._manifest = staged
+            if not self._replace(inputs, merged):
+                self._manifest = manifest
+                for name in merged.file_names():
+                    (self.segments_dir / name).unlink(missing_ok=True)
+                raise IndexCorruptError("the vector index changed shape during the rebuild; run it again")
+            self._forget_unused_codecs()
+        if tune and plan.kind == "ivf":
+            self.tune(seed=seed)
+        return plan
+
+    def _write_merged_flat(self, uid: int, inputs: Sequence[Segment], alive: dict[int, np.ndarray]) -> Segment:
+        return Segment.write_merged(self.segments_dir, uid, [(s, alive[s.uid]) for s in inputs],
+                                    deletes=np.zeros(0, np.int64), codec=None, dim=self.dim)
+
+    def _forget_unused_codecs(self) -> None:
+        """Drop codecs no segment uses any more (caller holds the commit lock)."""
+        manifest = self._manifest
+        used = {s.codec_id for s in self._state.segments if s.codec_id} | ({manifest.codec} - {None})
+        unused = set(manifest.codecs) - used
+        if not unused:
+            return
+        codecs = {key: value for key, value in manifest.codecs.items() if key in used}
+        self._install(list(self._state.segments), manifest, codecs=codecs)
+        for codec_id in unused:
+            self._codecs.pop(codec_id, None)
+            for suffix in (".ivf", ".pca"):
+                (self.segments_dir / f"codec-{codec_id}{suffix}").unlink(missing_ok=True)
+
+    def tune(self, *, queries: int = TUNING_QUERIES, target: float = TARGET_RECALL, seed: int = 1234) -> Tuning:
+        """Choose the smallest ``nprobe`` whose recall@10 against exact search reaches
+        ``target`` on a sample of the catalogue's own vectors, and record it."""
+        snap = self.snapshot()
+        sample_ids, sample = _sample_with_ids(snap, min(queries, snap.alive_count), seed + 1)
+        if not len(sample):
+            return self._manifest.tuning if self._manifest else Tuning()
+        truth = _exact_neighbours(snap, sample, sample_ids, 10)
+        chosen = Tuning(nprobe=NPROBE_STEPS[-1], rerank=DEFAULT_RERANK, recall_at_10=0.0)
+        for nprobe in NPROBE_STEPS:
+            recall = self._recall(sample, sample_ids, truth, nprobe)
+            chosen = Tuning(nprobe=nprobe, rerank=DEFAULT_RERANK, recall_at_10=round(recall, 4),
+                            queries=len(sample), measured_at=time.time())
+            if recall >= target or nprobe >= self._nlist():
+                break
+        with self.writing():
+            self._install(list(self._state.segments), self._manifest, tuning=chosen)
+        logger.info("tuned the vector index: nprobe %s, recall@10 %.3f", chosen.nprobe, chosen.recall_at_10)
+        return chosen
+
+    def _nlist(self) -> int:
+        plan = self._manifest.index_plan if self._manifest else None
+        return plan.nlist if plan and plan.nlist else 1
+
+    def _recall(self, sample: np.ndarray, sample_ids: np.ndarray, truth: list[set[int]], nprobe: int) -> float:
+        hits = 0
+        total = 0
+        for query, own_id, expected in zip(sample, sample_ids, truth):
+            found = self.search(query[None, :], 11, nprobe=nprobe)
+            got = [i for i in found.ids.tolist() if i != own_id][:10]
+            hits += len(expected.intersection(got))
+            total += len(expected)
+        return hits / total if total else 1.0
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    def collect_leftovers(self) -> list[str]:
+        """Delete files no committed state references: temporary files of writes that died,
+        and segments or codecs replaced or never installed (after a grace period, since a
+        merge elsewhere may be about to install them). Returns the names removed."""
+        if not self.segments_dir.is_dir():
+            return []
+        removed = []
+        with self.writing():
+            manifest = self._manifest
+            keep = set()
+            for segment in self._state.segments:
+                keep.update(segment.file_names())
+            for codec_id in (manifest.codecs if manifest else {}):
+                keep.update({f"codec-{codec_id}.ivf", f"codec-{codec_id}.pca"})
+            now = time.time()
+            for path in self.segments_dir.iterdir():
+                name = path.name
+                if name == LOCK_FILE or name in keep:
+                    continue
+                ours = name.endswith((SEGMENT_SUFFIX, ANN_SUFFIX, ".pca", ".tmp")) or name.startswith(".seg-")
+                if not ours:
+                    continue
+                try:
+                    old = now - path.stat().st_mtime > LEFTOVER_GRACE_SECONDS
+                except FileNotFoundError:
+                    continue
+                if old or _writer_gone(name):
+                    path.unlink(missing_ok=True)
+                    removed.append(name)
+        return removed
+
+    def stats(self) -> StoreStats:
+        snap = self.snapshot()
+        manifest = self._manifest
+        disk = 0
+        for segment in snap.segments:
+            for name in segment.file_names():
+                with contextlib.suppress(FileNotFoundError):
+                    disk += (self.segments_dir / name).stat().st_size
+        return StoreStats(
+            vectors=snap.alive_count, rows=sum(len(s) for s in snap.segments), segments=len(snap.segments),
+            ann_segments=sum(1 for s in snap.segments if s.ann is not None),
+            index_type=manifest.index_type if manifest else "Flat (exact)",
+            plan=manifest.plan if manifest else {}, tuning=vars(manifest.tuning) if manifest else {},
+            disk_bytes=disk,
+        )
+
+
+def _writer_gone(name: str) -> bool:
+    """A temporary file ``.<name>.<pid>.tmp`` whose writing process no longer exists."""
+    if not name.endswith(".tmp"):
+        return False
+    try:
+        pid = int(name.rsplit(".", 2)[-2])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _best(ids: np.ndarray, products: np.ndarray, scores: np.ndarray, k: int) -> StoreHits:
+    """One entry per id (its best score), the ``k`` best, best first."""
+    order = np.lexsort((-scores, ids))  # by id, best score first within an id
+    ids, products, scores = ids[order], products[order], scores[order]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    ids, products, scores = ids[first], products[first], scores[first]
+    top = np.argsort(-scores, kind="stable")[:k]
+    return StoreHits(ids[top], products[top], scores[top])
+
+
+def _sample(inputs: Sequence[Segment], alive: dict[int, np.ndarray], seed: int) -> np.ndarray:
+    """Up to MAX_TRAIN_POINTS live vectors drawn evenly from the segments."""
+    total = sum(int(np.count_nonzero(alive[s.uid])) for s in inputs)
+    rng = np.random.default_rng(seed)
+    share = min(1.0, MAX_TRAIN_POINTS / max(total, 1))
+    parts = []
+    for segment in inputs:
+        rows = np.flatnonzero(alive[segment.uid])
+        if share < 1.0:
+            rows = np.sort(rng.choice(rows, int(math.ceil(len(rows) * share)), replace=False)) if len(rows) else rows
+        if len(rows):
+            parts.append(np.asarray(segment.rows.vectors[rows]))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _sample_with_ids(snap: Snapshot, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pool = [(segment, np.flatnonzero(snap.alive[segment.uid])) for segment in snap.segments]
+    sizes = np.array([len(rows) for _, rows in pool], dtype=np.int64)
+    if count <= 0 or sizes.sum() == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    picks = np.sort(rng.choice(int(sizes.sum()), count, replace=False))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    ids, vectors = [], []
+    for (segment, rows), start, end in zip(pool, bounds[:-1], bounds[1:]):
+        local = picks[(picks >= start) & (picks < end)] - start
+        if len(local):
+            ids.append(np.asarray(segment.rows.ids)[rows[local]])
+            vectors.append(np.asarray(segment.rows.vectors[rows[local]]))
+    return np.concatenate(ids), np.concatenate(vectors)
+
+
+def _exact_neighbours(snap: Snapshot, queries: np.ndarray, own_ids: np.ndarray, k: int) -> list[set[int]]:
+    """Exact top-``k`` ids of each query among the live vectors, its own id left out."""
+    best_scores = np.full((len(queries), k + 1), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k + 1), -1, dtype=np.int64)
+    chunk = 65_536
+    for segment in snap.segments:
+        alive = snap.alive[segment.uid]
+        for start in range(0, len(segment), chunk):
+            rows = np.flatnonzero(alive[start:start + chunk]) + start
+            if not len(rows):
+                continue
+            scores = queries @ np.asarray(segment.rows.vectors[rows]).T
+            ids = np.broadcast_to(np.asarray(segment.rows.ids)[rows], scores.shape)
+            all_scores = np.concatenate([best_scores, scores], axis=1)
+            all_ids = np.concatenate([best_ids, ids], axis=1)
+            top = np.argpartition(-all_scores, k, axis=1)[:, :k + 1]
+            best_scores = np.take_along_axis(all_scores, top, axis=1)
+            best_ids = np.take_along_axis(all_ids, top, axis=1)
+    truth = []
+    for own, ids, scores in zip(own_ids, best_ids, best_scores):
+        ranked = [int(i) for i in ids[np.argsort(-scores)] if i != own and i >= 0]
+        truth.append(set(ranked[:k]))
+    return truth
+
+
+def configure_threads() -> None:
+    """FAISS searches one query at a time here: its OpenMP threads only cost (2.4-9x
+    slower than one thread for single queries on 2 cores). Training sets its own."""
+    faiss.omp_set_num_threads(1)
