@@ -121,6 +121,7 @@ def main() -> None:
         args.backbone = _preprocessing_variant(args.backbone, args.resize, args.input_size)
 
     from visualsearch.engine import Engine
+
     from visualsearch.indexing import index_manifest
     from visualsearch.settings import Settings
 

@@ -48,6 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from visualsearch.engine import Engine
+
     from visualsearch.indexing import index_manifest
     from visualsearch.settings import Settings
 

@@ -16,8 +16,9 @@ from werkzeug.serving import make_server
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.demo_retrieval import DEMO_MANIFEST, shopper_photo  # noqa: E402
 from visualsearch.engine import Engine  # noqa: E402
+
+from benchmarks.demo_retrieval import DEMO_MANIFEST, shopper_photo  # noqa: E402
 from visualsearch.indexing import index_manifest  # noqa: E402
 from visualsearch.settings import Settings  # noqa: E402
 from web import create_app  # noqa: E402

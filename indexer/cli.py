@@ -58,10 +58,15 @@ def library_errors(function: Callable) -> Callable:
     return wrapper
 
 
-def _open_engine(settings: Settings, *, read_only: bool = False, create: bool = True):
-    from visualsearch.engine import Engine  # torch/faiss load only when a command needs them
+def _open(settings: Settings, *, read_only: bool = False, create: bool = True):
+    from visualsearch.service import VisualSearch  # torch/faiss load only when a command needs them
 
-    return Engine(settings, read_only=read_only, create=create)
+    return VisualSearch(settings, read_only=read_only, create=create)
+
+
+def _wait_option(function: Callable) -> Callable:
+    return click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True,
+                        help="Seconds to wait when another process holds the writer lock.")(function)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -85,22 +90,21 @@ def main(verbose: int) -> None:
 @click.option("--workers", type=click.IntRange(min=0), help=_help("workers"))
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any image failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@_wait_option
 @library_errors
-def index(manifest: Path, strict: bool, as_json: bool, **options: Any) -> None:
+def index(manifest: Path, strict: bool, as_json: bool, wait: float, **options: Any) -> None:
     """Add or update the products of MANIFEST (CSV or JSON Lines).
 
     Images already indexed and unchanged are skipped, so an interrupted run can
     simply be started again. Images that cannot be read are listed at the end
     and in DATA_DIR/failures.jsonl; they never stop the run.
     """
-    from visualsearch.indexing import index_manifest
-
     from .progress import TqdmProgress
 
-    engine = _open_engine(_settings(**options))
+    vs = _open(_settings(**options))
     progress = TqdmProgress()
     try:
-        report = index_manifest(engine, manifest, progress=progress)
+        report = vs.index(manifest, progress=progress, wait=wait)
     finally:
         progress.close()
     if as_json:
@@ -114,7 +118,7 @@ def index(manifest: Path, strict: bool, as_json: bool, **options: Any) -> None:
         )
     if report.failures:
         click.echo(f"{len(report.failures)} image(s) could not be indexed "
-                   f"(also in {engine.failures_path}):", err=True)
+                   f"(also in {vs.failures_path}):", err=True)
         for failure in report.failures:
             click.echo(f"  {failure.sku}: {failure.image}: {failure.message}", err=True)
         if strict:
@@ -127,11 +131,10 @@ def index(manifest: Path, strict: bool, as_json: bool, **options: Any) -> None:
 @library_errors
 def remove(skus: tuple[str, ...], **options: Any) -> None:
     """Remove products (and their vectors) by SKU."""
-    engine = _open_engine(_settings(**options), create=False)
-    removed, unknown = engine.remove(list(skus))
-    click.echo(f"removed {len(removed)} product(s)")
-    if unknown:
-        click.echo(f"not in the catalogue: {', '.join(unknown)}", err=True)
+    result = _open(_settings(**options), create=False).remove(list(skus))
+    click.echo(f"removed {len(result.removed)} product(s)")
+    if result.unknown:
+        click.echo(f"not in the catalogue: {', '.join(result.unknown)}", err=True)
 
 
 @main.command()
@@ -139,26 +142,29 @@ def remove(skus: tuple[str, ...], **options: Any) -> None:
 @engine_options
 @click.option("-k", "--top-k", type=click.IntRange(1, 100), default=10, show_default=True,
               help="How many products to return.")
-@click.option("--category", help="Only products of this category.")
-@click.option("--brand", help="Only products of this brand.")
+@click.option("--category", help="Only products of this category (several: 'Shoes|Bags').")
+@click.option("--brand", help="Only products of this brand (several: 'A|B').")
+@click.option("--filter", "attribute_filters", multiple=True, metavar="NAME=VALUE",
+              help="Only products whose attribute NAME has VALUE (repeatable; 'red|blue' for either).")
 @click.option("--min-price", type=float, help="Only products at or above this price.")
 @click.option("--max-price", type=float, help="Only products at or below this price.")
 @click.option("--crop", help="Search with this region of the photo: x,y,w,h in pixels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @library_errors
-def search(image: Path, top_k: int, category: str | None, brand: str | None, min_price: float | None,
-           max_price: float | None, crop: str | None, as_json: bool, **options: Any) -> None:
+def search(image: Path, top_k: int, category: str | None, brand: str | None, attribute_filters: tuple[str, ...],
+           min_price: float | None, max_price: float | None, crop: str | None, as_json: bool,
+           **options: Any) -> None:
     """Find the catalogue products most similar to the photo IMAGE."""
     from visualsearch.images import Crop
-    from visualsearch.search import SearchFilters, search_image
+    from visualsearch.vectors import SearchFilters
 
     try:
         region = Crop.parse(crop) if crop else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--crop") from None
-    engine = _open_engine(_settings(**options), read_only=True)
-    result = search_image(engine, image, top_k=top_k, crop=region, filters=SearchFilters(
-        category=category, brand=brand, min_price=min_price, max_price=max_price))
+    filters = SearchFilters.build(category=category, brand=brand, attributes=_attribute_filters(attribute_filters),
+                                  min_price=min_price, max_price=max_price)
+    result = _open(_settings(**options), read_only=True).search(image, top_k=top_k, crop=region, filters=filters)
     if as_json:
         click.echo(json.dumps({"results": [hit.to_dict() for hit in result.hits],
                                "took_ms": result.took_ms}, indent=2))
@@ -171,13 +177,23 @@ def search(image: Path, top_k: int, category: str | None, brand: str | None, min
     click.echo(f"({result.took_ms['total']:.0f} ms)", err=True)
 
 
+def _attribute_filters(pairs: tuple[str, ...]) -> dict[str, str]:
+    filters: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--filter")
+        filters[name.strip()] = value
+    return filters
+
+
 @main.command()
 @engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 @library_errors
 def stats(as_json: bool, **options: Any) -> None:
     """Show what the catalogue and the vector index hold."""
-    numbers = _open_engine(_settings(**options), read_only=True).stats()
+    numbers = _open(_settings(**options), read_only=True).stats()
     if as_json:
         click.echo(json.dumps(numbers, indent=2))
         return
@@ -185,6 +201,41 @@ def stats(as_json: bool, **options: Any) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k or '(none)'}: {v}" for k, v in value.items()) or "-"
         click.echo(f"{key:>16}: {value}")
+
+
+@main.command()
+@engine_options
+@click.option("--force", is_flag=True, help="Rebuild the whole index even when the plan still fits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@library_errors
+def compact(force: bool, as_json: bool, **options: Any) -> None:
+    """Merge vector segments, drop deleted rows, and re-plan the index when the catalogue
+    outgrew it (no model work). Searches go on meanwhile."""
+    outcome = _open(_settings(**options), create=False).compact(force=force)
+    _print_outcome(outcome, as_json)
+
+
+@main.command("rebuild-index")
+@engine_options
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@library_errors
+def rebuild_index(as_json: bool, **options: Any) -> None:
+    """Re-plan the vector index for the catalogue's size and VISUALSEARCH_INDEX_MEMORY,
+    rebuild it from the stored vectors and tune it to recall@10 >= 0.95 (no model work)."""
+    outcome = _open(_settings(**options), create=False).rebuild_index()
+    _print_outcome(outcome, as_json)
+
+
+def _print_outcome(outcome: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(outcome, indent=2))
+        return
+    for key, value in outcome.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        click.echo(f"{key:>14}: {value}")
 
 
 @main.command()

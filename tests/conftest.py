@@ -123,10 +123,9 @@ class CrashAfterFirstBatch:
 @pytest.fixture(scope="session")
 def demo_settings(tmp_path_factory) -> Settings:
     """The bundled demo catalogue indexed once with the real default backbone."""
-    from visualsearch.engine import Engine
-    from visualsearch.indexing import index_manifest
+    from visualsearch.service import VisualSearch
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("demo-data"), workers=0)
-    report = index_manifest(Engine(settings), DEMO_MANIFEST)
+    report = VisualSearch(settings).index(DEMO_MANIFEST)
     assert report.failures == [] and report.embedded == 45
     return settings

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 from PIL import Image
+from visualsearch.engine import Engine
 from werkzeug.serving import make_server
 
-from visualsearch.engine import Engine
 from visualsearch.indexing import index_manifest
 from web import create_app
 

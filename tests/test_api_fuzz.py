@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-
 from visualsearch.engine import Engine
+
 from visualsearch.indexing import index_manifest
 from web import create_app
 

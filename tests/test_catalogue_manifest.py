@@ -1,15 +1,27 @@
-"""Catalogue manifests (CSV / TSV / JSON Lines): parsing, merging by SKU, validation errors."""
+"""Catalogue manifests (CSV / TSV / JSON Lines): parsing, merging by SKU, validation errors,
+and the two streaming passes (validation, then records in chunks) with flat memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
+import time
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from visualsearch.catalogue_manifest import ProductRecord, read_manifest
+from visualsearch import catalogue_manifest
+from visualsearch.catalogue_manifest import (
+    ManifestSummary,
+    ProductRecord,
+    iter_manifest_records,
+    read_manifest,
+    validate_manifest,
+)
 from visualsearch.errors import ManifestError
 
 
@@ -289,3 +301,224 @@ def test_non_finite_prices_are_rejected(tmp_path):
     path.write_text("sku,image,price\nA,a.jpg,inf\nB,b.jpg,nan\nC,c.jpg,-5\n")
     with pytest.raises(ManifestError, match="line 2.*\\n.*line 3.*\\n.*line 4"):
         read_manifest(path)
+
+
+# --- streaming: validate_manifest ------------------------------------------------------
+
+
+def test_validate_manifest_counts_rows_and_images(tmp_path):
+    path = write(tmp_path / "c.csv", (
+        "sku,image\n"
+        "A,a.jpg|b.jpg\n"
+        "\n"                  # blank lines are not rows
+        "A,a.jpg\n"           # a repeated image still counts: it is named again
+        "B,c.jpg|c.jpg\n"
+    ))
+    summary = validate_manifest(path)
+    assert summary == ManifestSummary(path=path, rows=3, images=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        summary.rows = 0  # type: ignore[misc]
+
+
+def test_validate_manifest_counts_jsonl_image_lists(tmp_path):
+    path = write(tmp_path / "c.jsonl", (
+        '{"sku": "A", "image": ["x.jpg", "y.jpg", "x.jpg"]}\n'
+        "\n"
+        '{"sku": "B", "image": "z.jpg"}\n'
+    ))
+    assert validate_manifest(str(path)) == ManifestSummary(path=path, rows=2, images=4)
+
+
+@pytest.mark.parametrize("text", [
+    "sku,image,price\nA,a.jpg,1\n,b.jpg,2\nC,,3\nD,d.jpg,cheap\nE,https://x/e.jpg,\n",
+    "sku,image\n" + ",x.jpg\n" * 15,
+])
+def test_validate_manifest_reports_exactly_what_read_manifest_reports(tmp_path, text):
+    path = write(tmp_path / "c.csv", text)
+    with pytest.raises(ManifestError) as by_validate:
+        validate_manifest(path)
+    with pytest.raises(ManifestError) as by_read:
+        read_manifest(path)
+    assert problems(by_validate) == problems(by_read)
+    assert "nothing was indexed" in problems(by_validate)
+
+
+def test_validate_manifest_rejects_what_read_manifest_rejects(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        validate_manifest(tmp_path / "nope.csv")
+    with pytest.raises(ManifestError, match="has no rows"):
+        validate_manifest(write(tmp_path / "h.csv", "sku,image\n"))
+    with pytest.raises(ManifestError, match="missing required column"):
+        validate_manifest(write(tmp_path / "m.csv", "sku,title\nA,B\n"))
+    with pytest.raises(ManifestError, match="line 3 has more fields"):
+        validate_manifest(write(tmp_path / "x.csv", "sku,image\nA,a.jpg\nB,b.jpg,surprise\n"))
+
+
+# --- streaming: iter_manifest_records ---------------------------------------------------
+
+
+def chunk_skus(chunks: list[list[ProductRecord]]) -> list[list[str]]:
+    return [[record.sku for record in chunk] for chunk in chunks]
+
+
+def test_chunks_never_split_a_run_of_one_sku_and_far_rows_arrive_again(tmp_path):
+    path = write(tmp_path / "c.csv", (
+        "sku,image,title\n"
+        "A,a1.jpg,Old A\n"    # line 2
+        "A,a2.jpg,\n"
+        "A,a3.jpg,\n"         # the chunk is full after a2, but A's run goes on
+        "B,b.jpg,\n"          # line 5: a new chunk starts at the next SKU
+        "C,c1.jpg,\n"
+        "C,c2.jpg,\n"
+        "D,d.jpg,\n"          # line 8
+        "A,a1.jpg|a4.jpg,New A\n"  # line 9: A again, far from its run
+    ))
+    chunks = list(iter_manifest_records(path, chunk_rows=2))
+    assert chunk_skus(chunks) == [["A"], ["B", "C"], ["D", "A"]]
+    base = tmp_path.resolve()
+    first_a, far_a = chunks[0][0], chunks[2][1]
+    assert first_a.images == [base / "a1.jpg", base / "a2.jpg", base / "a3.jpg"]
+    assert (first_a.title, first_a.line) == ("Old A", 2)
+    assert far_a.images == [base / "a1.jpg", base / "a4.jpg"]
+    assert (far_a.title, far_a.line) == ("New A", 9)
+    assert chunks[1][1].images == [base / "c1.jpg", base / "c2.jpg"]
+
+    # read_manifest applies the far record on top of the first, as the indexer does.
+    [a, b, c, d] = read_manifest(path)
+    assert a.images == [base / f"a{n}.jpg" for n in (1, 2, 3, 4)]
+    assert (a.title, a.line) == ("New A", 2)
+    assert [p.sku for p in (b, c, d)] == ["B", "C", "D"]
+
+
+def test_chunk_sizes(tmp_path):
+    path = write(tmp_path / "c.csv", "sku,image\n" + "".join(f"S{n},{n}.jpg\n" for n in range(7)))
+    assert [len(chunk) for chunk in iter_manifest_records(path, chunk_rows=1)] == [1] * 7
+    assert [len(chunk) for chunk in iter_manifest_records(path, chunk_rows=3)] == [3, 3, 1]
+    [whole] = iter_manifest_records(path, chunk_rows=100)
+    assert whole == read_manifest(path)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        next(iter_manifest_records(path, chunk_rows=0))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 5, 8, 50])
+def test_random_layouts_keep_runs_whole_and_merge_like_read_manifest(tmp_path, chunk_rows):
+    chooser = random.Random(chunk_rows)
+    skus = [chooser.choice("ABCDEF") for _ in range(60)]  # runs of many lengths, and repeats
+    lines = [f"{sku},{n}.jpg,t{n}" for n, sku in enumerate(skus)]
+    path = write(tmp_path / "c.csv", "sku,image,title\n" + "\n".join(lines) + "\n")
+    chunks = list(iter_manifest_records(path, chunk_rows=chunk_rows))
+
+    chunk_of_row = {}  # row number (= image name) -> the chunk that holds it
+    for index, chunk in enumerate(chunks):
+        assert chunk and len({record.sku for record in chunk}) == len(chunk)  # merged in a chunk
+        for record in chunk:
+            for image in record.images:
+                chunk_of_row[int(image.stem)] = index
+    assert sorted(chunk_of_row) == list(range(len(skus)))  # every row arrives exactly once
+    for n in range(1, len(skus)):
+        if skus[n] == skus[n - 1]:
+            assert chunk_of_row[n] == chunk_of_row[n - 1], f"rows {n - 1} and {n} of {skus[n]} split"
+        # A chunk may only end once it holds at least chunk_rows rows.
+    rows_per_chunk = [list(chunk_of_row.values()).count(index) for index in range(len(chunks))]
+    assert all(rows >= chunk_rows for rows in rows_per_chunk[:-1])
+
+    # Applying the chunks in order gives what read_manifest gives.
+    merged: dict[str, ProductRecord] = {}
+    for chunk in chunks:
+        for record in chunk:
+            if record.sku not in merged:
+                merged[record.sku] = replace(record, images=list(record.images))
+            else:
+                merged[record.sku].images += [i for i in record.images if i not in merged[record.sku].images]
+                merged[record.sku].title = record.title
+    assert list(merged.values()) == read_manifest(path)
+
+
+def test_read_manifest_is_the_same_with_tiny_chunks(tmp_path, monkeypatch):
+    absolute = tmp_path / "elsewhere" / "bag.png"
+    for path in (full_csv(tmp_path / "shop", absolute), full_jsonl(tmp_path / "shop", absolute)):
+        expected = read_manifest(path)
+        monkeypatch.setattr(catalogue_manifest, "DEFAULT_CHUNK_ROWS", 1)
+        assert read_manifest(path) == expected  # A1's rows 1 and 3 merged across chunks
+        monkeypatch.undo()
+
+
+def test_validation_fails_before_any_record_is_yielded(tmp_path):
+    # The bad row is the very last one, after many good chunks' worth of rows.
+    good = "".join(f"S{n},{n}.jpg\n" for n in range(500))
+    path = write(tmp_path / "c.csv", "sku,image\n" + good + "LAST,https://cdn.example/x.jpg\n")
+    written: list[ProductRecord] = []
+
+    def index(manifest: Path) -> None:  # what the indexer does: validate, then stream
+        validate_manifest(manifest)
+        for chunk in iter_manifest_records(manifest, chunk_rows=10):
+            written.extend(chunk)
+
+    with pytest.raises(ManifestError, match="line 502: .*URL"):
+        index(path)
+    assert written == []
+
+    # Without the first pass, the stream still stops with a ManifestError (not a
+    # crash), but only after the good chunks were yielded: hence the two passes.
+    streamed = []
+    with pytest.raises(ManifestError, match="line 502: .*URL.*validate the manifest first"):
+        for chunk in iter_manifest_records(path, chunk_rows=10):
+            streamed.extend(chunk)
+    assert len(streamed) == 490  # 49 whole chunks; the one in progress is dropped
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("c.csv", "sku,image\nA,a.jpg\n,b.jpg\n", "line 3: empty sku"),
+    ("c.jsonl", '{"sku": "A", "image": "a.jpg"}\n{"sku": "B", "image": \n', "line 2 is not valid JSON"),
+    ("c.csv", "sku,image\n", "has no rows"),
+    ("c.xlsx", "sku,image\nA,a.jpg\n", "unknown manifest format"),
+    ("missing.csv", None, "does not exist"),
+])
+def test_iter_manifest_records_on_an_unvalidated_bad_file_raises_manifest_error(
+        tmp_path, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        write(path, text)
+    with pytest.raises(ManifestError, match=message):
+        list(iter_manifest_records(path))
+
+
+# --- streaming: memory is flat in the number of rows ------------------------------------
+
+
+def traced_peak(run) -> tuple[object, int]:
+    """``run()``'s result and the peak memory traced while it ran, in bytes."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = run()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_stays_flat_for_a_200k_row_manifest(tmp_path):
+    rows = 200_000
+    path = tmp_path / "big.csv"
+    # Two adjacent rows per product, like a "one row per image" export.
+    path.write_text("sku,image\n" + "".join(f"S{n // 2},{n}.jpg\n" for n in range(rows)))
+    started = time.perf_counter()
+
+    summary, validate_peak = traced_peak(lambda: validate_manifest(path))
+    assert (summary.rows, summary.images) == (rows, rows)
+    # Counters and a capped problem list only: no row, no SKU set. (Holding the SKUs
+    # alone would take well over 10 MB.)
+    assert validate_peak < 2 * 2**20, f"validate_manifest peaked at {validate_peak} bytes"
+
+    def consume() -> int:
+        products = 0
+        for chunk in iter_manifest_records(path):
+            products += len(chunk)  # the chunk is dropped before the next one is built
+        return products
+
+    products, iterate_peak = traced_peak(consume)
+    assert products == rows // 2
+    # About two chunks of records at a time (all of them would be >100 MB).
+    assert iterate_peak < 20 * 2**20, f"iterating peaked at {iterate_peak} bytes"
+    print(f"validate peak {validate_peak} B, iterate peak {iterate_peak} B, "
+          f"{time.perf_counter() - started:.1f} s traced")

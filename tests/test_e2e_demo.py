@@ -8,9 +8,9 @@ pooling drops far below them.
 from __future__ import annotations
 
 import pytest
+from visualsearch.engine import Engine
 
 from benchmarks.demo_retrieval import demo_rows, other_view_ranks, shopper_ranks
-from visualsearch.engine import Engine
 from visualsearch.search import similar_products
 
 pytestmark = pytest.mark.slow

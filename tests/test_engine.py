@@ -6,11 +6,11 @@ import multiprocessing
 
 import numpy as np
 import pytest
-
 from visualsearch.engine import Engine
+from visualsearch.vector_index import MANIFEST_NAME
+
 from visualsearch.indexing import index_manifest
 from visualsearch.search import search_image
-from visualsearch.vector_index import MANIFEST_NAME
 
 from .conftest import Crash, CrashAfterFirstBatch, make_image, write_catalogue
 

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from visualsearch.engine import Engine
 
 from visualsearch.catalogue import ImageStatus, store
-from visualsearch.engine import Engine
 from visualsearch.errors import BackboneMismatchError, ManifestError, WriterBusyError
 from visualsearch.indexing import index_manifest
 

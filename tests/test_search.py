@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from visualsearch.engine import Engine
+
 from visualsearch.errors import ConfigurationError, InvalidRequestError, ProductNotFoundError, UnsupportedImageError
 from visualsearch.images import Crop
 from visualsearch.indexing import index_manifest

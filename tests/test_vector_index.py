@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from visualsearch.vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
 
 from visualsearch import vector_index as vector_index_module
 from visualsearch.errors import BackboneMismatchError, IndexCorruptError, InvalidRequestError
-from visualsearch.vector_index import MANIFEST_NAME, IndexManifest, VectorIndex, read_manifest
 
 DIM = 16
 SHA = "ab" * 32

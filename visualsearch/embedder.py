@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -106,6 +107,8 @@ class Embedder:
         # channels_last is ~1.4x faster for these CNNs on CPU (oneDNN) and on tensor cores.
         self.network = network.to(self.device, memory_format=torch.channels_last)
         self.transform = build_transform(self.spec)
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder",
+                                          initializer=_set_threads, initargs=(threads,))
         logger.info("loaded backbone %s (%s) on %s", backbone, self.weights_path, self.device)
 
     @property
@@ -126,7 +129,16 @@ class Embedder:
         return self.transform(image)
 
     def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """A (N, 3, S, S) batch of preprocessed images -> (N, dim) float32, rows of norm 1."""
+        """A (N, 3, S, S) batch of preprocessed images -> (N, dim) float32, rows of norm 1.
+
+        Every call runs on the embedder's one worker thread, whoever calls: concurrent
+        requests queue instead of multiplying activation memory and oversubscribing the
+        cores, and the CPU thread pool is built once (an OpenMP team is per calling
+        thread, so a new request thread each time paid for a new team).
+        """
+        return self._runner.submit(self._embed_batch, batch).result()
+
+    def _embed_batch(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             feature_map = self._feature_map(batch)
             vectors = torch.nn.functional.normalize(gem_pool(feature_map.float()), dim=1)
@@ -141,9 +153,17 @@ class Embedder:
     def classify(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """ImageNet logits (N, 1000) of the pretrained head: proves the weights are real."""
         batch = torch.stack([self.preprocess(img) for img in images])
+        return self._runner.submit(self._classify, batch).result()
+
+    def _classify(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.network.classify(self._feature_map(batch)).float().cpu()
 
     def _feature_map(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return self.network(batch)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,14 +1,19 @@
-"""Batch indexing: manifest -> catalogue rows -> reader workers -> CNN -> catalogue + vector index.
+"""Batch indexing: manifest chunks -> catalogue rows -> reader -> CNN -> vector store + catalogue.
+
+Three swappable stages (clip-retrieval's reader -> embedder -> writer): the manifest
+is streamed in chunks of products (memory flat in its size), each chunk's images
+that need work go through an :class:`ImageEmbedding` (by default: read, hash,
+decode and embed with the CNN, reusing the vector of identical content), and a
+:class:`~visualsearch.writer.CatalogueWriter` commits the vectors every
+:data:`FLUSH_ROWS` images or :data:`FLUSH_SECONDS`.
 
 Idempotent and resumable: an image whose file is unchanged since it was embedded is
-skipped without being read; an image whose content hash is already embedded elsewhere
-reuses that vector. Every batch is committed to the catalogue before its vectors enter
-the index, so a process killed mid-run loses at most one batch of work, and the next
-run (or reader) rebuilds the index from the catalogue.
+skipped without being read; a run killed mid-way loses at most one flush of work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,24 +22,30 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 
-import numpy as np
 import torch
-from sqlalchemy import select
 from torch.utils.data import DataLoader, Dataset
 
-from .catalogue import ImageStatus, ProductImage, store
-from .catalogue_manifest import ProductRecord, read_manifest
-from .engine import Engine
+from .catalogue import ImageStatus
+from .catalogue import store as catalogue
+from .catalogue_manifest import ProductRecord, iter_manifest_records, validate_manifest
+from .embedder import EmbedderIdentity
 from .errors import ImageError
 from .images import load_image
+from .writer import CatalogueWriter, EmbeddedImage, PendingWrites
+
+if TYPE_CHECKING:
+    from .service import VisualSearch
 
 logger = logging.getLogger(__name__)
 
-# A long run saves the index this often, so that readers see progress and a crash
-# costs at most this much rebuild work.
-CHECKPOINT_SECONDS = 300.0
+# Commit the vectors of this many images at once (one segment, one catalogue
+# transaction), or after FLUSH_SECONDS, whichever comes first, so that searches see
+# progress and a crash costs little work.
+FLUSH_ROWS = 4096
+FLUSH_SECONDS = 30.0
+MANIFEST_CHUNK_ROWS = 2000
 
 
 class Progress(Protocol):
@@ -84,16 +95,171 @@ class IndexingReport:
 
 
 @dataclass(frozen=True)
-class _Task:
+class ImageTask:
     image_id: int
+    product_id: int
     sku: str
     path: str
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image after the embedding stage: a vector, or why there is none."""
+
+    task: ImageTask
+    vector: Any = None                 # (dim,) float32 unit vector
+    reused: bool = False
+    sha256: str | None = None
+    file_size: int | None = None
+    file_mtime_ns: int | None = None
+    width: int | None = None
+    height: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class ImageEmbedding(Protocol):
+    """The stage that turns image tasks into vectors (the CNN; a benchmark's synthetic source)."""
+
+    identity: EmbedderIdentity
+
+    def run(self, tasks: Sequence[ImageTask], report: IndexingReport) -> Iterator[list[ImageResult]]: ...
+
+
+def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: Progress | None = None,
+                   embedding: ImageEmbedding | None = None, wait: float = 0.0) -> IndexingReport:
+    """Add or update the products of a manifest and embed their new or changed images.
+
+    Args:
+        vs: the data directory to index into.
+        manifest_path: a CSV or JSON Lines catalogue manifest.
+        progress: receives the number of images and each batch's completion.
+        embedding: the embedding stage (default: the CNN of ``vs``).
+        wait: seconds to wait for another ``index`` run to finish.
+
+    Returns:
+        The run's report. Bad images never stop the run; they are in
+        ``report.failures``, in the catalogue (status ``failed``) and appended to
+        ``failures.jsonl`` in the data directory.
+
+    Raises:
+        ManifestError: the manifest is invalid (checked whole before anything is written).
+        BackboneMismatchError: the catalogue holds vectors of another backbone.
+        WriterBusyError: another index run holds the data directory.
+    """
+    summary = validate_manifest(manifest_path)
+    chunks = iter_manifest_records(manifest_path, chunk_rows=MANIFEST_CHUNK_ROWS)
+    return index_records(vs, chunks, total_images=summary.images, progress=progress, embedding=embedding,
+                         wait=wait)
+
+
+def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]], *, total_images: int | None = None,
+                  progress: Progress | None = None, embedding: ImageEmbedding | None = None,
+                  wait: float = 0.0, exclusive: bool = True, merge_limit: int | None = None,
+                  flush_rows: int = FLUSH_ROWS) -> IndexingReport:
+    """Add or update products (already validated records, in chunks) and embed their images.
+
+    Args:
+        exclusive: hold the data directory's index-run lock (an API write does not:
+            it may run beside a batch run).
+        merge_limit: the largest segment merge to run inline (API writes keep it small).
+
+    Other arguments, the result and the errors are those of :func:`index_manifest`.
+    """
+    started = time.perf_counter()
+    progress = progress or _NoProgress()
+    report = IndexingReport()
+    embedding = embedding or CnnEmbedding(vs)
+    if total_images is not None:
+        progress.set_total(total_images)
+    with (vs.index_lock(wait) if exclusive else contextlib.nullcontext()):
+        vs.claim_identity(embedding.identity)
+        writer = CatalogueWriter(vs.session, vs.writable_store(), merge_limit=merge_limit)
+        pending = PendingWrites()
+        failures_log = _FailureLog(vs.failures_path)
+        last_flush = time.monotonic()
+        for records in chunks:
+            unchanged_before = report.unchanged
+            tasks, fields_changed = _prepare_chunk(vs, records, report)
+            pending.refresh_products |= fields_changed
+            progress.advance(report.unchanged - unchanged_before)
+            for results in embedding.run(tasks, report):
+                _collect(results, pending, report, failures_log)
+                progress.advance(len(results))
+                if len(pending) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
+                    _flush(writer, pending, report)
+                    last_flush = time.monotonic()
+            if len(pending) >= flush_rows:
+                _flush(writer, pending, report)
+                last_flush = time.monotonic()
+        _flush(writer, pending, report)
+        if exclusive and writer.store.needs_rebuild():
+            logger.info("re-planning the vector index for %s vectors", writer.store.count)
+            writer.store.rebuild()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord],
+                   report: IndexingReport) -> tuple[list[ImageTask], set[int]]:
+    """Upsert the chunk's products (bounded transaction); return its images that need work."""
+    with vs.session() as session:
+        upsert = catalogue.upsert_products(session, records)
+        images = catalogue.images_of_products(session, list(upsert.product_ids.values()))
+    report.products += len(records)
+    report.images += len(images)
+    sku_of = {product_id: sku for sku, product_id in upsert.product_ids.items()}
+    tasks = []
+    for image in images:
+        if image.status == ImageStatus.INDEXED and _unchanged_on_disk(image):
+            report.unchanged += 1
+            continue
+        tasks.append(ImageTask(image.id, image.product_id, sku_of[image.product_id], image.path))
+    return tasks, upsert.fields_changed
+
+
+def _unchanged_on_disk(image: catalogue.ImageRow) -> bool:
+    try:
+        stat = os.stat(image.path)
+    except OSError:
+        return False
+    return stat.st_size == image.file_size and stat.st_mtime_ns == image.file_mtime_ns
+
+
+def _collect(results: list[ImageResult], pending: PendingWrites, report: IndexingReport,
+             failures_log: "_FailureLog") -> None:
+    for result in results:
+        task = result.task
+        if result.vector is None:
+            pending.failed.append((task.image_id, result.error_message or "unknown error"))
+            failure = ImageFailure(task.sku, task.path, result.error_code or "error", result.error_message or "")
+            report.failures.append(failure)
+            failures_log.write(failure)
+            continue
+        if result.reused:
+            report.reused += 1
+        else:
+            report.embedded += 1
+        pending.embedded.append(EmbeddedImage(
+            image_id=task.image_id, product_id=task.product_id, vector=result.vector, sha256=result.sha256 or "",
+            file_size=result.file_size, file_mtime_ns=result.file_mtime_ns, width=result.width,
+            height=result.height,
+        ))
+
+
+def _flush(writer: CatalogueWriter, pending: PendingWrites, report: IndexingReport) -> None:
+    started = time.perf_counter()
+    writer.commit(pending.take())
+    report.stage_seconds["write"] += time.perf_counter() - started
+
+
+# --- the default embedding stage: read files, reuse identical content, run the CNN ----
 
 
 class _ReadImages(Dataset):
     """Reads, hashes, decodes and preprocesses one image (runs in the worker processes)."""
 
-    def __init__(self, tasks: Sequence[_Task], transform: Callable, max_pixels: int, decode_size: int):
+    def __init__(self, tasks: Sequence[ImageTask], transform: Callable, max_pixels: int, decode_size: int):
         self.tasks = tasks
         self.transform = transform
         self.max_pixels = max_pixels
@@ -133,153 +299,54 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decode workers must not fight the CNN for cores
 
 
-def index_manifest(engine: Engine, manifest_path: str | Path, *,
-                   progress: Progress | None = None) -> IndexingReport:
-    """Add or update the products of a manifest and embed their new or changed images.
+class CnnEmbedding:
+    """Reads and decodes images (optionally in worker processes) and embeds them with the CNN."""
 
-    Args:
-        engine: the data directory to index into (takes its writer lock).
-        manifest_path: a CSV or JSON Lines catalogue manifest.
-        progress: receives the number of images and each batch's completion.
+    def __init__(self, vs: "VisualSearch"):
+        self.vs = vs
+        self.embedder = vs.embedder
+        self.identity = self.embedder.identity
 
-    Returns:
-        The run's report. Bad images never stop the run; they are in
-        ``report.failures``, in the catalogue (status ``failed``) and appended to
-        ``failures.jsonl`` in the data directory.
-
-    Raises:
-        ManifestError: the manifest is invalid (nothing is written).
-        BackboneMismatchError: the catalogue holds vectors of another backbone.
-        WriterBusyError: another process is writing to this data directory.
-    """
-    return index_records(engine, read_manifest(manifest_path), progress=progress)
-
-
-def index_records(engine: Engine, records: Sequence[ProductRecord], *,
-                  progress: Progress | None = None) -> IndexingReport:
-    """Add or update ``records`` (already validated products) and embed their images.
-
-    The work and the guarantees of :func:`index_manifest`, for callers that build
-    records themselves (the API's product upload).
-    """
-    started = time.perf_counter()
-    progress = progress or _NoProgress()
-    report = IndexingReport(products=len(records))
-    with engine.writer():
-        embedder = engine.embedder
-        index = engine.index()
-        with engine.session() as session:
-            store.claim_identity(session, backbone=embedder.identity.backbone,
-                                 weights_sha256=embedder.identity.weights_sha256, dim=embedder.dim)
-            products = store.upsert_products(session, records)
-            sku_of = {product.id: sku for sku, product in products.items()}
-            images = store.images_to_check(session, list(sku_of))
-        report.images = len(images)
-        progress.set_total(len(images))
-        tasks = _tasks_needing_work(images, sku_of, report)
-        progress.advance(report.unchanged)
-        failures_file = _FailureLog(engine.failures_path)
-        last_checkpoint = time.monotonic()
-        dirty = False
-        loader = _loader(engine, tasks)
+    def run(self, tasks: Sequence[ImageTask], report: IndexingReport) -> Iterator[list[ImageResult]]:
+        if not tasks:
+            return
+        settings = self.vs.settings
+        dataset = _ReadImages(tasks, self.embedder.transform, settings.max_image_pixels, self.embedder.decode_size)
+        workers = settings.workers if len(tasks) > settings.batch_size else 0
+        loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=_collate,
+                            worker_init_fn=_worker_init if workers else None,
+                            pin_memory=self.embedder.device.type == "cuda")
         fetch_started = time.perf_counter()
         for batch in loader:
             report.stage_seconds["read"] += time.perf_counter() - fetch_started
-            _process_batch(engine, index, [(tasks[item["position"]], item) for item in batch],
-                           report, failures_file)
-            dirty = True
-            progress.advance(len(batch))
-            if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                _save(engine, index)
-                last_checkpoint, dirty = time.monotonic(), False
+            yield self._embed(batch, tasks, report)
             fetch_started = time.perf_counter()
-        if dirty or engine.manifest() is None:
-            _save(engine, index)
-    report.seconds = time.perf_counter() - started
-    return report
 
-
-def _tasks_needing_work(images: list[ProductImage], sku_of: dict[int, str],
-                        report: IndexingReport) -> list[_Task]:
-    tasks = []
-    for image in images:
-        if image.status == ImageStatus.INDEXED and _unchanged_on_disk(image):
-            report.unchanged += 1
-            continue
-        tasks.append(_Task(image_id=image.id, sku=sku_of[image.product_id], path=image.path))
-    return tasks
-
-
-def _unchanged_on_disk(image: ProductImage) -> bool:
-    try:
-        stat = os.stat(image.path)
-    except OSError:
-        return False
-    return stat.st_size == image.file_size and stat.st_mtime_ns == image.file_mtime_ns
-
-
-def _loader(engine: Engine, tasks: list[_Task]) -> DataLoader:
-    embedder = engine.embedder
-    dataset = _ReadImages(tasks, embedder.transform, engine.settings.max_image_pixels, embedder.decode_size)
-    workers = engine.settings.workers if len(tasks) > engine.settings.batch_size else 0
-    return DataLoader(
-        dataset, batch_size=engine.settings.batch_size, num_workers=workers,
-        collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
-        pin_memory=embedder.device.type == "cuda",
-    )
-
-
-def _process_batch(engine: Engine, index, batch: list[tuple[_Task, dict[str, Any]]],
-                   report: IndexingReport, failures_file: "_FailureLog") -> None:
-    good = [(task, item) for task, item in batch if item["tensor"] is not None]
-    with engine.session() as session:
-        reusable = store.embeddings_by_sha256(session, [item["sha256"] for _, item in good])
-        to_embed = [(task, item) for task, item in good if item["sha256"] not in reusable]
-        embed_started = time.perf_counter()
-        vectors = {}
+    def _embed(self, batch: list[dict[str, Any]], tasks: Sequence[ImageTask],
+               report: IndexingReport) -> list[ImageResult]:
+        good = [item for item in batch if item["tensor"] is not None]
+        reusable = self.vs.vectors_by_sha256([item["sha256"] for item in good])
+        to_embed = [item for item in good if item["sha256"] not in reusable]
+        started = time.perf_counter()
+        computed = {}
         if to_embed:
-            with engine.embed_lock:
-                computed = engine.embedder.embed_batch(torch.stack([item["tensor"] for _, item in to_embed]))
-            vectors = {task.image_id: vector for (task, _), vector in zip(to_embed, computed)}
-        report.stage_seconds["embed"] += time.perf_counter() - embed_started
-
-        write_started = time.perf_counter()
-        rows = {image.id: image for image in session.scalars(
-            select(ProductImage).where(ProductImage.id.in_([task.image_id for task, _ in batch])))}
-        removed_ids = []
-        for task, item in batch:
-            image = rows.get(task.image_id)
-            if image is None:  # product removed meanwhile
-                continue
+            vectors = self.embedder.embed_batch(torch.stack([item["tensor"] for item in to_embed]))
+            computed = {item["position"]: vector for item, vector in zip(to_embed, vectors)}
+        report.stage_seconds["embed"] += time.perf_counter() - started
+        results = []
+        for item in batch:
+            task = tasks[item["position"]]
             if item["tensor"] is None:
-                if image.status == ImageStatus.INDEXED:
-                    removed_ids.append(image.id)
-                store.mark_failed(image, item["message"])
-                failure = ImageFailure(task.sku, task.path, item["code"], item["message"])
-                report.failures.append(failure)
-                failures_file.write(failure)
+                results.append(ImageResult(task, error_code=item["code"], error_message=item["message"]))
                 continue
-            vector = vectors.get(task.image_id)
-            if vector is None:
-                vector = store.decode_embedding(reusable[item["sha256"]])
-                report.reused += 1
-            else:
-                report.embedded += 1
-            vectors[task.image_id] = vector
-            store.mark_indexed(image, sha256=item["sha256"], size=item["size"], mtime_ns=item["mtime_ns"],
-                               width=item["width"], height=item["height"], embedding=vector)
-        store.bump_revision(session)
-    # The catalogue is committed first: if we die now, the next run rebuilds the index from it.
-    if removed_ids:
-        index.remove(np.asarray(removed_ids, dtype=np.int64))
-    kept = [image_id for image_id in vectors if image_id in rows]
-    if kept:
-        index.add(np.asarray(kept, dtype=np.int64), np.stack([vectors[i] for i in kept]))
-    report.stage_seconds["write"] += time.perf_counter() - write_started
-
-
-def _save(engine: Engine, index) -> None:
-    engine.save_index(index, engine.catalogue_revision())
+            vector = computed.get(item["position"])
+            reused = vector is None
+            if reused:
+                vector = reusable[item["sha256"]]
+            results.append(ImageResult(task, vector=vector, reused=reused, sha256=item["sha256"],
+                                       file_size=item["size"], file_mtime_ns=item["mtime_ns"],
+                                       width=item["width"], height=item["height"]))
+        return results
 
 
 class _FailureLog:

@@ -1,75 +1,33 @@
 """Product search: an image (or a catalogue product) -> the most similar products, best first.
 
 A product is scored by its best-matching image, so a product with many views never
-fills the page. Filters are applied inside FAISS (an id selector), and the search goes
-deeper until ``top_k`` distinct products are found or the candidates run out.
+fills the page. Filters are evaluated inside the vector store (on the fields stored
+beside each vector); the catalogue only supplies the display fields of the winners
+and confirms they are still indexed.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .catalogue import store
-from .catalogue_manifest import parse_price
-from .engine import Engine
+from .catalogue import ImageStatus
+from .catalogue import store as catalogue
 from .errors import InvalidRequestError
 from .images import Crop, ImageSource, load_image
+from .results import SearchHit, SearchResult
+from .vectors import SearchFilters
+
+if TYPE_CHECKING:
+    from .service import VisualSearch
 
 MAX_TOP_K = 100
-# First look at this many neighbours per wanted product; doubled until enough distinct
-# products are found (products have several images, and the query product is excluded
-# by similar()).
+# First ask the store for this many images per wanted product (products have several
+# images); more when too few distinct, still-indexed products come back.
 OVERFETCH = 4
-
-
-@dataclass(frozen=True)
-class SearchFilters:
-    category: str | None = None
-    brand: str | None = None
-    min_price: float | None = None
-    max_price: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("min_price", "max_price"):
-            try:
-                object.__setattr__(self, name, parse_price(getattr(self, name)))
-            except ValueError as exc:
-                raise InvalidRequestError(f"{name}: {exc}") from None
-        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
-            raise InvalidRequestError(f"min_price {self.min_price} is above max_price {self.max_price}")
-
-    @property
-    def active(self) -> bool:
-        return any(value is not None for value in (self.category, self.brand, self.min_price, self.max_price))
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    sku: str
-    title: str | None
-    category: str | None
-    brand: str | None
-    price: float | None
-    url: str | None
-    image_id: int
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sku": self.sku, "title": self.title, "category": self.category, "brand": self.brand,
-            "price": self.price, "url": self.url, "image_id": self.image_id,
-            "score": round(self.score, 6),
-        }
-
-
-@dataclass
-class SearchResult:
-    hits: list[SearchHit]
-    took_ms: dict[str, float] = field(default_factory=dict)
+DEEPEN_FACTOR = 4
 
 
 def validate_top_k(top_k: int) -> int:
@@ -78,15 +36,15 @@ def validate_top_k(top_k: int) -> int:
     return top_k
 
 
-def search_image(engine: Engine, image: ImageSource, *, top_k: int = 10,
+def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10,
                  filters: SearchFilters | None = None, crop: Crop | None = None) -> SearchResult:
-    """Find the products most similar to an uploaded photo.
+    """Find the products most similar to a photo.
 
     Args:
-        engine: an open data directory.
+        vs: an open data directory.
         image: path, bytes or binary file of the query photo.
         top_k: products wanted, 1..100.
-        filters: category / brand / price range restrictions.
+        filters: category / brand / attribute / price restrictions.
         crop: region of the photo to search with, in its pixels.
 
     Returns:
@@ -100,14 +58,13 @@ def search_image(engine: Engine, image: ImageSource, *, top_k: int = 10,
     """
     validate_top_k(top_k)
     started = time.perf_counter()
-    embedder = engine.embedder
-    picture = load_image(image, max_pixels=engine.settings.max_image_pixels,
-                         target_size=embedder.decode_size, crop=crop)
+    embedder = vs.embedder
+    picture = load_image(image, max_pixels=vs.settings.max_image_pixels, target_size=embedder.decode_size,
+                         crop=crop)
     decoded = time.perf_counter()
-    with engine.embed_lock:
-        query = embedder.embed_images([picture])
+    query = embedder.embed_images([picture])
     embedded = time.perf_counter()
-    hits = _search_vectors(engine, query, top_k=top_k, filters=filters or SearchFilters())
+    hits = find_products(vs, query, top_k=top_k, filters=filters or SearchFilters())
     done = time.perf_counter()
     return SearchResult(hits, took_ms={
         "decode": _ms(decoded - started), "embed": _ms(embedded - decoded),
@@ -115,9 +72,9 @@ def search_image(engine: Engine, image: ImageSource, *, top_k: int = 10,
     })
 
 
-def similar_products(engine: Engine, sku: str, *, top_k: int = 10,
+def similar_products(vs: "VisualSearch", sku: str, *, top_k: int = 10,
                      filters: SearchFilters | None = None) -> SearchResult:
-    """Products most similar to catalogue product ``sku`` (itself excluded), from stored vectors.
+    """Products most similar to catalogue product ``sku`` (itself excluded), from its stored vectors.
 
     Raises:
         ProductNotFoundError: unknown SKU.
@@ -125,59 +82,62 @@ def similar_products(engine: Engine, sku: str, *, top_k: int = 10,
     """
     validate_top_k(top_k)
     started = time.perf_counter()
-    with engine.sessions() as session:
-        product = store.get_product(session, sku)
-        vectors = store.product_vectors(session, product)
+    with vs.sessions() as session:
+        product = catalogue.get_product(session, sku)
+        image_ids = [image.id for image in product.images if image.status == ImageStatus.INDEXED]
+        product_id = product.id
+    store = vs.store()
+    vectors = store.get_vectors(image_ids)[1] if store is not None and image_ids else np.zeros((0, 0))
     if len(vectors) == 0:
         raise InvalidRequestError(f"product {sku!r} has no indexed image yet")
-    hits = _search_vectors(engine, vectors, top_k=top_k, filters=filters or SearchFilters(), exclude_sku=sku)
+    hits = find_products(vs, vectors, top_k=top_k, filters=filters or SearchFilters(), exclude_product=product_id)
     done = time.perf_counter()
     return SearchResult(hits, took_ms={"decode": 0.0, "embed": 0.0, "search": _ms(done - started),
                                        "total": _ms(done - started)})
 
 
-def _search_vectors(engine: Engine, queries: np.ndarray, *, top_k: int, filters: SearchFilters,
-                    exclude_sku: str | None = None) -> list[SearchHit]:
-    index = engine.index()
-    allowed = None
-    if filters.active:
-        with engine.sessions() as session:
-            allowed = store.filtered_image_ids(session, **vars(filters))
-        if len(allowed) == 0:
-            return []
-    available = index.count if allowed is None else min(index.count, len(allowed))
-    k = min(available, top_k * OVERFETCH)
+def find_products(vs: "VisualSearch", queries: np.ndarray, *, top_k: int, filters: SearchFilters,
+                  exclude_product: int | None = None) -> list[SearchHit]:
+    """The ``top_k`` best products for the query vectors (an image's best score counts)."""
+    store = vs.store()
+    if store is None:
+        return []
+    want = top_k * OVERFETCH + (OVERFETCH if exclude_product is not None else 0)
     while True:
-        scores, ids = index.search(queries, k, allowed_ids=allowed)
-        hits = _best_per_product(engine, scores, ids, exclude_sku)
-        if len(hits) >= top_k or k >= available:
-            return hits[:top_k]
-        k = min(available, k * 2)
+        hits = store.search(queries, want, filters)
+        candidates = _best_image_per_product(hits, exclude_product)
+        found = _with_catalogue_fields(vs, candidates)
+        if len(found) >= top_k or len(hits) < want:
+            return found[:top_k]
+        want *= DEEPEN_FACTOR
 
 
-def _best_per_product(engine: Engine, scores: np.ndarray, ids: np.ndarray,
-                      exclude_sku: str | None) -> list[SearchHit]:
-    # Several query vectors (similar() on a multi-view product): an image's score is its best.
-    best_by_image: dict[int, float] = {}
-    for image_id, score in zip(ids.ravel().tolist(), scores.ravel().tolist()):
-        if image_id >= 0 and score > best_by_image.get(image_id, -np.inf):
-            best_by_image[image_id] = score
-    with engine.sessions() as session:
-        images = store.images_with_products(session, list(best_by_image))
-    best: dict[str, SearchHit] = {}
-    for image_id, score in best_by_image.items():
-        image = images.get(image_id)
-        if image is None:  # removed since the index was saved
+def _best_image_per_product(hits, exclude_product: int | None) -> list[tuple[int, int, float]]:
+    """(image id, product id, score), best first, one per product (hits are best first)."""
+    _, first = np.unique(hits.product_ids, return_index=True)
+    chosen = []
+    for position in np.sort(first).tolist():
+        product_id = int(hits.product_ids[position])
+        if product_id != exclude_product:
+            chosen.append((int(hits.ids[position]), product_id, float(hits.scores[position])))
+    return chosen
+
+
+def _with_catalogue_fields(vs: "VisualSearch", candidates: list[tuple[int, int, float]]) -> list[SearchHit]:
+    """Candidates still indexed in the catalogue (a crash can leave vectors of images the
+    catalogue no longer holds as indexed), with their product's display fields."""
+    if not candidates:
+        return []
+    with vs.sessions() as session:
+        rows = catalogue.hit_rows(session, [image_id for image_id, _, _ in candidates])
+    hits = []
+    for image_id, product_id, score in candidates:
+        row = rows.get(image_id)
+        if row is None or row.product_id != product_id or ImageStatus(row.status) != ImageStatus.INDEXED:
             continue
-        product = image.product
-        if product.sku == exclude_sku:
-            continue
-        if product.sku not in best or score > best[product.sku].score:
-            best[product.sku] = SearchHit(
-                sku=product.sku, title=product.title, category=product.category, brand=product.brand,
-                price=product.price, url=product.url, image_id=image_id, score=float(score),
-            )
-    return sorted(best.values(), key=lambda hit: hit.score, reverse=True)
+        hits.append(SearchHit(sku=row.sku, title=row.title, category=row.category, brand=row.brand,
+                              price=row.price, url=row.url, image_id=image_id, score=score))
+    return hits
 
 
 def _ms(seconds: float) -> float:

@@ -107,6 +107,8 @@ class Settings:
                                  _at_least(1))
     max_upload_size: int = _opt(16 * 1024**2, "Largest accepted upload, e.g. 16M; larger requests get 413.",
                                 _at_least(1, parse_size))
+    index_memory: int = _opt(4 * 1024**3, "Memory the vector index's compressed codes may take, e.g. 4G; the "
+                                          "index planner picks the index type to fit it.", _at_least(1, parse_size))
     api_key: str | None = _opt(None, "Bearer key for the API's write endpoints (PUT/DELETE a product); "
                                      "unset: they answer 403.")
 

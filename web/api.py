@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from visualsearch.catalogue.store import get_product
-from visualsearch.search import SearchResult, search_image, similar_products
+from visualsearch.results import SearchResult
 
-from .engine import get_engine
 from .errors import ApiError
+from .library import get_search
 from .metrics import observe_search
 from .openapi import spec as openapi_spec
 from .requests import parse_filters, parse_search_request, parse_top_k
@@ -34,29 +33,31 @@ def search():
     data = upload.read()
     if not data:
         raise ApiError(400, "missing_image", "the uploaded file 'image' is empty")
-    result = search_image(get_engine(), data, top_k=params.top_k, filters=params.filters, crop=params.crop)
+    result = get_search().search(data, top_k=params.top_k, filters=params.filters, crop=params.crop)
     observe_search(result.took_ms)
     return jsonify(results_json(result))
 
 
 @bp.get("/products/<path:sku>/similar")
 def similar(sku: str):
-    result = similar_products(get_engine(), sku, top_k=parse_top_k(request.args.get("top_k")),
-                              filters=parse_filters(request.args))
+    result = get_search().similar(sku, top_k=parse_top_k(request.args.get("top_k")),
+                                  filters=parse_filters(request.args, reserved={"top_k"}))
     return jsonify(results_json(result))
 
 
 @bp.get("/products/<path:sku>")
 def product(sku: str):
-    with get_engine().sessions() as session:
-        item = get_product(session, sku)
-        body = item.to_dict()
-        body["images"] = [
-            {"image_url": url_for("pages.image", image_id=image.id), "status": image.status.value,
-             "width": image.width, "height": image.height}
-            for image in item.images
-        ]
-    return jsonify(body)
+    return jsonify(product_json(get_search().product(sku)))
+
+
+def product_json(item) -> dict:
+    body = item.to_dict()
+    body["images"] = [
+        {"image_url": url_for("pages.image", image_id=image.id), "status": image.status,
+         "width": image.width, "height": image.height}
+        for image in item.images
+    ]
+    return body
 
 
 @bp.get("/openapi.json")
@@ -66,11 +67,4 @@ def openapi():
 
 @bp.get("/health")
 def health():
-    stats = get_engine().stats()
-    return jsonify({
-        "status": "ok",
-        "products": stats["products"],
-        "indexed_images": stats["indexed_images"],
-        "backbone": stats["backbone"],
-        "index": stats["index"],
-    })
+    return jsonify({"status": "ok", **get_search().health()})

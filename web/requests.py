@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from visualsearch.errors import InvalidRequestError
 from visualsearch.images import Crop
-from visualsearch.search import SearchFilters, validate_top_k
+from visualsearch.search import validate_top_k
+from visualsearch.vectors import SearchFilters
 
 DEFAULT_TOP_K = 10
+# Search parameters with a meaning of their own; every other field filters on the
+# product attribute of that name (colour=red, in_stock=true).
+SEARCH_FIELDS = frozenset({"image", "top_k", "category", "brand", "min_price", "max_price", "crop"})
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,27 @@ def parse_top_k(value: str | None) -> int:
     return validate_top_k(top_k)
 
 
-def parse_filters(form: Mapping[str, str]) -> SearchFilters:
-    return SearchFilters(
-        category=_blank_to_none(form.get("category")),
-        brand=_blank_to_none(form.get("brand")),
-        min_price=_blank_to_none(form.get("min_price")),  # SearchFilters validates prices
-        max_price=_blank_to_none(form.get("max_price")),
+def _price(form: Mapping[str, str], name: str) -> float | None:
+    value = _blank_to_none(form.get(name))
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}") from None
+
+
+def parse_filters(form: Mapping[str, str], *, reserved: Iterable[str] = SEARCH_FIELDS) -> SearchFilters:
+    """Category, brand, price range, and any other field as an attribute filter.
+
+    A value may list several accepted values separated by ``|`` (``category=Shoes|Bags``).
+    """
+    reserved = set(reserved)
+    attributes = {name: _blank_to_none(value) for name, value in form.items() if name not in reserved}
+    return SearchFilters.build(
+        category=_blank_to_none(form.get("category")), brand=_blank_to_none(form.get("brand")),
+        attributes={name: value for name, value in attributes.items() if value is not None},
+        min_price=_price(form, "min_price"), max_price=_price(form, "max_price"),
     )
 
 

@@ -12,14 +12,12 @@ from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 
-from visualsearch.catalogue.store import get_product
 from visualsearch.catalogue_manifest import ProductRecord, parse_price
-from visualsearch.errors import ProductNotFoundError
 from visualsearch.images import load_image
-from visualsearch.indexing import index_records
 
-from .engine import get_writer_engine
+from .api import product_json
 from .errors import ApiError
+from .library import get_search
 
 bp = Blueprint("api_write", __name__, url_prefix="/api/v1")
 
@@ -50,25 +48,18 @@ def put_product(sku: str):
     """Create or update a product: JSON metadata, or multipart metadata plus image files."""
     if sku.endswith("/similar"):  # GET would route it to the similar-products endpoint
         raise ApiError(400, "bad_request", "a sku may not end in '/similar'")
-    engine = get_writer_engine()
+    vs = get_search()
     if request.is_json:
         fields, uploads = _json_fields(), []
     else:
         fields, uploads = request.form.to_dict(), request.files.getlist("image")
     record = _record(sku, fields)
-    with engine.sessions() as session:
-        try:
-            get_product(session, sku)
-            created = False
-        except ProductNotFoundError:
-            created = True
     # Every upload is decoded before anything is stored: a bad file changes nothing.
     checked = [(upload, upload.read()) for upload in uploads]
-    formats = [_check_image(data, engine.settings.max_image_pixels) for _, data in checked]
-    record.images = [_store_upload(engine.data_dir, data, fmt) for (_, data), fmt in zip(checked, formats)]
-    report = index_records(engine, [record])
-    with engine.sessions() as session:
-        body = get_product(session, sku).to_dict()
+    formats = [_check_image(data, vs.settings.max_image_pixels) for _, data in checked]
+    record.images = [_store_upload(vs.data_dir, data, fmt) for (_, data), fmt in zip(checked, formats)]
+    product, report, created = vs.put_product(record)
+    body = product_json(product)
     body["indexing"] = {"embedded": report.embedded, "reused": report.reused, "unchanged": report.unchanged,
                         "failures": [failure.message for failure in report.failures]}
     return jsonify(body), 201 if created else 200
@@ -77,8 +68,8 @@ def put_product(sku: str):
 @bp.delete("/products/<path:sku>")
 @require_api_key
 def delete_product(sku: str):
-    removed, _ = get_writer_engine().remove([sku])
-    if not removed:
+    result = get_search().remove([sku])
+    if not result.removed:
         raise ApiError(404, "product_not_found", f"no product with sku {sku!r}")
     return jsonify({"removed": sku})
 

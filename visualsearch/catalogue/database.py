@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigurationError
+from .counters import install_sqlite_triggers
 from .models import Base
 
 
@@ -22,6 +23,13 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _create_schema(engine: Engine) -> None:
+    with engine.begin() as connection:
+        Base.metadata.create_all(connection)
+        if engine.dialect.name == "sqlite":
+            install_sqlite_triggers(connection)
 
 
 def open_catalogue(url: str) -> sessionmaker[Session]:
@@ -43,12 +51,12 @@ def open_catalogue(url: str) -> sessionmaker[Session]:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         try:
-            Base.metadata.create_all(engine)
+            _create_schema(engine)
         except OperationalError:
             # Two processes creating a fresh catalogue at once: the loser's CREATE fails
             # because the winner's table now exists; checking again then finds it.
             time.sleep(0.5)
-            Base.metadata.create_all(engine)
+            _create_schema(engine)
     except Exception as exc:
         raise ConfigurationError(f"cannot open catalogue database {engine.url!r}: {exc}") from None
     return sessionmaker(engine, expire_on_commit=False)

@@ -13,9 +13,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
-    Index,
     Integer,
-    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -33,7 +31,7 @@ class Base(DeclarativeBase):
 
 class ImageStatus(str, enum.Enum):
     PENDING = "pending"  # known, not embedded yet (or its file changed)
-    INDEXED = "indexed"  # embedding stored; its id is in the vector index
+    INDEXED = "indexed"  # its vector is committed to the vector store under the image id
     FAILED = "failed"    # could not be read or decoded; ``error`` says why
 
 
@@ -66,9 +64,11 @@ class ProductImage(Base):
     """One image of a product. Its primary key is also its id in the vector index."""
 
     __tablename__ = "product_images"
+    # No index on status alone: with one, SQLite (which plans without statistics) chose
+    # it over the sha256 index for "this content hash, indexed" and scanned every
+    # indexed row (1.46 s per batch at 1M images instead of 1 ms).
     __table_args__ = (
         UniqueConstraint("product_id", "path", name="uq_product_image_path"),
-        Index("ix_product_images_status", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -86,7 +86,6 @@ class ProductImage(Base):
         default=ImageStatus.PENDING,
     )
     error: Mapped[str | None] = mapped_column(Text)
-    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, little-endian
     indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     product: Mapped[Product] = relationship(back_populates="images")
@@ -103,3 +102,16 @@ class CatalogueMeta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class CatalogueCount(Base):
+    """Counters kept by triggers (SQLite), so that health and stats never count rows.
+
+    Keys: ``products``, ``images:<status>``, ``category:<name>`` (indexed images per
+    category; the empty name counts products without a category).
+    """
+
+    __tablename__ = "catalogue_counts"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

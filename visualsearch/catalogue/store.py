@@ -1,23 +1,30 @@
-"""Queries and writes on the catalogue, so that no other module writes SQL."""
+"""Queries and writes on the catalogue, so that no other module writes SQL.
+
+Everything here works in bounded batches: callers hand in at most a manifest chunk
+of products or a flush of images, and no query ever loads every row.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
 from ..errors import BackboneMismatchError, ProductNotFoundError
+from .counters import read_counts
 from .models import CatalogueMeta, ImageStatus, Product, ProductImage
 
-REVISION_KEY = "vectors_revision"
+# SQLite accepts 32,766 bound parameters per statement; stay far below.
+IN_CHUNK = 500
+FIELD_NAMES = ("title", "category", "brand", "price", "url")
+FILTER_FIELDS = ("category", "brand", "price", "attributes")
 
 
-# --- embedding identity and revision ------------------------------------------
+# --- embedding identity ---------------------------------------------------------
 
 
 def get_meta(session: Session, key: str) -> str | None:
@@ -33,17 +40,6 @@ def set_meta(session: Session, key: str, value: str) -> None:
         row.value = value
 
 
-def vectors_revision(session: Session) -> int:
-    """A counter bumped by every change to the stored vectors; the index records the one it reflects."""
-    return int(get_meta(session, REVISION_KEY) or 0)
-
-
-def bump_revision(session: Session) -> int:
-    revision = vectors_revision(session) + 1
-    set_meta(session, REVISION_KEY, str(revision))
-    return revision
-
-
 @dataclass(frozen=True)
 class StoredIdentity:
     backbone: str
@@ -52,7 +48,7 @@ class StoredIdentity:
 
 
 def stored_identity(session: Session) -> StoredIdentity | None:
-    """Backbone, weights hash and dimension of the vectors stored in this catalogue, if any."""
+    """Backbone, weights hash and dimension of the vectors of this catalogue, if any."""
     backbone = get_meta(session, "backbone")
     if backbone is None:
         return None
@@ -88,40 +84,65 @@ def claim_identity(session: Session, *, backbone: str, weights_sha256: str, dim:
         )
 
 
-# --- products ---------------------------------------------------------------
+# --- products -------------------------------------------------------------------
 
 
-def upsert_products(session: Session, records: Sequence[ProductRecord]) -> dict[str, Product]:
-    """Insert new products and update the fields the manifest gives for existing ones.
+@dataclass(frozen=True)
+class UpsertResult:
+    """Products by SKU, and the ids of those whose filter fields changed (their stored
+    vectors must be rewritten with the new fields)."""
 
-    Images named by a record and not yet known are added as ``pending``; images the
-    catalogue has but the record does not name are kept (a manifest adds, it never deletes).
+    product_ids: dict[str, int]
+    fields_changed: set[int]
+
+
+def upsert_products(session: Session, records: Sequence[ProductRecord]) -> UpsertResult:
+    """Insert new products, update the fields the records give, add their new images as pending.
+
+    Images the catalogue has but a record does not name are kept (a manifest adds, it
+    never deletes). A product whose fields are all unchanged is not written.
     """
-    skus = [record.sku for record in records]
     existing: dict[str, Product] = {}
-    for chunk in _chunks(skus, 500):
+    for chunk in _chunks([record.sku for record in records], IN_CHUNK):
         for product in session.scalars(
             select(Product).where(Product.sku.in_(chunk)).options(selectinload(Product.images))
         ):
             existing[product.sku] = product
+    changed: set[int] = set()
     for record in records:
         product = existing.get(record.sku)
         if product is None:
             product = existing[record.sku] = Product(sku=record.sku, attributes={}, images=[])
             session.add(product)
-        for name in ("title", "category", "brand", "price", "url"):
-            value = getattr(record, name)
-            if value is not None:
-                setattr(product, name, value)
-        if record.attributes:
-            product.attributes = {**(product.attributes or {}), **record.attributes}
-        known = {image.path for image in product.images}
-        for path in record.images:
-            if str(path) not in known:
-                product.images.append(ProductImage(path=str(path), position=len(product.images)))
-                known.add(str(path))
+        if _apply_fields(product, record):
+            changed.add(product.id)
+        _add_images(product, record)
     session.flush()
-    return existing
+    return UpsertResult({sku: product.id for sku, product in existing.items()}, changed)
+
+
+def _apply_fields(product: Product, record: ProductRecord) -> bool:
+    """Copy the record's given fields; True when a filter field of an existing product changed."""
+    filter_changed = False
+    for name in FIELD_NAMES:
+        value = getattr(record, name)
+        if value is not None and getattr(product, name) != value:
+            filter_changed |= name in FILTER_FIELDS and product.id is not None
+            setattr(product, name, value)
+    if record.attributes:
+        merged = {**(product.attributes or {}), **record.attributes}
+        if merged != (product.attributes or {}):
+            filter_changed |= product.id is not None
+            product.attributes = merged
+    return filter_changed
+
+
+def _add_images(product: Product, record: ProductRecord) -> None:
+    known = {image.path for image in product.images}
+    for path in record.images:
+        if str(path) not in known:
+            product.images.append(ProductImage(path=str(path), position=len(product.images)))
+            known.add(str(path))
 
 
 def get_product(session: Session, sku: str) -> Product:
@@ -136,129 +157,169 @@ def get_product(session: Session, sku: str) -> Product:
     return product
 
 
-def delete_products(session: Session, skus: Iterable[str]) -> tuple[list[str], list[int]]:
-    """Delete products by SKU. Returns (deleted SKUs, vector ids that must leave the index)."""
+def product_exists(session: Session, sku: str) -> bool:
+    return session.scalar(select(Product.id).where(Product.sku == sku)) is not None
+
+
+def products_by_id(session: Session, product_ids: Iterable[int]) -> dict[int, Product]:
+    found: dict[int, Product] = {}
+    for chunk in _chunks(list(product_ids), IN_CHUNK):
+        for product in session.scalars(select(Product).where(Product.id.in_(chunk))):
+            found[product.id] = product
+    return found
+
+
+@dataclass(frozen=True)
+class ProductFields:
+    """What the vector store keeps beside each vector of a product."""
+
+    category: str | None
+    brand: str | None
+    price: float | None
+    attributes: dict[str, Any]
+
+
+def product_fields(session: Session, product_ids: Iterable[int]) -> dict[int, ProductFields]:
+    fields: dict[int, ProductFields] = {}
+    for chunk in _chunks(list(set(product_ids)), IN_CHUNK):
+        for row in session.execute(
+            select(Product.id, Product.category, Product.brand, Product.price, Product.attributes)
+            .where(Product.id.in_(chunk))
+        ):
+            fields[row.id] = ProductFields(row.category, row.brand, row.price, dict(row.attributes or {}))
+    return fields
+
+
+def delete_products(session: Session, skus: Iterable[str]) -> tuple[list[str], list[int], list[str]]:
+    """Delete products by SKU.
+
+    Returns:
+        (deleted SKUs, ids of their indexed images, which must leave the vector store,
+        paths of all their images).
+    """
     deleted: list[str] = []
     vector_ids: list[int] = []
-    for chunk in _chunks(list(skus), 500):
-        rows = session.execute(
-            select(Product.id, Product.sku).where(Product.sku.in_(chunk))
-        ).all()
+    paths: list[str] = []
+    for chunk in _chunks(list(skus), IN_CHUNK):
+        rows = session.execute(select(Product.id, Product.sku).where(Product.sku.in_(chunk))).all()
         if not rows:
             continue
         product_ids = [row.id for row in rows]
         deleted += [row.sku for row in rows]
-        vector_ids += session.scalars(
-            select(ProductImage.id).where(
-                ProductImage.product_id.in_(product_ids), ProductImage.status == ImageStatus.INDEXED
-            )
-        ).all()
+        for image_id, status, path in session.execute(
+            select(ProductImage.id, ProductImage.status, ProductImage.path)
+            .where(ProductImage.product_id.in_(product_ids))
+        ):
+            paths.append(path)
+            if ImageStatus(status) == ImageStatus.INDEXED:
+                vector_ids.append(image_id)
+        # Images first: the counting triggers look up the product's category.
         session.execute(delete(ProductImage).where(ProductImage.product_id.in_(product_ids)))
         session.execute(delete(Product).where(Product.id.in_(product_ids)))
-    if vector_ids:
-        bump_revision(session)
-    return deleted, vector_ids
+    return deleted, vector_ids, paths
 
 
-# --- images and vectors -------------------------------------------------------
+def path_is_referenced(session: Session, path: str) -> bool:
+    return session.scalar(select(ProductImage.id).where(ProductImage.path == path).limit(1)) is not None
 
 
-def images_to_check(session: Session, product_ids: Sequence[int]) -> list[ProductImage]:
-    """Every image of these products (the indexer decides which need work)."""
-    images: list[ProductImage] = []
-    for chunk in _chunks(list(product_ids), 500):
-        images += session.scalars(select(ProductImage).where(ProductImage.product_id.in_(chunk))).all()
-    return images
+# --- images ----------------------------------------------------------------------
 
 
-def embeddings_by_sha256(session: Session, digests: Sequence[str]) -> dict[str, bytes]:
-    """Stored embeddings of already-indexed images with these content hashes."""
-    found: dict[str, bytes] = {}
-    for chunk in _chunks(list(set(digests)), 500):
-        for digest, embedding in session.execute(
-            select(ProductImage.sha256, ProductImage.embedding).where(
+@dataclass(frozen=True)
+class ImageRow:
+    """The columns the indexer needs to decide whether an image needs work (no ORM)."""
+
+    id: int
+    product_id: int
+    path: str
+    status: ImageStatus
+    file_size: int | None
+    file_mtime_ns: int | None
+
+
+def images_of_products(session: Session, product_ids: Sequence[int]) -> list[ImageRow]:
+    rows: list[ImageRow] = []
+    for chunk in _chunks(list(product_ids), IN_CHUNK):
+        for row in session.execute(
+            select(ProductImage.id, ProductImage.product_id, ProductImage.path, ProductImage.status,
+                   ProductImage.file_size, ProductImage.file_mtime_ns)
+            .where(ProductImage.product_id.in_(chunk)).order_by(ProductImage.id)
+        ):
+            rows.append(ImageRow(row.id, row.product_id, row.path, ImageStatus(row.status), row.file_size,
+                                 row.file_mtime_ns))
+    return rows
+
+
+def indexed_images_by_sha256(session: Session, digests: Sequence[str]) -> dict[str, int]:
+    """An indexed image id for each content hash already embedded (for reusing its vector)."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(list(set(digests)), IN_CHUNK):
+        for digest, image_id in session.execute(
+            select(ProductImage.sha256, ProductImage.id).where(
                 ProductImage.sha256.in_(chunk), ProductImage.status == ImageStatus.INDEXED
             )
         ):
-            found.setdefault(digest, embedding)
+            found.setdefault(digest, image_id)
     return found
 
 
-def mark_indexed(image: ProductImage, *, sha256: str, size: int, mtime_ns: int,
-                 width: int, height: int, embedding: np.ndarray) -> None:
-    image.sha256 = sha256
-    image.file_size = size
-    image.file_mtime_ns = mtime_ns
-    image.width = width
-    image.height = height
-    image.embedding = np.asarray(embedding, dtype="<f4").tobytes()
-    image.status = ImageStatus.INDEXED
-    image.error = None
-    image.indexed_at = datetime.now(timezone.utc)
-
-
-def mark_failed(image: ProductImage, error: str) -> None:
-    image.status = ImageStatus.FAILED
-    image.error = error
-    image.embedding = None
-
-
-def decode_embedding(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f4")
-
-
-def iter_embeddings(session: Session, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All stored vectors as (ids, vectors) chunks, for rebuilding the index."""
-    last_id = 0
-    while True:
-        rows = session.execute(
-            select(ProductImage.id, ProductImage.embedding)
-            .where(ProductImage.status == ImageStatus.INDEXED, ProductImage.id > last_id)
-            .order_by(ProductImage.id).limit(batch)
-        ).all()
-        if not rows:
-            return
-        ids = np.fromiter((row.id for row in rows), dtype=np.int64, count=len(rows))
-        vectors = np.stack([decode_embedding(row.embedding) for row in rows])
-        yield ids, vectors
-        last_id = int(ids[-1])
-
-
-def product_vectors(session: Session, product: Product) -> np.ndarray:
-    """(n, dim) stored vectors of a product's indexed images (possibly empty)."""
-    blobs = [image.embedding for image in product.images
-             if image.status == ImageStatus.INDEXED and image.embedding]
-    if not blobs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([decode_embedding(blob) for blob in blobs])
-
-
-# --- lookups for search -------------------------------------------------------
-
-
-def filtered_image_ids(session: Session, *, category: str | None = None, brand: str | None = None,
-                       min_price: float | None = None, max_price: float | None = None) -> np.ndarray:
-    """Vector ids of indexed images whose product passes the filters."""
-    query = select(ProductImage.id).join(Product).where(ProductImage.status == ImageStatus.INDEXED)
-    if category is not None:
-        query = query.where(func.lower(Product.category) == category.lower())
-    if brand is not None:
-        query = query.where(func.lower(Product.brand) == brand.lower())
-    if min_price is not None:
-        query = query.where(Product.price >= min_price)
-    if max_price is not None:
-        query = query.where(Product.price <= max_price)
-    return np.fromiter(session.scalars(query), dtype=np.int64)
-
-
-def images_with_products(session: Session, image_ids: Sequence[int]) -> dict[int, ProductImage]:
-    """Images (with their product loaded) by id."""
-    found: dict[int, ProductImage] = {}
-    for chunk in _chunks(list(image_ids), 500):
-        for image in session.scalars(
-            select(ProductImage).where(ProductImage.id.in_(chunk)).options(selectinload(ProductImage.product))
+def existing_image_ids(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
+    """Image id -> product id, for the ids that still exist."""
+    found: dict[int, int] = {}
+    for chunk in _chunks(list(image_ids), IN_CHUNK):
+        for image_id, product_id in session.execute(
+            select(ProductImage.id, ProductImage.product_id).where(ProductImage.id.in_(chunk))
         ):
-            found[image.id] = image
+            found[image_id] = product_id
+    return found
+
+
+def indexed_images_of_products(session: Session, product_ids: Iterable[int]) -> list[tuple[int, int]]:
+    """(image id, product id) of the indexed images of these products."""
+    pairs: list[tuple[int, int]] = []
+    for chunk in _chunks(list(set(product_ids)), IN_CHUNK):
+        pairs += [(row.id, row.product_id) for row in session.execute(
+            select(ProductImage.id, ProductImage.product_id)
+            .where(ProductImage.product_id.in_(chunk), ProductImage.status == ImageStatus.INDEXED)
+        )]
+    return pairs
+
+
+def mark_indexed(session: Session, images: Sequence[dict[str, Any]]) -> None:
+    """Bulk-update images to indexed. Each dict: id, sha256, file_size, file_mtime_ns, width, height."""
+    if not images:
+        return
+    now = datetime.now(timezone.utc)
+    session.execute(update(ProductImage), [
+        {**image, "status": ImageStatus.INDEXED, "error": None, "indexed_at": now} for image in images
+    ])
+
+
+def mark_failed(session: Session, failures: Sequence[tuple[int, str]]) -> None:
+    """Bulk-update images to failed with their error message."""
+    if failures:
+        session.execute(update(ProductImage), [
+            {"id": image_id, "status": ImageStatus.FAILED, "error": message} for image_id, message in failures
+        ])
+
+
+def mark_pending(session: Session, image_ids: Sequence[int]) -> None:
+    if image_ids:
+        session.execute(update(ProductImage), [{"id": image_id, "status": ImageStatus.PENDING}
+                                               for image_id in image_ids])
+
+
+def hit_rows(session: Session, image_ids: Sequence[int]) -> dict[int, Any]:
+    """Image id -> (id, product_id, status, sku, title, category, brand, price, url) of search hits."""
+    found: dict[int, Any] = {}
+    for chunk in _chunks(list(image_ids), IN_CHUNK):
+        for row in session.execute(
+            select(ProductImage.id, ProductImage.product_id, ProductImage.status, Product.sku, Product.title,
+                   Product.category, Product.brand, Product.price, Product.url)
+            .join(Product, Product.id == ProductImage.product_id).where(ProductImage.id.in_(chunk))
+        ):
+            found[row.id] = row
     return found
 
 
@@ -266,8 +327,25 @@ def get_image(session: Session, image_id: int) -> ProductImage | None:
     return session.get(ProductImage, image_id)
 
 
+def indexed_image_ids(session: Session, batch: int = 50_000) -> Iterator[list[int]]:
+    """Every indexed image id, in ascending batches (for consistency checks)."""
+    last = 0
+    while True:
+        ids = session.scalars(
+            select(ProductImage.id).where(ProductImage.id > last, ProductImage.status == ImageStatus.INDEXED)
+            .order_by(ProductImage.id).limit(batch)
+        ).all()
+        if not ids:
+            return
+        yield list(ids)
+        last = ids[-1]
+
+
+# --- counts ----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class CatalogueStats:
+class CatalogueCounts:
     products: int
     images: int
     indexed: int
@@ -276,21 +354,23 @@ class CatalogueStats:
     categories: dict[str, int]
 
 
-def catalogue_stats(session: Session) -> CatalogueStats:
-    by_status = dict(session.execute(
-        select(ProductImage.status, func.count()).group_by(ProductImage.status)
-    ).all())
-    categories = dict(session.execute(
-        select(func.coalesce(Product.category, ""), func.count()).group_by(Product.category)
-    ).all())
-    return CatalogueStats(
-        products=session.scalar(select(func.count()).select_from(Product)) or 0,
-        images=sum(by_status.values()),
-        indexed=by_status.get(ImageStatus.INDEXED, 0),
-        failed=by_status.get(ImageStatus.FAILED, 0),
-        pending=by_status.get(ImageStatus.PENDING, 0),
-        categories=categories,
+def catalogue_counts(session: Session) -> CatalogueCounts:
+    counts = read_counts(session)
+    by_status = {status: counts.get(f"images:{status.value}", 0) for status in ImageStatus}
+    categories = {key.removeprefix("category:"): value for key, value in sorted(counts.items())
+                  if key.startswith("category:") and value > 0}
+    return CatalogueCounts(
+        products=counts.get("products", 0), images=sum(by_status.values()),
+        indexed=by_status[ImageStatus.INDEXED], failed=by_status[ImageStatus.FAILED],
+        pending=by_status[ImageStatus.PENDING], categories=categories,
     )
+
+
+def brands(session: Session, limit: int = 500) -> list[str]:
+    """Distinct brands for the search form (at most ``limit``)."""
+    return list(session.scalars(
+        select(Product.brand).distinct().where(Product.brand.is_not(None)).order_by(Product.brand).limit(limit)
+    ))
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

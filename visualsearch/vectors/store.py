@@ -114,6 +114,7 @@ class VectorStore:
         self._loaded: dict[int, Segment] = {}
         self._codecs: dict[str, Codec] = {}
         self._bitmaps: dict[tuple[int, int], np.ndarray] = {}
+        self._writer: int | None = None  # the thread holding the commit lock
         self.refresh()
 
     # --- reading -----------------------------------------------------------------------
@@ -304,6 +305,9 @@ class VectorStore:
         """
         if self.read_only:
             raise InvalidRequestError("this vector store was opened read-only")
+        if self._writer == threading.get_ident():
+            yield  # nested: the caller already holds the lock (and did the big merges' bookkeeping)
+            return
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=max(timeout, 0.001)):
@@ -322,10 +326,12 @@ class VectorStore:
                                 f"{timeout:.0f}s; try again later") from None
                         time.sleep(delay)
                         delay = min(delay * 2, 0.1)
+                self._writer = threading.get_ident()
                 try:
                     self._reload()
                     yield
                 finally:
+                    self._writer = None
                     fcntl.flock(handle, fcntl.LOCK_UN)
         finally:
             self._lock.release()
@@ -345,15 +351,24 @@ class VectorStore:
         upserts = upserts if upserts is not None else VectorRows.empty(self.dim)
         if not len(upserts) and not len(deletes):
             return
+        nested = self._writer == threading.get_ident()
         with self.writing(lock_timeout):
             manifest = self._manifest or self._empty_manifest()
             uid = manifest.next_uid
             codec = self._current_codec() if len(upserts) >= MIN_ANN_SEGMENT_ROWS else None
             segment = Segment.write(self.segments_dir, uid, upserts, deletes=deletes, codec=codec)
             self._install([*self._state.segments, segment], manifest, next_uid=uid + 1)
-            big = self._merge_locked(min(LOCKED_MERGE_ROWS, merge_limit or LOCKED_MERGE_ROWS))
-        if big and (merge_limit is None or merge_limit > LOCKED_MERGE_ROWS):
-            self._merge_unlocked(merge_limit)
+            self._merge_locked(min(LOCKED_MERGE_ROWS, merge_limit or LOCKED_MERGE_ROWS))
+        if not nested:
+            self.merge(merge_limit)
+
+    def merge(self, limit: int | None = None) -> None:
+        """Run the merges the policy asks for, up to ``limit`` rows each (None: any size);
+        those above LOCKED_MERGE_ROWS are built outside the commit lock."""
+        with self.writing():
+            big = self._merge_locked(min(LOCKED_MERGE_ROWS, limit or LOCKED_MERGE_ROWS))
+        if big and (limit is None or limit > LOCKED_MERGE_ROWS):
+            self._merge_unlocked(limit)
 
     def _empty_manifest(self) -> StoreManifest:
         plan = plan_index(0, self.dim, self.memory_budget)
@@ -450,6 +465,25 @@ class VectorStore:
                 order = [*self._state.segments[:start], merged, *self._state.segments[start + len(wanted):]]
                 self._install(order, self._manifest)
                 return True
+        return False
+
+    def compact(self) -> bool:
+        """Merge every segment into one, dropping dead rows and spent deletes (the codec
+        stays; see :meth:`rebuild` for re-planning). Returns False when already compact."""
+        with self.writing():
+            inputs = list(self._state.segments)
+            rows = sum(len(s) for s in inputs)
+            if len(inputs) <= 1 and rows == self._state.alive_count and not any(len(s.deletes) for s in inputs):
+                return False
+            alive = dict(self._state.alive)
+            uid = self._manifest.next_uid
+            self._install(inputs, self._manifest, next_uid=uid + 1)  # reserve the uid
+        merged = self._write_merged(uid, inputs, alive, drop_deletes=True)
+        with self.writing():
+            if self._replace(inputs, merged):
+                return True
+        for name in merged.file_names():
+            (self.segments_dir / name).unlink(missing_ok=True)
         return False
 
     # --- planning, rebuilding, tuning -------------------------------------------------

@@ -1,0 +1,145 @@
+"""Writes that touch both the catalogue and the vector store, in the order that keeps them consistent.
+
+The vector store holds the vectors (durably: the index is rebuilt from them); the
+catalogue says which images are indexed. Every write holds the store's commit
+lock from reading the products' fields to marking the images, so concurrent
+writers (a batch ``index`` run and API calls) never interleave halfway:
+
+- new vectors go to the store first, then their images are marked ``indexed``:
+  a crash in between leaves vectors of images still ``pending``, which searches
+  ignore and the next run re-embeds;
+- deletions leave the catalogue first, then the store: a crash in between leaves
+  vectors of images that no longer exist, which searches ignore and compaction drops.
+
+Either way no search ever shows an image the catalogue does not hold as indexed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from .catalogue import store as catalogue
+from .vectors import VectorRows, VectorStore, row_tokens
+
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image whose vector is ready to be committed."""
+
+    image_id: int
+    product_id: int
+    vector: np.ndarray
+    sha256: str
+    file_size: int | None
+    file_mtime_ns: int | None
+    width: int | None
+    height: int | None
+
+
+@dataclass
+class PendingWrites:
+    """What an indexing run has produced since its last commit."""
+
+    embedded: list[EmbeddedImage] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    refresh_products: set[int] = field(default_factory=set)  # filter fields changed
+
+    def __len__(self) -> int:
+        return len(self.embedded) + len(self.failed) + len(self.refresh_products)
+
+    def take(self) -> "PendingWrites":
+        taken = PendingWrites(self.embedded, self.failed, self.refresh_products)
+        self.embedded, self.failed, self.refresh_products = [], [], set()
+        return taken
+
+
+class CatalogueWriter:
+    """Commits to the catalogue and the vector store together.
+
+    Args:
+        session: a factory of catalogue sessions that commit on success.
+        store: the writable vector store.
+        merge_limit: the largest segment merge a commit may run (None: any).
+        lock_timeout: seconds to wait for another writer.
+    """
+
+    def __init__(self, session: Callable[[], contextlib.AbstractContextManager[Session]], store: VectorStore, *,
+                 merge_limit: int | None = None, lock_timeout: float = 30.0):
+        self._session = session
+        self.store = store
+        self.merge_limit = merge_limit
+        self.lock_timeout = lock_timeout
+
+    def commit(self, pending: PendingWrites) -> None:
+        """Store the vectors, then mark their images indexed (and the failures failed).
+
+        Raises:
+            WriterBusyError: another writer kept the lock.
+            OSError, SQLAlchemyError: the disk or the database refused (see the module doc
+                for what is then left behind, and why it is harmless).
+        """
+        if not len(pending):
+            return
+        with self.store.writing(self.lock_timeout):
+            with self._session() as session:
+                embedded = _still_existing(session, pending.embedded)
+                refresh = _refresh_pairs(session, pending.refresh_products, {e.image_id for e in embedded})
+                fields = catalogue.product_fields(
+                    session, [e.product_id for e in embedded] + [product for _, product in refresh])
+            refreshed_ids, refreshed_vectors = self.store.get_vectors([image for image, _ in refresh])
+            product_of = dict(refresh)
+            ids = [e.image_id for e in embedded] + refreshed_ids.tolist()
+            products = [e.product_id for e in embedded] + [product_of[i] for i in refreshed_ids.tolist()]
+            vectors = np.concatenate([np.stack([e.vector for e in embedded]) if embedded else
+                                      np.zeros((0, self.store.dim), np.float32), refreshed_vectors])
+            rows = VectorRows.build(
+                ids=ids, product_ids=products, vectors=vectors,
+                prices=[fields[p].price if p in fields else None for p in products],
+                tokens=[_tokens(fields.get(p)) for p in products], dim=self.store.dim,
+            )
+            # A failed image that used to be indexed must leave the store too.
+            self.store.commit(rows, [image_id for image_id, _ in pending.failed], merge_limit=self.merge_limit,
+                              lock_timeout=self.lock_timeout)
+            with self._session() as session:
+                catalogue.mark_indexed(session, [_image_columns(e) for e in embedded])
+                catalogue.mark_failed(session, pending.failed)
+        self.store.merge(self.merge_limit)
+
+    def delete_products(self, skus: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Delete products and their vectors. Returns (deleted SKUs, paths of their images)."""
+        with self.store.writing(self.lock_timeout):
+            with self._session() as session:
+                deleted, vector_ids, paths = catalogue.delete_products(session, skus)
+            if vector_ids:
+                self.store.commit(deletes=vector_ids, merge_limit=self.merge_limit, lock_timeout=self.lock_timeout)
+        self.store.merge(self.merge_limit)
+        return deleted, paths
+
+
+def _still_existing(session: Session, embedded: list[EmbeddedImage]) -> list[EmbeddedImage]:
+    # A product removed (API DELETE) while its images were being embedded stays removed.
+    existing = catalogue.existing_image_ids(session, [e.image_id for e in embedded])
+    return [e for e in embedded if e.image_id in existing]
+
+
+def _refresh_pairs(session: Session, product_ids: set[int], skip: set[int]) -> list[tuple[int, int]]:
+    if not product_ids:
+        return []
+    return [(image, product) for image, product in catalogue.indexed_images_of_products(session, product_ids)
+            if image not in skip]
+
+
+def _tokens(fields: catalogue.ProductFields | None) -> list[int]:
+    if fields is None:
+        return []
+    return row_tokens(category=fields.category, brand=fields.brand, attributes=fields.attributes)
+
+
+def _image_columns(image: EmbeddedImage) -> dict:
+    return {"id": image.image_id, "sha256": image.sha256, "file_size": image.file_size,
+            "file_mtime_ns": image.file_mtime_ns, "width": image.width, "height": image.height}
