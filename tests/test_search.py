@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from visualsearch.engine import Engine
 
 from visualsearch.errors import ConfigurationError, InvalidRequestError, ProductNotFoundError, UnsupportedImageError
 from visualsearch.images import Crop
-from visualsearch.indexing import index_manifest
-from visualsearch.search import SearchFilters, search_image, similar_products
+from visualsearch.search import search_image, similar_products
+from visualsearch.service import VisualSearch
+from visualsearch.vectors import SearchFilters
 
 from .conftest import make_image, write_catalogue
 
 
 @pytest.fixture
-def indexed(tiny_settings, small_catalogue) -> Engine:
-    index_manifest(Engine(tiny_settings), small_catalogue)
-    return Engine(tiny_settings, read_only=True)
+def indexed(tiny_settings, small_catalogue) -> VisualSearch:
+    VisualSearch(tiny_settings).index(small_catalogue)
+    return VisualSearch(tiny_settings, read_only=True)
 
 
 def test_own_image_comes_first_and_products_are_unique(indexed, small_catalogue):
@@ -32,15 +32,42 @@ def test_own_image_comes_first_and_products_are_unique(indexed, small_catalogue)
 
 def test_filters(indexed, small_catalogue):
     query = small_catalogue.parent / "img" / "p0-0.png"
-    hits = search_image(indexed, query, top_k=10, filters=SearchFilters(category="BAGS")).hits
+    hits = search_image(indexed, query, top_k=10, filters=SearchFilters.build(category="BAGS")).hits
     assert {hit.category for hit in hits} == {"bags"} and len(hits) == 4
-    hits = search_image(indexed, query, top_k=10, filters=SearchFilters(brand="Globex", max_price=90)).hits
+    hits = search_image(indexed, query, top_k=10, filters=SearchFilters.build(brand="Globex", max_price=90)).hits
     assert {hit.sku for hit in hits} == {"P6", "P7", "P8"}
-    hits = search_image(indexed, query, top_k=10, filters=SearchFilters(min_price=115)).hits
+    hits = search_image(indexed, query, top_k=10, filters=SearchFilters.build(min_price=115)).hits
     assert [hit.sku for hit in hits] == ["P11"]
-    assert search_image(indexed, query, filters=SearchFilters(category="none-such")).hits == []
+    assert search_image(indexed, query, filters=SearchFilters.build(category="none-such")).hits == []
+    hits = search_image(indexed, query, top_k=12, filters=SearchFilters.build(category="bags|HATS")).hits
+    assert {hit.category for hit in hits} == {"bags", "hats"} and len(hits) == 8
+    reds = {f"P{n}" for n in range(12) if indexed.product(f"P{n}").attributes["colour"] == "red"}
+    hits = search_image(indexed, query, top_k=12, filters=SearchFilters.build(attributes={"Colour": "RED"})).hits
+    assert {hit.sku for hit in hits} == reds
     with pytest.raises(InvalidRequestError):
-        SearchFilters(min_price=10, max_price=5)
+        SearchFilters.build(min_price=10, max_price=5)
+
+
+def test_non_ascii_filters_match_case_insensitively(tiny_settings, tmp_path):
+    """SQLite's lower() folded ASCII only: "Électronique" never matched "électronique"."""
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    rows = []
+    for number, (category, brand) in enumerate([("Électronique", "Öko"), ("ÉLECTRONIQUE", "ÖKO"),
+                                                 ("Straße", "Acme"), ("Maison", "Öko")]):
+        make_image(folder / f"{number}.png", seed=number)
+        rows.append({"sku": f"U{number}", "image": f"{number}.png", "category": category, "brand": brand})
+    vs = VisualSearch(tiny_settings)
+    vs.index(write_catalogue(folder, rows))
+    query = folder / "0.png"
+
+    def skus(**filters):
+        return {hit.sku for hit in vs.search(query, filters=SearchFilters.build(**filters)).hits}
+
+    assert skus(category="électronique") == {"U0", "U1"}
+    assert skus(brand="öko") == {"U0", "U1", "U3"}
+    assert skus(category="STRASSE") == {"U2"}  # full casefolding: ß == ss
+    assert skus(category="électronique", brand="Öko") == {"U0", "U1"}
 
 
 def test_selective_filter_still_returns_top_k(tiny_settings, tmp_path):
@@ -52,12 +79,12 @@ def test_selective_filter_still_returns_top_k(tiny_settings, tmp_path):
         make_image(folder / "img" / f"{number}.png", seed=1000 + number, size=32)
         rows.append({"sku": f"S{number}", "image": f"img/{number}.png",
                      "category": "rare" if number % 50 == 0 else "common"})
-    index_manifest(Engine(tiny_settings), write_catalogue(folder, rows))
-    engine = Engine(tiny_settings, read_only=True)
+    VisualSearch(tiny_settings).index(write_catalogue(folder, rows))
+    vs = VisualSearch(tiny_settings, read_only=True)
     query = folder / "img" / "7.png"  # a "common" product: rare ones are far down its list
-    hits = search_image(engine, query, top_k=10, filters=SearchFilters(category="rare")).hits
+    hits = search_image(vs, query, top_k=10, filters=SearchFilters.build(category="rare")).hits
     assert len(hits) == 10 and {hit.category for hit in hits} == {"rare"}
-    unfiltered = search_image(engine, query, top_k=10).hits
+    unfiltered = search_image(vs, query, top_k=10).hits
     assert sum(hit.category == "rare" for hit in unfiltered) < 10
 
 
@@ -83,8 +110,8 @@ def test_bad_requests(indexed, small_catalogue, tmp_path):
 
 def test_search_on_an_empty_or_missing_catalogue(tiny_settings, tmp_path):
     with pytest.raises(ConfigurationError, match="visualsearch index"):
-        Engine(tiny_settings, read_only=True)
+        VisualSearch(tiny_settings, read_only=True)
     assert not tiny_settings.data_dir.exists()  # a reader creates nothing
-    Engine(tiny_settings)  # a writer creates the empty catalogue
+    VisualSearch(tiny_settings)  # a writer creates the empty catalogue
     query = make_image(tmp_path / "q.png", seed=5)
-    assert search_image(Engine(tiny_settings, read_only=True), query).hits == []
+    assert search_image(VisualSearch(tiny_settings, read_only=True), query).hits == []

@@ -156,17 +156,19 @@ def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: P
 def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]], *, total_images: int | None = None,
                   progress: Progress | None = None, embedding: ImageEmbedding | None = None,
                   wait: float = 0.0, exclusive: bool = True, merge_limit: int | None = None,
-                  flush_rows: int = FLUSH_ROWS) -> IndexingReport:
+                  flush_rows: int | None = None) -> IndexingReport:
     """Add or update products (already validated records, in chunks) and embed their images.
 
     Args:
         exclusive: hold the data directory's index-run lock (an API write does not:
             it may run beside a batch run).
         merge_limit: the largest segment merge to run inline (API writes keep it small).
+        flush_rows: commit every this many images (default FLUSH_ROWS).
 
     Other arguments, the result and the errors are those of :func:`index_manifest`.
     """
     started = time.perf_counter()
+    flush_rows = flush_rows or FLUSH_ROWS
     progress = progress or _NoProgress()
     report = IndexingReport()
     embedding = embedding or CnnEmbedding(vs)
