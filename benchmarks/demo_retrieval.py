@@ -1,4 +1,4 @@
-"""Retrieval quality and speed on the bundled demo catalogue, through the real engine.
+"""Retrieval quality and speed on the bundled demo catalogue, through the library's front door.
 
     python -m benchmarks.demo_retrieval [--backbone NAME] [--seeds 5]
 
@@ -52,31 +52,34 @@ def demo_rows(manifest: Path = DEMO_MANIFEST) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def shopper_ranks(engine, rows: list[dict], seed: int, manifest: Path = DEMO_MANIFEST) -> tuple[list[int], list[float]]:
-    """Rank (0 = first) of each image's own product for its shopper photo, and latencies in ms."""
-    from visualsearch.search import search_image
+def shopper_ranks(vs, rows: list[dict], seed: int, manifest: Path = DEMO_MANIFEST) -> tuple[list[int], list[float]]:
+    """Rank (0 = first) of each image's own product for its shopper photo, and latencies in ms.
 
+    ``vs`` is an open :class:`visualsearch.service.VisualSearch`.
+    """
     rng = random.Random(seed)
     ranks, latencies = [], []
     for row in rows:
         photo = shopper_photo(manifest.parent / row["image"], rng)
-        result = search_image(engine, photo, top_k=10)
+        result = vs.search(photo, top_k=10)
         skus = [hit.sku for hit in result.hits]
         ranks.append(skus.index(row["sku"]) if row["sku"] in skus else len(skus))
         latencies.append(result.took_ms["total"])
     return ranks, latencies
 
 
-def other_view_ranks(engine) -> tuple[list[int], list[int]]:
+def stored_vectors(vs, skus: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """(image ids, their stored vectors, sku of each image id) of these products' indexed images."""
+    sku_of = {image.id: sku for sku in skus for image in vs.product(sku).indexed_images}
+    ids, vectors = vs.store().get_vectors(list(sku_of))
+    return ids, vectors, sku_of
+
+
+def other_view_ranks(vs, rows: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """For every image of a multi-view product, with the image itself left out:
     the rank of its product among products, and the rank of each other view among images."""
-    from visualsearch.catalogue import store
-
-    with engine.sessions() as session:
-        ids, vectors = zip(*store.iter_embeddings(session))
-        ids, vectors = np.concatenate(ids), np.concatenate(vectors)
-        images = store.images_with_products(session, ids.tolist())
-        sku_of = {image_id: images[image_id].product.sku for image_id in ids.tolist()}
+    skus = list(dict.fromkeys(row["sku"] for row in (rows if rows is not None else demo_rows())))
+    ids, vectors, sku_of = stored_vectors(vs, skus)
     views = defaultdict(list)
     for image_id in ids.tolist():
         views[sku_of[image_id]].append(image_id)
@@ -120,29 +123,29 @@ def main() -> None:
     if args.resize or args.input_size:
         args.backbone = _preprocessing_variant(args.backbone, args.resize, args.input_size)
 
-    from visualsearch.engine import Engine
-
-    from visualsearch.indexing import index_manifest
+    from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
 
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(data_dir=Path(folder), backbone=args.backbone, threads=args.threads, workers=0)
         started = time.perf_counter()
-        report = index_manifest(Engine(settings), DEMO_MANIFEST)
+        report = VisualSearch(settings).index(DEMO_MANIFEST)
         index_seconds = time.perf_counter() - started
-        engine = Engine(settings, read_only=True)
+        vs = VisualSearch(settings, read_only=True)
         rows = demo_rows()
         firsts, top3s, latencies = [], [], []
         for seed in range(2026, 2026 + args.seeds):
-            ranks, times = shopper_ranks(engine, rows, seed)
+            ranks, times = shopper_ranks(vs, rows, seed)
             firsts.append(sum(rank == 0 for rank in ranks))
             top3s.append(sum(rank < 3 for rank in ranks))
             latencies += times
-        product_ranks, image_ranks = other_view_ranks(engine)
-        backbone = engine.embedder.identity.backbone
+        product_ranks, image_ranks = other_view_ranks(vs, rows)
+        backbone = vs.embedder.identity.backbone
+        index = vs.stats()["index"]
 
     n = len(rows)
-    print(f"backbone: {backbone}, {report.images} images of {report.products} products")
+    print(f"backbone: {backbone}, {report.images} images of {report.products} products, "
+          f"index {index['type']} ({index['vectors']} vectors in {index['segments']} segment(s))")
     print(f"indexing: {report.embedded} images in {index_seconds:.1f}s "
           f"({report.embedded / index_seconds:.1f} images/s, including model load)")
     print(f"shopper photos, own product first: {sum(firsts)}/{n * args.seeds} "

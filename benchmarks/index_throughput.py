@@ -47,9 +47,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from visualsearch.engine import Engine
-
-    from visualsearch.indexing import index_manifest
+    from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
 
     with tempfile.TemporaryDirectory() as folder:
@@ -57,16 +55,18 @@ def main() -> None:
         for workers in (int(value) for value in args.workers.split(",")):
             settings = Settings.from_env({}, data_dir=Path(folder) / f"data-{workers}", workers=workers,
                                          batch_size=args.batch_size, device=args.device)
-            engine = Engine(settings)
-            engine.embedder  # load the model outside the timing
+            vs = VisualSearch(settings)
+            vs.embedder  # load the model outside the timing
             started = time.perf_counter()
-            report = index_manifest(engine, manifest)
+            report = vs.index(manifest)
             seconds = time.perf_counter() - started
             stages = ", ".join(f"{name} {value:.1f}s" for name, value in report.stage_seconds.items())
+            index = vs.stats()["index"]
             print(f"workers {workers}, batch {settings.batch_size}: {report.embedded} images in {seconds:.1f}s "
-                  f"= {report.embedded / seconds:.1f} images/s (main-process time: {stages})")
+                  f"= {report.embedded / seconds:.1f} images/s (main-process time: {stages}); "
+                  f"index {index['type']}, {index['segments']} segment(s)")
             rerun = time.perf_counter()
-            again = index_manifest(engine, manifest)
+            again = vs.index(manifest)
             print(f"  re-run (all unchanged): {again.unchanged} skipped in {time.perf_counter() - rerun:.2f}s")
 
 

@@ -16,10 +16,8 @@ from werkzeug.serving import make_server
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from visualsearch.engine import Engine  # noqa: E402
-
 from benchmarks.demo_retrieval import DEMO_MANIFEST, shopper_photo  # noqa: E402
-from visualsearch.indexing import index_manifest  # noqa: E402
+from visualsearch.service import VisualSearch  # noqa: E402
 from visualsearch.settings import Settings  # noqa: E402
 from web import create_app  # noqa: E402
 
@@ -29,7 +27,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(data_dir=Path(folder) / "data", workers=0)
-        index_manifest(Engine(settings), DEMO_MANIFEST)
+        VisualSearch(settings).index(DEMO_MANIFEST)
         photo = Path(folder) / "snapshot.jpg"
         photo.write_bytes(shopper_photo(DEMO_MANIFEST.parent / "images" / "saleor-white-plimsolls-2.jpg",
                                         random.Random(7)))

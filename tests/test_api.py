@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 import threading
 
 import pytest
 from PIL import Image
-from visualsearch.engine import Engine
 from werkzeug.serving import make_server
 
-from visualsearch.indexing import index_manifest
+from visualsearch.results import RemoveResult
+from visualsearch.service import VisualSearch
 from web import create_app
 
-from .conftest import make_image, write_catalogue
+from .conftest import TINY, make_image, write_catalogue
 
 
 @pytest.fixture
 def app(tiny_settings, small_catalogue):
-    index_manifest(Engine(tiny_settings), small_catalogue)
+    VisualSearch(tiny_settings).index(small_catalogue)
     return create_app({"TESTING": True}, settings=tiny_settings)
 
 
@@ -53,6 +54,83 @@ def test_filters_and_crop(client, small_catalogue):
     assert {r["sku"] for r in body["results"]} == {"P5", "P8", "P11"}
     cropped = client.post("/api/v1/search", data=upload(query, crop="0,0,20,20", top_k="2"))
     assert cropped.status_code == 200 and len(cropped.get_json()["results"]) == 2
+
+
+def catalogue_rows(manifest) -> dict[str, dict]:
+    """The manifest's products by sku (two rows per product carry the same fields)."""
+    with open(manifest, newline="") as handle:
+        return {row["sku"]: row for row in csv.DictReader(handle)}
+
+
+def test_several_categories_and_attribute_filters(client, small_catalogue):
+    products = catalogue_rows(small_catalogue)
+    query = small_catalogue.parent / "img" / "p0-0.png"
+
+    def skus(**fields):
+        response = client.post("/api/v1/search", data=upload(query, top_k="100", **fields))
+        assert response.status_code == 200, response.get_json()
+        return {hit["sku"] for hit in response.get_json()["results"]}
+
+    hats_or_bags = {sku for sku, row in products.items() if row["category"] in ("hats", "bags")}
+    assert len(hats_or_bags) == 8 and skus(category="hats|bags") == hats_or_bags
+    assert skus(category="HATS | Bags") == hats_or_bags  # case-insensitive, spaces trimmed
+    red = {sku for sku, row in products.items() if row["colour"] == "red"}
+    assert 0 < len(red) < 12 and skus(colour="red") == red
+    assert skus(colour="Red|BLUE") == set(products)
+    red_shoes = {sku for sku in red if products[sku]["category"] == "shoes"}
+    assert skus(colour="red", category="shoes") == red_shoes
+    assert skus(colour="green") == set() and skus(material="leather") == set()
+    # The same filters on "more like this".
+    similar = client.get("/api/v1/products/P0/similar?top_k=100&colour=red&category=hats|bags").get_json()
+    assert {hit["sku"] for hit in similar["results"]} == red & hats_or_bags - {"P0"}
+
+
+def test_non_ascii_categories_match_case_insensitively(tiny_settings, tmp_path):
+    folder = tmp_path / "unicode"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for number, category in enumerate(["Électronique", "Électronique", "Maison", "Straße"]):
+        make_image(folder / "img" / f"u{number}.png", seed=500 + number)
+        rows.append({"sku": f"U{number}", "image": f"img/u{number}.png", "category": category,
+                     "matière": "Cuir" if number % 2 else "Bois"})
+    VisualSearch(tiny_settings).index(write_catalogue(folder, rows))
+    client = create_app({"TESTING": True}, settings=tiny_settings).test_client()
+    query = folder / "img" / "u2.png"
+
+    def skus(**fields):
+        response = client.post("/api/v1/search", data=upload(query, **fields))
+        assert response.status_code == 200, response.get_json()
+        return {hit["sku"] for hit in response.get_json()["results"]}
+
+    assert skus(category="électronique") == {"U0", "U1"}
+    assert skus(category="ÉLECTRONIQUE|maison") == {"U0", "U1", "U2"}
+    assert skus(category="STRASSE") == {"U3"}  # full Unicode casefolding, not lower()
+    assert skus(category="electronique") == set()  # accents are not folded away
+    assert skus(matière="cuir") == {"U1", "U3"}
+
+
+def test_the_app_sees_writes_made_by_another_process(client, tiny_settings, small_catalogue, tmp_path):
+    """An index or remove run from the CLI (another VisualSearch on the same data directory)
+    shows in the running app's next request, with no restart."""
+    query = small_catalogue.parent / "img" / "p3-0.png"
+    assert client.post("/api/v1/search", data=upload(query, top_k="1")).get_json()["results"][0]["sku"] == "P3"
+    other = VisualSearch(tiny_settings)
+    assert other.remove(["P3", "NOPE"]) == RemoveResult(removed=["P3"], unknown=["NOPE"])
+    (tmp_path / "late").mkdir()
+    photo = make_image(tmp_path / "late" / "late.png", seed=777)
+    other.index(write_catalogue(tmp_path / "late", [{"sku": "LATE", "image": "late.png", "category": "hats"}]))
+    hits = client.post("/api/v1/search", data=upload(query, top_k="100")).get_json()["results"]
+    assert "P3" not in {hit["sku"] for hit in hits} and len(hits) == 12
+    assert client.get("/api/v1/products/P3").status_code == 404
+    assert client.post("/api/v1/search", data=upload(photo, top_k="1")).get_json()["results"][0]["sku"] == "LATE"
+    health = client.get("/api/v1/health").get_json()
+    assert health["products"] == 12 and health["indexed_images"] == 23 and health["index"]["vectors"] == 23
+    # Compacting and rebuilding the index elsewhere changes no answer either.
+    other.compact(force=True)
+    other.rebuild_index()
+    again = client.post("/api/v1/search", data=upload(query, top_k="100")).get_json()["results"]
+    assert [hit["sku"] for hit in again] == [hit["sku"] for hit in hits]
+    assert client.get("/api/v1/health").get_json()["index"]["vectors"] == 23
 
 
 @pytest.mark.parametrize("fields, code", [
@@ -96,6 +174,10 @@ def test_product_similar_health_metrics(client):
     assert client.get("/api/v1/products/P3/similar?top_k=x").status_code == 400
     health = client.get("/api/v1/health").get_json()
     assert health["status"] == "ok" and health["products"] == 12 and health["indexed_images"] == 24
+    assert health["backbone"] == TINY
+    assert health["index"]["vectors"] == 24 and health["index"]["type"]
+    assert set(health) == {"status", "products", "indexed_images", "backbone", "index"}
+    assert set(health["index"]) == {"type", "vectors", "recall_at_10"}
     assert client.get("/api/v1/nothing-here").get_json()["error"]["code"] == "not_found"
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "visualsearch_http_requests_total" in metrics
@@ -157,7 +239,7 @@ def test_review_regressions(client, tiny_settings, tmp_path, small_catalogue):
     folder.mkdir()
     secret = folder / "secret.txt"
     secret.write_text("password")
-    index_manifest(Engine(tiny_settings), write_catalogue(folder, [
+    VisualSearch(tiny_settings).index(write_catalogue(folder, [
         {"sku": "EVIL", "image": str(secret)}, {"sku": "A/B-1", "image": str(query)}]))
     images = client.get("/api/v1/products/EVIL").get_json()["images"]
     assert images[0]["status"] == "failed"
@@ -179,7 +261,7 @@ def writer_client(tiny_settings, small_catalogue):
     from dataclasses import replace
 
     settings = replace(tiny_settings, api_key="s3cret")
-    index_manifest(Engine(settings), small_catalogue)
+    VisualSearch(settings).index(small_catalogue)
     return create_app({"TESTING": True}, settings=settings).test_client()
 
 
@@ -203,6 +285,8 @@ def test_put_and_delete_a_product(writer_client, small_catalogue, tmp_path):
     assert created.status_code == 201 and created.get_json()["indexing"]["embedded"] == 1
     hits = client.post("/api/v1/search", data=upload(photo, top_k="1")).get_json()["results"]
     assert hits[0]["sku"] == "NEW-1"
+    health = client.get("/api/v1/health").get_json()
+    assert health["products"] == 13 and health["indexed_images"] == 25 and health["index"]["vectors"] == 25
     # A bad upload is refused and changes nothing.
     before = client.get("/api/v1/health").get_json()
     bad = client.put("/api/v1/products/BAD", headers=AUTH, data={
@@ -217,5 +301,18 @@ def test_put_and_delete_a_product(writer_client, small_catalogue, tmp_path):
     assert client.delete("/api/v1/products/NEW-1", headers=AUTH).get_json() == {"removed": "NEW-1"}
     assert client.get("/api/v1/products/NEW-1").status_code == 404
     assert client.delete("/api/v1/products/NEW-1", headers=AUTH).status_code == 404
+    health = client.get("/api/v1/health").get_json()
+    assert health["products"] == 12 and health["indexed_images"] == 24 and health["index"]["vectors"] == 24
     hits = client.post("/api/v1/search", data=upload(photo, top_k="1")).get_json()["results"]
     assert hits[0]["sku"] != "NEW-1"
+
+
+def test_serving_a_data_dir_that_was_never_indexed(tiny_settings, small_catalogue):
+    client = create_app({"TESTING": True}, settings=tiny_settings).test_client()
+    health = client.get("/api/v1/health")
+    assert health.status_code == 503 and health.get_json()["error"]["code"]
+    assert "visualsearch index" in health.get_json()["error"]["message"]
+    query = small_catalogue.parent / "img" / "p0-0.png"
+    assert client.post("/api/v1/search", data=upload(query)).status_code == 503
+    assert client.get("/").status_code == 503
+    assert not tiny_settings.data_dir.exists()  # serving never creates a catalogue

@@ -6,15 +6,14 @@ from dataclasses import replace
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from visualsearch.engine import Engine
 
-from visualsearch.indexing import index_manifest
+from visualsearch.service import VisualSearch
 from web import create_app
 
 
 def test_no_generated_request_makes_a_server_error(tiny_settings, small_catalogue):
     configured = replace(tiny_settings, api_key="fuzz-key")
-    index_manifest(Engine(configured), small_catalogue)
+    VisualSearch(configured).index(small_catalogue)
     app = create_app({"TESTING": True}, settings=configured)
     schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]

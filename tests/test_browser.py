@@ -70,10 +70,27 @@ def test_upload_a_photo_and_open_a_result(page, live_server, tmp_path):
     page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
     assert page.locator("#results .card").count() == 5
 
+    # The price range narrows it further (every paint costs 15.00).
+    page.fill("input[name=max_price]", "10")
+    page.dispatch_event("input[name=max_price]", "change")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('No products match')")
+    assert page.locator("#results .card").count() == 0
+    page.fill("input[name=max_price]", "")
+    page.dispatch_event("input[name=max_price]", "change")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
+
     first = page.locator("#results .card").first
     first.click()
     page.wait_for_url("**/products/*")
     assert page.locator("h2", has_text="More like this").is_visible()
+
+
+def test_the_filters_offer_the_catalogue_facets(page, live_server):
+    page.goto(live_server + "/")
+    categories = page.locator("select[name=category] option").all_inner_texts()
+    assert categories == ["any", "Alcohol", "Footwear", "Homewares", "Hoodies", "Juices", "Paints",
+                          "Polo Shirts", "T-shirts"]
+    assert page.locator("select[name=brand] option").all_inner_texts() == ["any", "Saleor"]
 
 
 def test_a_non_image_shows_an_error(page, live_server, tmp_path):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import random
+import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -78,7 +82,7 @@ def test_failed_images_are_listed_and_strict_exits_1(run, tmp_path):
 def test_commands_on_a_missing_data_dir_create_nothing(run, small_catalogue, tmp_path):
     query = str(small_catalogue.parent / "img" / "p1-0.png")
     typo = tmp_path / "typo"
-    for args in (("search", query), ("stats",), ("remove", "P1")):
+    for args in (("search", query), ("stats",), ("remove", "P1"), ("compact",), ("rebuild-index",)):
         result = run(*args, "--data-dir", str(typo))
         assert result.exit_code == 1 and "visualsearch index" in result.output
     assert not typo.exists()
@@ -109,3 +113,75 @@ def test_wrong_backbone_for_an_existing_index(run, small_catalogue):
 def test_backbones_lists_the_registry(run):
     output = run("backbones").stdout
     assert "efficientnet_lite0" in output and "resnet50" in output and TINY not in output
+
+
+def test_search_with_attribute_filters(run, small_catalogue):
+    run("index", str(small_catalogue))
+    query = str(small_catalogue.parent / "img" / "p7-0.png")
+
+    def skus(*args: str) -> set[str]:
+        result = run("search", query, "-k", "100", "--json", *args)
+        assert result.exit_code == 0, result.output
+        return {hit["sku"] for hit in json.loads(result.stdout)["results"]}
+
+    red = {f"P{number}" for number in range(12) if random.Random(number).choice(["red", "blue"]) == "red"}
+    assert 0 < len(red) < 12
+    assert skus("--filter", "colour=red") == red
+    assert skus("--filter", "COLOUR=Red|blue") == {f"P{number}" for number in range(12)}
+    assert skus("--filter", "colour=red", "--category", "hats|bags") == {
+        sku for sku in red if int(sku[1:]) % 3 != 0}
+    assert skus("--filter", "colour=green") == set()
+    assert run("search", query, "--filter", "colour").exit_code == 2
+    assert run("search", query, "--filter", "=red").exit_code == 2
+
+
+def test_compact_and_rebuild_index_print_json(run, small_catalogue):
+    run("index", str(small_catalogue))
+    assert "removed 2 product" in run("remove", "P1", "P2").stdout
+    compacted = run("compact", "--json")
+    assert compacted.exit_code == 0, compacted.output
+    outcome = json.loads(compacted.stdout)
+    assert outcome["vectors"] == 20 and isinstance(outcome["rebuilt"], bool) and outcome["index_type"]
+    forced = json.loads(run("compact", "--force", "--json").stdout)
+    assert forced["rebuilt"] is True and forced["vectors"] == 20
+    rebuilt = run("rebuild-index", "--json")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    outcome = json.loads(rebuilt.stdout)
+    assert outcome["rebuilt"] is True and outcome["vectors"] == 20 and outcome["index_type"]
+    assert json.loads(run("stats", "--json").stdout)["index"]["vectors"] == 20
+    # Searches still find what is left, and nothing of what was removed.
+    query = str(small_catalogue.parent / "img" / "p3-1.png")
+    results = json.loads(run("search", query, "-k", "100", "--json").stdout)["results"]
+    assert results[0]["sku"] == "P3" and len(results) == 10
+    assert {"P1", "P2"}.isdisjoint(hit["sku"] for hit in results)
+    text = run("compact")
+    assert text.exit_code == 0 and "vectors: 20" in text.stdout
+
+
+@pytest.fixture
+def index_lock(run, small_catalogue, tmp_path):
+    """DATA_DIR/.index.lock, held the way another ``visualsearch index`` run holds it."""
+    run("index", str(small_catalogue))
+    with open(tmp_path / "data" / ".index.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield handle
+
+
+def test_index_while_another_run_holds_the_lock(run, small_catalogue, index_lock):
+    assert run("index", str(small_catalogue), "--wait", "-1").exit_code == 2
+    busy = run("index", str(small_catalogue), "--wait", "0")
+    assert busy.exit_code == 1
+    message = busy.output.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "another 'visualsearch index' run" in message and "--wait" in message
+    started = time.monotonic()
+    assert run("index", str(small_catalogue), "--wait", "0.5").exit_code == 1
+    assert time.monotonic() - started >= 0.5
+    # Searches go on meanwhile.
+    query = str(small_catalogue.parent / "img" / "p4-0.png")
+    assert json.loads(run("search", query, "--json").stdout)["results"][0]["sku"] == "P4"
+    # With a long enough wait, the run starts once the other one lets go.
+    threading.Timer(0.5, fcntl.flock, (index_lock, fcntl.LOCK_UN)).start()
+    waited = run("index", str(small_catalogue), "--wait", "30", "--json")
+    assert waited.exit_code == 0, waited.output
+    assert json.loads(waited.stdout)["unchanged"] == 24

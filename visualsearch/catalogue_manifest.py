@@ -173,7 +173,7 @@ def iter_manifest_records(path: str | Path, *,
     for line, row in _read_rows(path):
         checked = _check_row_or_raise(path, line, row)
         # Only end a chunk between two different SKUs, so adjacent rows stay together.
-        if rows_in_chunk >= chunk_rows:
+        if rows_in_chunk >= chunk_rows and checked.sku != last_sku:
             yield list(chunk.values())
             chunk, rows_in_chunk = {}, 0
         _apply_row(chunk, row, checked, line, base)

@@ -8,11 +8,15 @@ index" (https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-i
   scan reads ``count * dim * 4`` bytes, and on the reference 2-core machine numpy
   reads ~25 GB/s from RAM (20,000 x 1280 floats: 2.2 ms), so up to
   :data:`EXACT_SCAN_BYTES` we scan;
-- beyond that an inverted file (IVF) with ``nlist`` about 4 * sqrt(count) lists,
-  codes of 8-bit scalar quantization (SQ8) of the full vector while they fit the
-  memory budget, else of a PCA-reduced vector (PCA halves the bytes and the code
-  scan time, at a recall cost the exact re-ranking from the stored float32 vectors
-  wins back), and the candidates re-ranked exactly.
+- beyond that an inverted file (IVF) with ``nlist`` about 2 * sqrt(count) lists
+  (at most :data:`MAX_NLIST`: on a CPU, assigning every vector to one of more lists
+  costs more build time than the shorter lists save at query time), 8-bit scalar
+  quantized (SQ8) codes of the vector reduced by PCA to at most :data:`CODE_DIM`
+  dimensions (smaller when the codes would not fit the memory budget), and the
+  candidates re-ranked exactly from the stored float32 vectors. PCA makes k-means,
+  list assignment and the code scan cheaper in proportion, and CNN embeddings keep
+  most of their variance in their first few hundred components; the re-ranking wins
+  back the precision the codes lose.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ EXACT_SCAN_BYTES = 64 * 1024**2
 MIN_ANN_SEGMENT_ROWS = 4096
 # The share of the memory budget the codes may take (ids, masks and caches need the rest).
 CODE_SHARE_OF_BUDGET = 0.7
-# PCA output sizes tried, largest (best recall) first, when full-size SQ8 does not fit.
-PCA_DIMS = (512, 256, 128, 64)
-MIN_NLIST, MAX_NLIST = 64, 65536
+# The largest code dimension; PCA output sizes tried below it, largest (best recall)
+# first, until the codes fit the memory budget.
+CODE_DIM = 256
+PCA_DIMS = (256, 128, 64, 32)
+MIN_NLIST, MAX_NLIST = 64, 4096
 # Re-plan (train a new codec) once the catalogue has grown or shrunk this much
 # since the codec was planned: nlist then no longer suits the list lengths.
 REPLAN_FACTOR = 4
@@ -79,12 +85,13 @@ def plan_index(count: int, dim: int, memory_budget: int) -> IndexPlan:
         return IndexPlan(kind="flat", dim=dim, planned_for=count)
     nlist = _nlist_for(count)
     code_budget = memory_budget * CODE_SHARE_OF_BUDGET / count
-    for reduce_dim in (None, *[d for d in PCA_DIMS if d < dim]):
+    choices = ([None] if dim <= CODE_DIM else []) + [d for d in PCA_DIMS if d < dim]
+    for reduce_dim in choices:
         code_bytes = reduce_dim or dim  # SQ8: one byte per dimension
         if code_bytes <= code_budget:
             return IndexPlan(kind="ivf", dim=dim, planned_for=count, nlist=nlist,
                              reduce_dim=reduce_dim, encoding="SQ8", code_bytes=code_bytes)
-    smallest = min(PCA_DIMS[-1], dim)
+    smallest = min(PCA_DIMS[-1], dim)  # the last choice tried
     raise ValueError(
         f"{count:,} vectors need at least {count * smallest / CODE_SHARE_OF_BUDGET / 1024**3:.1f} GiB "
         f"of index memory; raise VISUALSEARCH_INDEX_MEMORY (now {memory_budget / 1024**3:.1f} GiB)"
@@ -92,9 +99,13 @@ def plan_index(count: int, dim: int, memory_budget: int) -> IndexPlan:
 
 
 def _nlist_for(count: int) -> int:
-    """A power of two near 4 * sqrt(count), within [MIN_NLIST, MAX_NLIST], and at
-    most count / 39 so that k-means has the 39 points per centroid FAISS asks for."""
-    target = 4 * math.sqrt(count)
+    """A power of two near 2 * sqrt(count), within [MIN_NLIST, MAX_NLIST], and at
+    most count / 39 so that k-means has the 39 points per centroid FAISS asks for.
+
+    The FAISS wiki suggests 4-16 * sqrt(count) for the fastest queries; fewer, longer
+    lists cost a little more per probe but train and assign much faster on a CPU, and
+    the tuned ``nprobe`` compensates."""
+    target = 2 * math.sqrt(count)
     nlist = 2 ** round(math.log2(max(target, 1)))
     while nlist > MIN_NLIST and nlist * 39 > count:
         nlist //= 2
