@@ -299,11 +299,12 @@ class VisualSearch:
         store = self.store()
         if store is None:
             return {"rebuilt": False, "removed_files": []}
-        rebuilt = force or store.needs_rebuild()
-        if rebuilt:
+        codec_before = store.manifest.codec if store.manifest else None
+        if force:
             store.rebuild()
-        else:
+        elif store.maintain() != "rebuild":
             store.compact()
+        rebuilt = force or store.manifest.codec != codec_before
         return {"rebuilt": rebuilt, "removed_files": store.collect_leftovers(), **self._index_summary(store)}
 
     def rebuild_index(self, *, plan: IndexPlan | None = None) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
@@ -100,49 +100,93 @@ def upsert_products(session: Session, records: Sequence[ProductRecord]) -> Upser
     """Insert new products, update the fields the records give, add their new images as pending.
 
     Images the catalogue has but a record does not name are kept (a manifest adds, it
-    never deletes). A product whose fields are all unchanged is not written.
+    never deletes). A product whose fields are all unchanged is not written. Bulk
+    statements (no ORM objects): this runs for every row of a 10M-image manifest.
     """
-    existing: dict[str, Product] = {}
-    for chunk in _chunks([record.sku for record in records], IN_CHUNK):
-        for product in session.scalars(
-            select(Product).where(Product.sku.in_(chunk)).options(selectinload(Product.images))
+    records = _merge_duplicates(records)
+    existing: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(list(records), IN_CHUNK):
+        for row in session.execute(
+            select(Product.id, Product.sku, *[getattr(Product, name) for name in FIELD_NAMES], Product.attributes)
+            .where(Product.sku.in_(chunk))
         ):
-            existing[product.sku] = product
-    changed: set[int] = set()
+            existing[row.sku] = dict(row._mapping)
+    inserts, updates, changed = [], [], set()
+    for sku, record in records.items():
+        current = existing.get(sku)
+        if current is None:
+            inserts.append({"sku": sku, **{name: getattr(record, name) for name in FIELD_NAMES},
+                            "attributes": dict(record.attributes)})
+            continue
+        update_row, filter_changed = _field_changes(current, record)
+        if update_row:
+            updates.append({"id": current["id"], **update_row})
+        if filter_changed:
+            changed.add(current["id"])
+    if updates:
+        session.execute(update(Product), updates)
+    product_ids = {sku: row["id"] for sku, row in existing.items()}
+    for chunk in _chunks(inserts, IN_CHUNK):
+        session.execute(insert(Product), chunk)
+        for product_id, sku in session.execute(
+            select(Product.id, Product.sku).where(Product.sku.in_([row["sku"] for row in chunk]))
+        ):
+            product_ids[sku] = product_id
+    _add_new_images(session, records, product_ids)
+    return UpsertResult(product_ids, changed)
+
+
+def _merge_duplicates(records: Sequence[ProductRecord]) -> dict[str, ProductRecord]:
+    """One record per SKU (a chunk may name a SKU twice): later fields win, images add up."""
+    merged: dict[str, ProductRecord] = {}
     for record in records:
-        product = existing.get(record.sku)
-        if product is None:
-            product = existing[record.sku] = Product(sku=record.sku, attributes={}, images=[])
-            session.add(product)
-        if _apply_fields(product, record):
-            changed.add(product.id)
-        _add_images(product, record)
-    session.flush()
-    return UpsertResult({sku: product.id for sku, product in existing.items()}, changed)
+        first = merged.get(record.sku)
+        if first is None:
+            merged[record.sku] = ProductRecord(sku=record.sku, **{name: getattr(record, name) for name in FIELD_NAMES},
+                                               attributes=dict(record.attributes), images=list(record.images))
+            continue
+        for name in FIELD_NAMES:
+            if getattr(record, name) is not None:
+                setattr(first, name, getattr(record, name))
+        first.attributes.update(record.attributes)
+        first.images += [path for path in record.images if path not in first.images]
+    return merged
 
 
-def _apply_fields(product: Product, record: ProductRecord) -> bool:
-    """Copy the record's given fields; True when a filter field of an existing product changed."""
-    filter_changed = False
+def _field_changes(current: dict[str, Any], record: ProductRecord) -> tuple[dict[str, Any], bool]:
+    """(the columns to update, whether a field the vector store filters on changed)."""
+    changes: dict[str, Any] = {}
     for name in FIELD_NAMES:
         value = getattr(record, name)
-        if value is not None and getattr(product, name) != value:
-            filter_changed |= name in FILTER_FIELDS and product.id is not None
-            setattr(product, name, value)
+        if value is not None and current[name] != value:
+            changes[name] = value
     if record.attributes:
-        merged = {**(product.attributes or {}), **record.attributes}
-        if merged != (product.attributes or {}):
-            filter_changed |= product.id is not None
-            product.attributes = merged
-    return filter_changed
+        merged = {**(current["attributes"] or {}), **record.attributes}
+        if merged != (current["attributes"] or {}):
+            changes["attributes"] = merged
+    if changes:
+        changes["updated_at"] = datetime.now(timezone.utc)
+    return changes, any(name in FILTER_FIELDS for name in changes)
 
 
-def _add_images(product: Product, record: ProductRecord) -> None:
-    known = {image.path for image in product.images}
-    for path in record.images:
-        if str(path) not in known:
-            product.images.append(ProductImage(path=str(path), position=len(product.images)))
-            known.add(str(path))
+def _add_new_images(session: Session, records: dict[str, ProductRecord], product_ids: dict[str, int]) -> None:
+    known: dict[int, set[str]] = {}
+    for chunk in _chunks(list(product_ids.values()), IN_CHUNK):
+        for product_id, path in session.execute(
+            select(ProductImage.product_id, ProductImage.path).where(ProductImage.product_id.in_(chunk))
+        ):
+            known.setdefault(product_id, set()).add(path)
+    new_images = []
+    for sku, record in records.items():
+        product_id = product_ids[sku]
+        paths = known.setdefault(product_id, set())
+        for path in map(str, record.images):
+            if path not in paths:
+                new_images.append({"product_id": product_id, "path": path, "position": len(paths),
+                                   "status": ImageStatus.PENDING})
+                paths.add(path)
+    for chunk in _chunks(new_images, IN_CHUNK * 4):
+        session.execute(insert(ProductImage), chunk)
 
 
 def get_product(session: Session, sku: str) -> Product:

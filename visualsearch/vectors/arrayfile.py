@@ -72,6 +72,7 @@ class ArrayFileBuilder:
         with open(self.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.tmp, self.path)
+        _fsync_directory(self.path.parent)  # the rename is durable once the entry is on disk
         return self.size
 
     def abort(self) -> None:
@@ -127,3 +128,11 @@ def read_array_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         else:
             arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=begin, shape=shape)
     return arrays, header["meta"]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -117,8 +117,10 @@ class Codec:
         template = faiss.read_index(str(directory / f"codec-{codec_id}.ivf"))
         pca = None
         if plan.reduce_dim:
-            pca = faiss.downcast_VectorTransform(faiss.read_VectorTransform(str(directory / f"codec-{codec_id}.pca")))
-        return cls(codec_id, plan, faiss.downcast_index(template), pca)
+            pca = faiss.read_VectorTransform(str(directory / f"codec-{codec_id}.pca"))
+        # FAISS's Python readers return the concrete class already; downcasting again would
+        # make a second, non-owning proxy while the owning one is freed with the index.
+        return cls(codec_id, plan, template, pca)
 
 
 def _write_atomic(write, path: Path) -> None:
@@ -128,6 +130,11 @@ def _write_atomic(write, path: Path) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)  # make the rename durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -140,7 +147,7 @@ def write_ann(index: faiss.IndexIVF, path: Path) -> None:
 
 def read_ann(path: Path) -> faiss.IndexIVF:
     # IO_FLAG_MMAP_IFC maps the inverted lists: every server worker shares the pages.
-    return faiss.downcast_index(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC))
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
 
 
 def search_segment(index: faiss.IndexIVF, reduced: np.ndarray, coarse: tuple[np.ndarray, np.ndarray], k: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -27,8 +28,12 @@ MAX_FILTER_TEXT = 1000
 
 
 def fold(text: str) -> str:
-    """The comparison key of a filter value: Unicode casefolding, outer spaces dropped."""
-    return str(text).strip().casefold()
+    """The comparison key of a filter value: NFKC-normalised, casefolded, outer spaces dropped.
+
+    Normalising first makes a decomposed "E\u0301" (macOS file names, some CSV exports)
+    equal to "É"; normalising again after casefolding is Unicode's caseless matching.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", str(text)).casefold().strip())
 
 
 def token(field_name: str, value: Any) -> int:

@@ -118,7 +118,8 @@ def read_store_manifest(directory: Path) -> StoreManifest | None:
 def write_store_manifest(directory: Path, manifest: StoreManifest) -> None:
     """Replace the manifest atomically (readers see the old or the new one)."""
     path = directory / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+    # The pid in the name lets collect_leftovers tell a dead writer's file from a live one's.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.", suffix=f".{os.getpid()}.tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(manifest.to_json())
@@ -128,10 +129,10 @@ def write_store_manifest(directory: Path, manifest: StoreManifest) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     # The rename is durable only once the directory entry is on disk.
     fd = os.open(directory, os.O_RDONLY)
     try:

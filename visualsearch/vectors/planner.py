@@ -36,6 +36,9 @@ CODE_SHARE_OF_BUDGET = 0.7
 # first, until the codes fit the memory budget.
 CODE_DIM = 256
 PCA_DIMS = (256, 128, 64, 32)
+# Code sizes to fall back on, smallest first, when a catalogue's vectors keep too little
+# of their neighbourhoods under PCA for the target recall (isotropic data does that).
+ESCALATION_DIMS = (32, 64, 128, 256, 512)
 MIN_NLIST, MAX_NLIST = 64, 4096
 # Re-plan (train a new codec) once the catalogue has grown or shrunk this much
 # since the codec was planned: nlist then no longer suits the list lengths.
@@ -93,9 +96,16 @@ def plan_index(count: int, dim: int, memory_budget: int) -> IndexPlan:
                              reduce_dim=reduce_dim, encoding="SQ8", code_bytes=code_bytes)
     smallest = min(PCA_DIMS[-1], dim)  # the last choice tried
     raise ValueError(
-        f"{count:,} vectors need at least {count * smallest / CODE_SHARE_OF_BUDGET / 1024**3:.1f} GiB "
-        f"of index memory; raise VISUALSEARCH_INDEX_MEMORY (now {memory_budget / 1024**3:.1f} GiB)"
+        f"{count:,} vectors need at least {_human(count * smallest / CODE_SHARE_OF_BUDGET)} of index memory; "
+        f"raise VISUALSEARCH_INDEX_MEMORY (now {_human(memory_budget)})"
     )
+
+
+def _human(size: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} bytes"
 
 
 def _nlist_for(count: int) -> int:
@@ -110,6 +120,21 @@ def _nlist_for(count: int) -> int:
     while nlist > MIN_NLIST and nlist * 39 > count:
         nlist //= 2
     return max(MIN_NLIST, min(MAX_NLIST, nlist))
+
+
+def escalate(plan: IndexPlan, memory_budget: int) -> IndexPlan | None:
+    """The next plan with more precise codes (less PCA reduction) that fits the budget,
+    for when tuning cannot reach the target recall with this one; None if there is none."""
+    if plan.kind != "ivf" or plan.reduce_dim is None:
+        return None
+    larger = [d for d in ESCALATION_DIMS if d > plan.reduce_dim and d < plan.dim] + [None]
+    budget = memory_budget * CODE_SHARE_OF_BUDGET / max(plan.planned_for, 1)
+    for reduce_dim in larger:
+        code_bytes = reduce_dim or plan.dim
+        if code_bytes <= budget:
+            return IndexPlan(kind="ivf", dim=plan.dim, planned_for=plan.planned_for, nlist=plan.nlist,
+                             reduce_dim=reduce_dim, encoding=plan.encoding, code_bytes=code_bytes)
+    return None
 
 
 def needs_replan(plan: IndexPlan | None, count: int, dim: int, memory_budget: int) -> bool:

@@ -61,7 +61,8 @@ class VectorRows:
         offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         flat = np.fromiter((tok for row in tokens for tok in row), dtype=np.int64, count=int(offsets[-1]))
-        price_array = np.array([np.nan if p is None else p for p in prices], dtype=np.float32)
+        # float64: a float32 price loses cents above 2**17 and whole units above 2**24.
+        price_array = np.array([np.nan if p is None else p for p in prices], dtype=np.float64)
         return cls(ids_array, np.asarray(product_ids, dtype=np.int64).reshape(-1), vectors, price_array,
                    offsets, flat)
 
@@ -161,7 +162,7 @@ class Segment:
                 "codec": codec.codec_id if codec is not None and count else None,
                 "merged_from": [seg.uid for seg, _ in inputs]}
         specs = {"ids": (np.int64, (count,)), "product_ids": (np.int64, (count,)),
-                 "vectors": (np.float32, (count, dim)), "prices": (np.float32, (count,)),
+                 "vectors": (np.float32, (count, dim)), "prices": (np.float64, (count,)),
                  "token_offsets": (np.int64, (count + 1,)), "tokens": (np.int64, (token_count,)),
                  "deletes": (np.int64, (len(deletes),))}
         builder = ArrayFileBuilder(directory / (segment_name(uid) + SEGMENT_SUFFIX), specs, meta)

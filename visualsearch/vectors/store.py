@@ -25,19 +25,27 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
 
-from ..errors import IndexCorruptError, InvalidRequestError, WriterBusyError
+from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from .arrayfile import ArrayFileError
 from .codec import MAX_TRAIN_POINTS, Codec, search_segment
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
-from .planner import MIN_ANN_SEGMENT_ROWS, IndexPlan, needs_compaction, needs_replan, plan_index, plan_merge
+from .planner import (
+    MIN_ANN_SEGMENT_ROWS,
+    IndexPlan,
+    escalate,
+    needs_compaction,
+    needs_replan,
+    plan_index,
+    plan_merge,
+)
 from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows
 from .state import Snapshot, StoreState
 
@@ -49,6 +57,8 @@ LOCK_FILE = ".commit.lock"
 # beyond, the ANN lists are searched with the filter as an id selector.
 FILTER_EXACT_BYTES = 16 * 1024**2
 DEFAULT_RERANK = 100
+# Re-ranking depths tuning tries when probing every list is not enough.
+RERANK_STEPS = (DEFAULT_RERANK, 300, 1000)
 TARGET_RECALL = 0.95
 TUNING_QUERIES = 200
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -160,8 +170,19 @@ class VectorStore:
             try:
                 segment = Segment.load(self.segments_dir, uid)
             except (ArrayFileError, RuntimeError) as exc:
+                if not self._still_committed(uid):
+                    # A merge removed it between our reading the manifest and its files:
+                    # the caller reads the newer manifest.
+                    raise FileNotFoundError(uid) from None
                 raise IndexCorruptError(f"vector segment {uid} is damaged: {exc}") from None
         return segment
+
+    def _still_committed(self, uid: int) -> bool:
+        try:
+            current = read_store_manifest(self.data_dir)
+        except IndexCorruptError:
+            return True
+        return current is not None and uid in current.segments
 
     def _codec(self, manifest: StoreManifest, codec_id: str) -> Codec:
         codec = self._codecs.get(codec_id)
@@ -236,9 +257,10 @@ class VectorStore:
                 rows, scores = self._exact(segment, queries, allowed, n_allowed, k)
             else:
                 share = n_allowed / len(segment)
-                # A selective filter leaves fewer allowed rows per list: probe more lists
-                # (sqrt: the true neighbours of a filtered query cluster less tightly).
-                probes = min(segment.ann.nlist, math.ceil(nprobe / math.sqrt(share)))
+                # A filter keeping a share of the rows leaves that share of each list: probe
+                # proportionally more lists so as many allowed candidates are scanned (the
+                # bitmap check of a skipped row costs far less than a distance).
+                probes = min(segment.ann.nlist, math.ceil(nprobe / share))
                 bitmap = None if n_allowed == len(segment) else self._bitmap(segment, allowed, mask is None)
                 rows, scores = self._ann(segment, queries, probes, depth, bitmap, coarse_cache)
             found_ids.append(np.asarray(segment.rows.ids)[rows])
@@ -488,16 +510,34 @@ class VectorStore:
 
     # --- planning, rebuilding, tuning -------------------------------------------------
 
-    def needs_rebuild(self) -> bool:
-        """True when the index plan no longer suits the catalogue, or too much is dead."""
+    def maintenance(self) -> str | None:
+        """What the store needs: "rebuild" (the plan no longer suits the vector count, or
+        segments use an old codec), "compact" (too many dead rows), or None."""
         manifest = self._manifest
         if manifest is None:
-            return False
+            return None
         snap = self.snapshot()
         rows = sum(len(s) for s in snap.segments)
         stale_codec = any(s.codec_id not in (None, manifest.codec) for s in snap.segments)
-        return (needs_replan(manifest.index_plan, snap.alive_count, self.dim, self.memory_budget)
-                or needs_compaction(snap.alive_count, rows) or stale_codec)
+        try:
+            replan = needs_replan(manifest.index_plan, snap.alive_count, self.dim, self.memory_budget)
+        except ValueError as exc:  # the budget is too small for any plan: keep the current one
+            logger.warning("%s; keeping the current index plan", exc)
+            replan = False
+        if replan or stale_codec:
+            return "rebuild"
+        if needs_compaction(snap.alive_count, rows):
+            return "compact"
+        return None
+
+    def maintain(self) -> str | None:
+        """Do what :meth:`maintenance` says; returns what was done."""
+        needed = self.maintenance()
+        if needed == "rebuild":
+            self.rebuild()
+        elif needed == "compact":
+            self.compact()
+        return needed
 
     def rebuild(self, *, plan: IndexPlan | None = None, tune: bool = True, seed: int = 1234) -> IndexPlan:
         """Re-plan the index for the current vector count, rewrite every live row into one
@@ -517,7 +557,29 @@ class VectorStore:
             count = self._state.alive_count
             uid = manifest.next_uid
             self._install(inputs, manifest, next_uid=uid + 1)  # reserve the uid
-        plan = plan or plan_index(count, self.dim, self.memory_budget)
+        try:
+            plan = plan or plan_index(count, self.dim, self.memory_budget)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        while True:
+            self._rebuild_with(plan, inputs, alive, uid, seed)
+            if not tune or plan.kind != "ivf":
+                return plan
+            tuning = self.tune(seed=seed)
+            better = escalate(plan, self.memory_budget)
+            if (tuning.recall_at_10 or 0.0) >= TARGET_RECALL or better is None:
+                return plan
+            logger.info("recall@10 %.3f with %s: rebuilding with %s", tuning.recall_at_10, plan.description,
+                        better.description)
+            plan = better
+            with self.writing():
+                inputs = list(self._state.segments)
+                alive = dict(self._state.alive)
+                uid = self._manifest.next_uid
+                self._install(inputs, self._manifest, next_uid=uid + 1)
+
+    def _rebuild_with(self, plan: IndexPlan, inputs: list[Segment], alive: dict[int, np.ndarray], uid: int,
+                      seed: int) -> None:
         codec = None
         if plan.kind == "ivf":
             codec = Codec.train(f"{uid:08d}", plan, _sample(inputs, alive, seed), seed=seed)
@@ -539,9 +601,6 @@ class VectorStore:
                     (self.segments_dir / name).unlink(missing_ok=True)
                 raise IndexCorruptError("the vector index changed shape during the rebuild; run it again")
             self._forget_unused_codecs()
-        if tune and plan.kind == "ivf":
-            self.tune(seed=seed)
-        return plan
 
     def _write_merged_flat(self, uid: int, inputs: Sequence[Segment], alive: dict[int, np.ndarray]) -> Segment:
         return Segment.write_merged(self.segments_dir, uid, [(s, alive[s.uid]) for s in inputs],
@@ -569,12 +628,15 @@ class VectorStore:
         if not len(sample):
             return self._manifest.tuning if self._manifest else Tuning()
         truth = _exact_neighbours(snap, sample, sample_ids, 10)
-        chosen = Tuning(nprobe=NPROBE_STEPS[-1], rerank=DEFAULT_RERANK, recall_at_10=0.0)
-        for nprobe in NPROBE_STEPS:
-            recall = self._recall(sample, sample_ids, truth, nprobe)
-            chosen = Tuning(nprobe=nprobe, rerank=DEFAULT_RERANK, recall_at_10=round(recall, 4),
-                            queries=len(sample), measured_at=time.time())
-            if recall >= target or nprobe >= self._nlist():
+        chosen = Tuning()
+        for rerank in RERANK_STEPS:
+            for nprobe in [step for step in NPROBE_STEPS if step < self._nlist()] + [self._nlist()]:
+                recall = self._recall(sample, sample_ids, truth, nprobe, rerank)
+                chosen = Tuning(nprobe=nprobe, rerank=rerank, recall_at_10=round(recall, 4),
+                                queries=len(sample), measured_at=time.time())
+                if recall >= target:
+                    break
+            if (chosen.recall_at_10 or 0.0) >= target:
                 break
         with self.writing():
             self._install(list(self._state.segments), self._manifest, tuning=chosen)
@@ -585,11 +647,12 @@ class VectorStore:
         plan = self._manifest.index_plan if self._manifest else None
         return plan.nlist if plan and plan.nlist else 1
 
-    def _recall(self, sample: np.ndarray, sample_ids: np.ndarray, truth: list[set[int]], nprobe: int) -> float:
+    def _recall(self, sample: np.ndarray, sample_ids: np.ndarray, truth: list[set[int]], nprobe: int,
+                rerank: int) -> float:
         hits = 0
         total = 0
         for query, own_id, expected in zip(sample, sample_ids, truth):
-            found = self.search(query[None, :], 11, nprobe=nprobe)
+            found = self.search(query[None, :], 11, nprobe=nprobe, rerank=rerank)
             got = [i for i in found.ids.tolist() if i != own_id][:10]
             hits += len(expected.intersection(got))
             total += len(expected)
@@ -626,6 +689,10 @@ class VectorStore:
                 if old or _writer_gone(name):
                     path.unlink(missing_ok=True)
                     removed.append(name)
+            for path in self.data_dir.glob(".manifest.json.*.tmp"):
+                if _writer_gone(path.name) or now - path.stat().st_mtime > LEFTOVER_GRACE_SECONDS:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
         return removed
 
     def stats(self) -> StoreStats:
@@ -640,7 +707,7 @@ class VectorStore:
             vectors=snap.alive_count, rows=sum(len(s) for s in snap.segments), segments=len(snap.segments),
             ann_segments=sum(1 for s in snap.segments if s.ann is not None),
             index_type=manifest.index_type if manifest else "Flat (exact)",
-            plan=manifest.plan if manifest else {}, tuning=vars(manifest.tuning) if manifest else {},
+            plan=dict(manifest.plan) if manifest else {}, tuning=asdict(manifest.tuning) if manifest else {},
             disk_bytes=disk,
         )
 

@@ -1,0 +1,262 @@
+"""The vector store's pure decisions: which index to build, when to re-plan, which segments to merge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from visualsearch.vectors.planner import (
+    CODE_DIM,
+    CODE_SHARE_OF_BUDGET,
+    EXACT_SCAN_BYTES,
+    MAX_NLIST,
+    MERGE_FACTOR,
+    MERGE_FLOOR_ROWS,
+    MIN_NLIST,
+    REPLAN_FACTOR,
+    IndexPlan,
+    escalate,
+    needs_compaction,
+    needs_replan,
+    plan_index,
+    plan_merge,
+    segment_level,
+)
+
+MiB, GiB = 1024**2, 1024**3
+K, M = 1_000, 1_000_000
+
+FLAT = "Flat (exact)"
+
+# (count, dim, budget) -> description of the chosen index, or None: the budget is too small.
+PLAN_TABLE = [
+    # dim 32: up to 524,288 vectors are one 64 MiB scan; beyond, full-size SQ8 codes always fit.
+    *[(count, 32, budget, FLAT) for count in (0, 1 * K, 10 * K, 100 * K) for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    *[(1 * M, 32, budget, "IVF2048,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    *[(10 * M, 32, budget, "IVF4096,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    (100 * M, 32, 512 * MiB, None),                       # 3.2 GB of the smallest (32-byte) codes
+    (100 * M, 32, 8 * GiB, "IVF4096,SQ8 + exact re-rank"),
+    # dim 1280: up to 13,107 vectors are scanned exactly; beyond, PCA to CODE_DIM (256) dimensions.
+    *[(count, 1280, budget, FLAT) for count in (0, 1 * K, 10 * K) for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    *[(100 * K, 1280, budget, "PCA256,IVF512,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    *[(1 * M, 1280, budget, "PCA256,IVF2048,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    # 10M x 256 bytes need 3.7 GB: under 512 MiB the codes shrink to 32 dimensions.
+    (10 * M, 1280, 512 * MiB, "PCA32,IVF4096,SQ8 + exact re-rank"),
+    (10 * M, 1280, 4 * GiB, "PCA256,IVF4096,SQ8 + exact re-rank"),
+    (10 * M, 1280, 8 * GiB, "PCA256,IVF4096,SQ8 + exact re-rank"),
+    (20 * M, 1280, 512 * MiB, None),                      # 640 MB of 32-byte codes
+    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8 + exact re-rank"),
+]
+
+
+@pytest.mark.parametrize(("count", "dim", "budget", "expected"), PLAN_TABLE,
+                         ids=[f"{c:,}x{d}@{b // MiB}M" for c, d, b, _ in PLAN_TABLE])
+def test_plan_index_table(count, dim, budget, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="VISUALSEARCH_INDEX_MEMORY") as caught:
+            plan_index(count, dim, budget)
+        assert f"{count:,} vectors" in str(caught.value)
+        return
+    plan = plan_index(count, dim, budget)
+    assert plan.description == expected
+    assert (plan.dim, plan.planned_for) == (dim, count)
+    if plan.kind == "flat":
+        assert count * dim * 4 <= EXACT_SCAN_BYTES
+        assert (plan.nlist, plan.reduce_dim, plan.code_bytes) == (0, None, 0)
+    else:
+        assert plan.kind == "ivf" and plan.encoding == "SQ8"
+        assert plan.code_bytes == (plan.reduce_dim or dim)  # one byte per kept dimension
+        assert count * plan.code_bytes <= budget * CODE_SHARE_OF_BUDGET
+
+
+def test_the_exact_scan_limit_is_the_flat_ivf_boundary():
+    limit = EXACT_SCAN_BYTES // (4 * 1280)
+    assert plan_index(limit, 1280, 4 * GiB).kind == "flat"
+    assert plan_index(limit + 1, 1280, 4 * GiB).kind == "ivf"
+
+
+def test_the_largest_codes_that_fit_are_chosen():
+    # 1M x 1280 at a budget that holds 256-byte codes, and just below it.
+    budget = math.ceil(1 * M * CODE_DIM / CODE_SHARE_OF_BUDGET)
+    assert plan_index(1 * M, 1280, budget).reduce_dim == CODE_DIM
+    assert plan_index(1 * M, 1280, budget - 1024).reduce_dim == 128
+
+
+def test_codes_keep_every_dimension_only_up_to_the_code_dimension():
+    assert plan_index(10 * M, CODE_DIM, 10**15).reduce_dim is None
+    assert plan_index(10 * M, CODE_DIM + 1, 10**15).reduce_dim == CODE_DIM
+    # dim 64: full-size codes, else PCA to 32 (never to a size at or above the dimension)
+    budget = math.ceil(10 * M * 64 / CODE_SHARE_OF_BUDGET)
+    assert (plan_index(10 * M, 64, budget).reduce_dim, plan_index(10 * M, 64, budget).code_bytes) == (None, 64)
+    assert plan_index(10 * M, 64, budget - 1024).reduce_dim == 32
+    with pytest.raises(ValueError):
+        plan_index(10 * M, 64, math.ceil(10 * M * 32 / CODE_SHARE_OF_BUDGET) - 1024)
+
+
+def test_the_budget_error_names_a_nonzero_amount_for_small_indexes():
+    with pytest.raises(ValueError) as caught:
+        plan_index(1 * M, 32, 16 * MiB)  # needs 1M x 32 bytes / 0.7 = 44 MiB
+    assert "at least 0.0 GiB" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("count", "dim"), [(-1, 32), (10, 0), (10, -5)])
+def test_plan_index_rejects_bad_sizes(count, dim):
+    with pytest.raises(ValueError, match="bad sizes"):
+        plan_index(count, dim, 4 * GiB)
+
+
+# --- nlist ------------------------------------------------------------------------------------
+
+NLIST_TABLE = [
+    # (count, dim, nlist): about 2 * sqrt(count), a power of two, >= 39 points per list, within bounds.
+    (100 * K, 1280, 512),
+    (1 * M, 32, 2048),
+    (10 * M, 32, MAX_NLIST),   # 2 * sqrt(1e7) = 6,325: capped
+    (5_000, 16384, 128),       # 2 * sqrt(5000) = 141 -> 128, and 5000 points train 128 lists
+    (3_000, 32768, 64),        # 2 * sqrt(3000) = 110 -> 128, but 3000 points train only 76 lists
+    (1_000, 65536, MIN_NLIST),  # too few points for even MIN_NLIST lists: the floor wins
+    (2_000 * M, 32, MAX_NLIST),
+]
+
+
+@pytest.mark.parametrize(("count", "dim", "nlist"), NLIST_TABLE)
+def test_nlist_choices(count, dim, nlist):
+    plan = plan_index(count, dim, 10_000 * GiB)
+    assert plan.kind == "ivf"
+    assert plan.nlist == nlist
+
+
+def test_nlist_is_a_bounded_power_of_two_with_enough_training_points():
+    for exponent in range(40):
+        count = int(20_000 * 1.6**exponent)
+        nlist = plan_index(count, 1280, 10**15).nlist
+        assert MIN_NLIST <= nlist <= MAX_NLIST
+        assert nlist & (nlist - 1) == 0
+        assert nlist == MIN_NLIST or nlist * 39 <= count
+        target = 2 * math.sqrt(count)
+        assert nlist == MAX_NLIST or target / 2 <= nlist <= target * 2
+
+
+# --- needs_replan ------------------------------------------------------------------------------
+
+IVF_1M = plan_index(1 * M, 1280, 4 * GiB)   # PCA256,IVF2048
+FLAT_10K = plan_index(10 * K, 1280, 4 * GiB)
+PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
+
+
+@pytest.mark.parametrize(("plan", "count", "dim", "budget", "expected"), [
+    (None, 0, 1280, 4 * GiB, True),                                  # nothing planned yet
+    (FLAT_10K, 10 * K, 512, 4 * GiB, True),                          # another dimension
+    (FLAT_10K, 12 * K, 1280, 4 * GiB, False),                        # still a small scan
+    (FLAT_10K, 0, 1280, 4 * GiB, False),
+    (FLAT_10K, 20 * K, 1280, 4 * GiB, True),                         # grown past the exact scan
+    (IVF_1M, 1 * M, 1280, 4 * GiB, False),
+    (IVF_1M, REPLAN_FACTOR * M, 1280, 4 * GiB, False),               # grown 4x: still fine
+    (IVF_1M, REPLAN_FACTOR * M + 1, 1280, 4 * GiB, True),            # grown more than 4x
+    (IVF_1M, M // REPLAN_FACTOR, 1280, 4 * GiB, False),              # shrunk 4x: still fine
+    (IVF_1M, M // REPLAN_FACTOR - 1, 1280, 4 * GiB, True),           # shrunk more than 4x
+    (IVF_1M, 10 * K, 1280, 4 * GiB, True),                           # small enough to scan
+    (IVF_1M, REPLAN_FACTOR * M, 1280, 512 * MiB, True),              # grown 4x past the budget
+    (IVF_1M, 1 * M, 1280, 256 * MiB, True),                          # the codes no longer fit the budget
+    (IVF_1M, 1 * M, 1280, 8 * GiB, False),                           # a bigger budget alone changes nothing
+    (PCA32_10M, 10 * M, 1280, 8 * GiB, False),                       # small codes kept under a bigger budget
+])
+def test_needs_replan(plan, count, dim, budget, expected):
+    assert needs_replan(plan, count, dim, budget) is expected
+
+
+def ivf(dim: int, reduce_dim: int | None, planned_for: int = 1 * M) -> IndexPlan:
+    return IndexPlan(kind="ivf", dim=dim, planned_for=planned_for, nlist=2048, reduce_dim=reduce_dim,
+                     encoding="SQ8", code_bytes=reduce_dim or dim)
+
+
+@pytest.mark.parametrize(("plan", "budget", "expected"), [
+    (FLAT_10K, 8 * GiB, None),                        # nothing to escalate
+    (ivf(1280, None), 8 * GiB, None),                 # already full size
+    (ivf(1280, 32), 8 * GiB, 64),                     # one step up
+    (ivf(1280, 256), 8 * GiB, 512),
+    (ivf(1280, 512), 8 * GiB, "full"),                # then every dimension
+    (ivf(1280, 512), 1 * GiB, None),                  # 1M x 1280 bytes do not fit 1 GiB
+    (ivf(1280, 32), math.ceil(1 * M * 64 / CODE_SHARE_OF_BUDGET) - 1024, None),
+    (ivf(32, 16), 8 * GiB, "full"),                   # no escalation size between 16 and 32
+])
+def test_escalate(plan, budget, expected):
+    better = escalate(plan, budget)
+    if expected is None:
+        assert better is None
+        return
+    assert better.reduce_dim == (None if expected == "full" else expected)
+    assert better.code_bytes == (better.reduce_dim or plan.dim)
+    assert (better.nlist, better.planned_for, better.dim) == (plan.nlist, plan.planned_for, plan.dim)
+    assert better.code_bytes * plan.planned_for <= budget * CODE_SHARE_OF_BUDGET
+
+
+# --- merges ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("rows", "level"), [
+    (0, 0), (1, 0), (MERGE_FLOOR_ROWS - 1, 0), (MERGE_FLOOR_ROWS, 1),
+    (MERGE_FLOOR_ROWS * MERGE_FACTOR - 1, 1), (MERGE_FLOOR_ROWS * MERGE_FACTOR, 2),
+    (MERGE_FLOOR_ROWS * MERGE_FACTOR**2 - 1, 2), (MERGE_FLOOR_ROWS * MERGE_FACTOR**2, 3),
+    (MERGE_FLOOR_ROWS * MERGE_FACTOR**5, 6), (MERGE_FLOOR_ROWS * MERGE_FACTOR**7, 8),
+])
+def test_segment_levels(rows, level):
+    assert segment_level(rows) == level
+
+
+SMALL, BIG, HUGE = 10, 5_000, 100_000
+
+
+@pytest.mark.parametrize(("rows", "max_rows", "expected"), [
+    ([], None, None),
+    ([SMALL], None, None),
+    ([SMALL] * (MERGE_FACTOR - 1), None, None),
+    ([SMALL] * MERGE_FACTOR, None, (0, MERGE_FACTOR)),
+    ([SMALL] * (MERGE_FACTOR + 3), None, (0, MERGE_FACTOR + 3)),     # the whole run of one level
+    ([0] * MERGE_FACTOR, None, (0, MERGE_FACTOR)),                    # delete-only segments merge too
+    # a run of small segments behind a big one merges among itself
+    ([HUGE] + [SMALL] * MERGE_FACTOR, None, (1, 1 + MERGE_FACTOR)),
+    ([HUGE] + [SMALL] * (MERGE_FACTOR - 1), None, None),
+    ([SMALL] * 3 + [BIG] + [SMALL] * MERGE_FACTOR, None, (4, 4 + MERGE_FACTOR)),
+    ([HUGE, BIG] + [SMALL] * (MERGE_FACTOR - 1), None, None),          # BIG is not dragged in
+    # a newest segment of a higher level takes the smaller ones before it along
+    ([SMALL] * (MERGE_FACTOR - 1) + [BIG], None, (0, MERGE_FACTOR)),
+    ([HUGE] + [SMALL] * (MERGE_FACTOR - 1) + [BIG], None, (1, 1 + MERGE_FACTOR)),
+    ([BIG] * MERGE_FACTOR, None, (0, MERGE_FACTOR)),
+    ([HUGE] + [BIG] * MERGE_FACTOR, None, (1, 1 + MERGE_FACTOR)),
+    # max_rows caps the merged size
+    ([100] * MERGE_FACTOR, 100 * MERGE_FACTOR, (0, MERGE_FACTOR)),
+    ([100] * MERGE_FACTOR, 100 * MERGE_FACTOR - 1, None),
+    ([HUGE] + [SMALL] * MERGE_FACTOR, SMALL * MERGE_FACTOR, (1, 1 + MERGE_FACTOR)),
+    ([BIG] * MERGE_FACTOR, 10_000, None),
+])
+def test_plan_merge(rows, max_rows, expected):
+    assert plan_merge(rows, max_rows=max_rows) == expected
+
+
+def test_repeated_small_writes_keep_the_segment_count_logarithmic():
+    segments: list[int] = []
+    most = 0
+    for _ in range(2_000):
+        segments.append(100)
+        while (span := plan_merge(segments)) is not None:
+            segments[span[0]:span[1]] = [sum(segments[span[0]:span[1]])]
+        most = max(most, len(segments))
+    assert sum(segments) == 200_000
+    levels = segment_level(sum(segments)) + 1
+    assert most <= levels * (MERGE_FACTOR - 1) + 1
+    assert segments == sorted(segments, reverse=True)  # older segments are never smaller
+
+
+@pytest.mark.parametrize(("alive", "total", "expected"), [
+    (0, 0, False), (100, 100, False), (80, 100, False), (79, 100, True), (0, 1, True), (1, 1, False),
+    (800_000, 1_000_000, False), (799_999, 1_000_000, True),
+])
+def test_needs_compaction(alive, total, expected):
+    assert needs_compaction(alive, total) is expected
+
+
+def test_plan_round_trips_through_a_dict():
+    plan = plan_index(10 * M, 1280, 512 * MiB)
+    assert IndexPlan(**plan.to_dict()) == plan
+    assert plan.description == "PCA32,IVF4096,SQ8 + exact re-rank"
