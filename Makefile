@@ -6,7 +6,7 @@ DATA_DIR ?= visualsearch-data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test install install-dev bench bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.demo_retrieval
 	$(BIN)/python -m benchmarks.embed_throughput --batch-sizes 1,8,16,32,64
 	$(BIN)/python -m benchmarks.index_throughput --images 600 --workers 0,1,2
+	$(BIN)/python -m benchmarks.query_latency
+
+## bench-scale: catalogue scale (docs/performance.md); SIZE=100k|1M|10M, DIR is left a servable data dir
+SIZE ?= 100k
+SCALE_DIR ?= bench-data/scale-$(SIZE)
+bench-scale: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.scale --size $(SIZE) --data-dir $(SCALE_DIR)
 
 clean:
-	rm -rf $(VENV) $(DATA_DIR) .pytest_cache
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache bench-data

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -141,7 +142,9 @@ class SyntheticEmbedding:
             results = []
             for task, vector in zip(batch, vectors):
                 size, mtime = self._stat(task.path)
-                results.append(ImageResult(task, vector=vector, sha256=f"synthetic-{task.image_id}",
+                # A real-looking content hash: random keys are what the sha256 index gets in life.
+                digest = hashlib.sha256(f"synthetic-{task.image_id}".encode()).hexdigest()
+                results.append(ImageResult(task, vector=vector, sha256=digest,
                                            file_size=size, file_mtime_ns=mtime, width=512, height=512))
             yield results
 

@@ -44,6 +44,7 @@ class StoreManifest:
     next_uid: int = 1
     codecs: dict[str, dict] = field(default_factory=dict)   # codec id -> its IndexPlan
     codec: str | None = None                                 # the codec new segments use
+    ann: dict[str, str] = field(default_factory=dict)        # segment uid -> codec of its ANN lists
     plan: dict = field(default_factory=dict)                 # the current IndexPlan
     tuning: Tuning = field(default_factory=Tuning)
     vectors: int = 0                                         # live vectors at the commit

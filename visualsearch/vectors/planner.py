@@ -48,6 +48,10 @@ REPLAN_FACTOR = 4
 # log_MERGE_FACTOR(count / MERGE_FLOOR_ROWS) times in its life.
 MERGE_FACTOR = 8
 MERGE_FLOOR_ROWS = 1024
+# No merge produces a segment above this many rows (5 GiB of float32 vectors at 1280
+# dimensions, as Lucene caps merged segments at 5 GB): a merge, a compaction or a
+# re-plan then needs free disk for one segment, never for a second copy of the catalogue.
+MAX_SEGMENT_ROWS = 1_000_000
 # A segment is rewritten without its dead rows once this share of it is dead.
 MAX_DEAD_SHARE = 0.2
 
@@ -162,8 +166,8 @@ def plan_merge(segment_rows: Sequence[int], *, max_rows: int | None = None) -> t
 
     Segments are ordered oldest first. When the newest MERGE_FACTOR segments share one
     size level they become one segment (and the check repeats after that merge), so
-    the number of segments stays logarithmic in the catalogue size and a small write
-    never rewrites a big segment. ``max_rows`` caps the merged size (writes that must
+    the number of segments stays logarithmic in the catalogue size (plus one per
+    MAX_SEGMENT_ROWS rows) and a small write never rewrites a big segment. ``max_rows`` caps the merged size (writes that must
     stay fast, such as an API call, leave bigger merges to the indexer or ``compact``).
     """
     if not segment_rows:
@@ -173,14 +177,17 @@ def plan_merge(segment_rows: Sequence[int], *, max_rows: int | None = None) -> t
     level = segment_level(segment_rows[-1])
     run = 0
     for rows in reversed(segment_rows):
-        if segment_level(rows) > level:
-            break
+        if segment_level(rows) > level or rows > MAX_SEGMENT_ROWS // 2:
+            break  # bigger, or finished: a merge never rewrites a segment that large
         run += 1
     if run < MERGE_FACTOR:
         return None
-    tail = segment_rows[-run:]
-    merged = sum(tail)
-    if max_rows is not None and merged > max_rows:
+    tail = list(segment_rows[-run:])
+    while len(tail) > 1 and sum(tail) > MAX_SEGMENT_ROWS:
+        tail.pop(0)  # leave the oldest out: merged segments stay under MAX_SEGMENT_ROWS
+    if len(tail) < 2:
+        return None
+    if max_rows is not None and sum(tail) > max_rows:
         return None
     return len(segment_rows) - len(tail), len(segment_rows)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from .arrayfile import ArrayFileBuilder, read_array_file, write_array_file
+from .arrayfile import ArrayFileBuilder, advise_random, read_array_file, write_array_file
 from .codec import Codec, read_ann, write_ann
 from .filters import SearchFilters
 
@@ -103,16 +103,21 @@ class VectorRows:
 
 
 class Segment:
-    """A loaded (memory-mapped) segment. Thread-safe for searches."""
+    """A loaded (memory-mapped) segment. Thread-safe for searches.
 
-    def __init__(self, uid: int, rows: VectorRows, deletes: np.ndarray, ann: faiss.IndexIVF | None,
-                 codec_id: str | None, meta: dict):
+    Its rows never change; its ANN encoding (``ann``, in ``seg-<uid>.<codec>.ivf``) is
+    derived data that a re-plan replaces, so the manifest, not the segment file,
+    says which encoding is current.
+    """
+
+    def __init__(self, uid: int, rows: VectorRows, deletes: np.ndarray, meta: dict, *,
+                 ann: faiss.IndexIVF | None = None, codec_id: str | None = None):
         self.uid = uid
         self.rows = rows
         self.deletes = deletes
-        self.ann = ann
-        self.codec_id = codec_id
         self.meta = meta
+        self.ann = ann
+        self.codec_id = codec_id if ann is not None else None
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._masks_lock = threading.Lock()
 
@@ -124,26 +129,26 @@ class Segment:
         return segment_name(self.uid)
 
     @property
-    def merged_from(self) -> list[int]:
-        return list(self.meta.get("merged_from", []))
+    def ann_file(self) -> str | None:
+        return ann_file_name(self.uid, self.codec_id) if self.codec_id else None
+
+    def file_names(self) -> list[str]:
+        return [self.name + SEGMENT_SUFFIX] + ([self.ann_file] if self.ann_file else [])
 
     # --- writing and reading ---------------------------------------------------------
 
     @classmethod
     def write(cls, directory: Path, uid: int, rows: VectorRows, *, deletes: Sequence[int] = (),
-              codec: Codec | None = None, merged_from: Sequence[int] = ()) -> "Segment":
+              codec: Codec | None = None) -> "Segment":
         """Write a new segment (ANN-encoded with ``codec`` when given) and return it loaded."""
         deletes_array = np.unique(np.asarray(deletes, dtype=np.int64))
-        meta = {"uid": uid, "rows": len(rows), "deletes": len(deletes_array),
-                "codec": codec.codec_id if codec is not None else None, "merged_from": list(merged_from)}
-        if codec is not None and len(rows):
-            # The inverted lists first: a segment file is only ever referenced complete.
-            write_ann(codec.encode(rows.vectors), directory / (segment_name(uid) + ANN_SUFFIX))
+        meta = {"uid": uid, "rows": len(rows), "deletes": len(deletes_array), "merged_from": []}
         arrays = {"ids": rows.ids, "product_ids": rows.product_ids, "vectors": rows.vectors,
                   "prices": rows.prices, "token_offsets": rows.token_offsets, "tokens": rows.tokens,
                   "deletes": deletes_array}
         write_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX), arrays, meta)
-        return cls.load(directory, uid)
+        segment = cls.load(directory, uid)
+        return segment.encoded(directory, codec) if codec is not None and len(rows) else segment
 
     @classmethod
     def write_merged(cls, directory: Path, uid: int, inputs: Sequence[tuple["Segment", np.ndarray]], *,
@@ -158,15 +163,14 @@ class Segment:
         token_count = sum(int(np.sum(seg.rows.token_offsets[rows + 1] - seg.rows.token_offsets[rows]))
                           for (seg, _), rows in zip(inputs, alive_rows))
         deletes = np.unique(np.asarray(deletes, dtype=np.int64))
-        meta = {"uid": uid, "rows": count, "deletes": len(deletes),
-                "codec": codec.codec_id if codec is not None and count else None,
-                "merged_from": [seg.uid for seg, _ in inputs]}
+        meta = {"uid": uid, "rows": count, "deletes": len(deletes), "merged_from": [seg.uid for seg, _ in inputs]}
         specs = {"ids": (np.int64, (count,)), "product_ids": (np.int64, (count,)),
                  "vectors": (np.float32, (count, dim)), "prices": (np.float64, (count,)),
                  "token_offsets": (np.int64, (count + 1,)), "tokens": (np.int64, (token_count,)),
                  "deletes": (np.int64, (len(deletes),))}
         builder = ArrayFileBuilder(directory / (segment_name(uid) + SEGMENT_SUFFIX), specs, meta)
-        ann = codec.encode(np.zeros((0, dim), np.float32)) if meta["codec"] else None
+        ann = codec.encode(np.zeros((0, dim), np.float32)) if codec is not None and count else None
+        ann_path = directory / ann_file_name(uid, codec.codec_id) if ann is not None else None
         try:
             out = builder.arrays
             if len(deletes):
@@ -187,30 +191,39 @@ class Segment:
                         ann.add_with_ids(codec.reduce(part.vectors), np.arange(row, end, dtype=np.int64))
                     row, tok = end, tok + len(part.tokens)
             if ann is not None:
-                write_ann(ann, directory / (segment_name(uid) + ANN_SUFFIX))
+                write_ann(ann, ann_path)
             builder.commit()
         except BaseException:
             builder.abort()
-            (directory / (segment_name(uid) + ANN_SUFFIX)).unlink(missing_ok=True)
+            if ann_path is not None:
+                ann_path.unlink(missing_ok=True)
             raise
-        return cls.load(directory, uid)
+        return cls.load(directory, uid, codec_id=codec.codec_id if ann is not None else None)
+
+    def encoded(self, directory: Path, codec: Codec) -> "Segment":
+        """This segment with its rows (all of them: dead ones are masked at search time)
+        ANN-encoded by ``codec``, written to its own file; the rows are shared."""
+        ann = codec.encode(np.zeros((0, codec.plan.dim), np.float32))
+        for start in range(0, len(self), MERGE_CHUNK_ROWS):
+            part = np.asarray(self.rows.vectors[start:start + MERGE_CHUNK_ROWS])
+            ann.add_with_ids(codec.reduce(part), np.arange(start, start + len(part), dtype=np.int64))
+        write_ann(ann, directory / ann_file_name(self.uid, codec.codec_id))
+        return Segment(self.uid, self.rows, self.deletes, self.meta,
+                       ann=read_ann(directory / ann_file_name(self.uid, codec.codec_id)), codec_id=codec.codec_id)
 
     @classmethod
-    def load(cls, directory: Path, uid: int) -> "Segment":
+    def load(cls, directory: Path, uid: int, *, codec_id: str | None = None) -> "Segment":
         """Raises ArrayFileError, OSError or RuntimeError (FAISS) for a missing or damaged file."""
         arrays, meta = read_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX))
         rows = VectorRows(arrays["ids"], arrays["product_ids"], arrays["vectors"], arrays["prices"],
                           arrays["token_offsets"], arrays["tokens"])
         ann = None
-        if meta.get("codec") and len(rows):
-            ann = read_ann(directory / (segment_name(uid) + ANN_SUFFIX))
-        return cls(uid, rows, arrays["deletes"], ann, meta.get("codec"), meta)
-
-    def file_names(self) -> list[str]:
-        names = [self.name + SEGMENT_SUFFIX]
-        if self.ann is not None:
-            names.append(self.name + ANN_SUFFIX)
-        return names
+        if codec_id and len(rows):
+            ann = read_ann(directory / ann_file_name(uid, codec_id))
+            # Re-ranking reads ~100 scattered rows per query: without this hint the kernel
+            # reads ahead around each one and a server's resident memory fills with vectors.
+            advise_random(rows.vectors)
+        return cls(uid, rows, arrays["deletes"], meta, ann=ann, codec_id=codec_id)
 
     # --- filters --------------------------------------------------------------------
 
@@ -252,3 +265,7 @@ class Segment:
 
 def segment_name(uid: int) -> str:
     return f"seg-{uid:08d}"
+
+
+def ann_file_name(uid: int, codec_id: str) -> str:
+    return f"{segment_name(uid)}.{codec_id}{ANN_SUFFIX}"

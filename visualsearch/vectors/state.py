@@ -53,6 +53,8 @@ class StoreState:
         current = [segment.uid for segment in self.segments]
         wanted = [segment.uid for segment in order]
         if wanted[:len(current)] == current:
+            # Same rows under the same uids; a segment object may carry a new encoding.
+            self.segments[:] = order[:len(current)]
             for segment in order[len(current):]:
                 self._append(segment)
         else:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from .arrayfile import ArrayFileError
-from .codec import MAX_TRAIN_POINTS, Codec, search_segment
+from .codec import MAX_TRAIN_POINTS, Codec, read_ann, search_segment
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
 from .planner import (
@@ -46,7 +46,7 @@ from .planner import (
     plan_index,
     plan_merge,
 )
-from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows
+from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows, ann_file_name
 from .state import Snapshot, StoreState
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class VectorStore:
                 return
             manifest.check_compatible(**self.identity)
             try:
-                segments = [self._segment(uid) for uid in manifest.segments]
+                segments = [self._segment(uid, manifest.ann.get(str(uid))) for uid in manifest.segments]
                 for codec_id in {s.codec_id for s in segments if s.codec_id}:
                     self._codec(manifest, codec_id)
             except FileNotFoundError:
@@ -164,11 +164,16 @@ class VectorStore:
             return
         raise IndexCorruptError(f"the vector index in {self.data_dir} keeps changing under us or lost files")
 
-    def _segment(self, uid: int) -> Segment:
+    def _segment(self, uid: int, codec_id: str | None) -> Segment:
         segment = self._loaded.get(uid)
+        if segment is not None and segment.codec_id != codec_id:
+            # Same rows, new encoding (a re-plan): keep the mapped rows, load the new lists.
+            segment = Segment(uid, segment.rows, segment.deletes, segment.meta,
+                              ann=self._read_ann(uid, codec_id), codec_id=codec_id) if codec_id else \
+                Segment(uid, segment.rows, segment.deletes, segment.meta)
         if segment is None:
             try:
-                segment = Segment.load(self.segments_dir, uid)
+                segment = Segment.load(self.segments_dir, uid, codec_id=codec_id)
             except (ArrayFileError, RuntimeError) as exc:
                 if not self._still_committed(uid):
                     # A merge removed it between our reading the manifest and its files:
@@ -176,6 +181,14 @@ class VectorStore:
                     raise FileNotFoundError(uid) from None
                 raise IndexCorruptError(f"vector segment {uid} is damaged: {exc}") from None
         return segment
+
+    def _read_ann(self, uid: int, codec_id: str):
+        try:
+            return read_ann(self.segments_dir / ann_file_name(uid, codec_id))
+        except RuntimeError:
+            if not self._still_committed(uid):
+                raise FileNotFoundError(uid) from None
+            raise IndexCorruptError(f"the ANN lists of vector segment {uid} are damaged") from None
 
     def _still_committed(self, uid: int) -> bool:
         try:
@@ -406,7 +419,9 @@ class VectorStore:
         """Make ``order`` the committed segment list (caller holds the commit lock)."""
         previous = list(self._state.segments)
         self._state.move_to(order)
-        new = manifest.evolve(segments=tuple(s.uid for s in order), vectors=self._state.alive_count, **changes)
+        ann = {str(s.uid): s.codec_id for s in order if s.codec_id}
+        new = manifest.evolve(segments=tuple(s.uid for s in order), ann=ann, vectors=self._state.alive_count,
+                              **changes)
         try:
             write_store_manifest(self.data_dir, new)
         except BaseException:
@@ -415,10 +430,10 @@ class VectorStore:
         self._manifest, self._key = new, manifest_key(self.data_dir)
         self._loaded = {segment.uid: segment for segment in order}
         self._bitmaps.clear()
-        kept = set(self._loaded)
+        kept = {name for segment in order for name in segment.file_names()}
         for segment in previous:
-            if segment.uid not in kept:
-                for name in segment.file_names():
+            for name in segment.file_names():
+                if name not in kept:
                     # Readers that mapped the file keep their mapping after the unlink.
                     (self.segments_dir / name).unlink(missing_ok=True)
 
@@ -490,42 +505,54 @@ class VectorStore:
         return False
 
     def compact(self) -> bool:
-        """Merge every segment into one, dropping dead rows and spent deletes (the codec
-        stays; see :meth:`rebuild` for re-planning). Returns False when already compact."""
-        with self.writing():
-            inputs = list(self._state.segments)
-            rows = sum(len(s) for s in inputs)
-            if len(inputs) <= 1 and rows == self._state.alive_count and not any(len(s.deletes) for s in inputs):
-                return False
-            alive = dict(self._state.alive)
-            uid = self._manifest.next_uid
-            self._install(inputs, self._manifest, next_uid=uid + 1)  # reserve the uid
-        merged = self._write_merged(uid, inputs, alive, drop_deletes=True)
-        with self.writing():
-            if self._replace(inputs, merged):
-                return True
-        for name in merged.file_names():
-            (self.segments_dir / name).unlink(missing_ok=True)
-        return False
+        """Rewrite each segment that holds dead rows without them, one segment at a time
+        (so the disk needs room for one more segment, not for a second copy of the
+        catalogue), then merge small segments. Returns True when anything changed."""
+        changed = False
+        skip: set[int] = set()
+        while True:
+            with self.writing():
+                segments = self._state.segments
+                target = next((i for i, segment in enumerate(segments) if segment.uid not in skip and (
+                    self._alive_rows(segment) < len(segment) or (i == 0 and len(segment.deletes)))), None)
+                if target is None:
+                    break
+                inputs = [segments[target]]
+                alive = dict(self._state.alive)
+                uid = self._manifest.next_uid
+                self._install(list(segments), self._manifest, next_uid=uid + 1)  # reserve the uid
+            merged = self._write_merged(uid, inputs, alive, drop_deletes=target == 0)
+            with self.writing():
+                if self._replace(inputs, merged):
+                    changed = True
+                    continue
+            skip.add(inputs[0].uid)  # it changed meanwhile: look at it again next time
+            for name in merged.file_names():
+                (self.segments_dir / name).unlink(missing_ok=True)
+        count = len(self._state.segments)
+        self.merge(None)
+        return changed or len(self._state.segments) != count
 
     # --- planning, rebuilding, tuning -------------------------------------------------
 
     def maintenance(self) -> str | None:
-        """What the store needs: "rebuild" (the plan no longer suits the vector count, or
-        segments use an old codec), "compact" (too many dead rows), or None."""
+        """What the store needs: "rebuild" (the plan no longer suits the vector count),
+        "reencode" (big segments not encoded with the current codec), "compact" (too many
+        dead rows), or None."""
         manifest = self._manifest
         if manifest is None:
             return None
         snap = self.snapshot()
         rows = sum(len(s) for s in snap.segments)
-        stale_codec = any(s.codec_id not in (None, manifest.codec) for s in snap.segments)
         try:
             replan = needs_replan(manifest.index_plan, snap.alive_count, self.dim, self.memory_budget)
         except ValueError as exc:  # the budget is too small for any plan: keep the current one
             logger.warning("%s; keeping the current index plan", exc)
             replan = False
-        if replan or stale_codec:
+        if replan:
             return "rebuild"
+        if any(s.codec_id != _wanted_codec(s, manifest.codec) for s in snap.segments):
+            return "reencode"
         if needs_compaction(snap.alive_count, rows):
             return "compact"
         return None
@@ -535,34 +562,39 @@ class VectorStore:
         needed = self.maintenance()
         if needed == "rebuild":
             self.rebuild()
+        elif needed == "reencode":
+            self._reencode(self._current_codec())
         elif needed == "compact":
             self.compact()
         return needed
 
     def rebuild(self, *, plan: IndexPlan | None = None, tune: bool = True, seed: int = 1234) -> IndexPlan:
-        """Re-plan the index for the current vector count, rewrite every live row into one
-        segment with the new codec, and tune the search parameters. No model work.
+        """Re-plan the index for the current vector count (or use ``plan``), train its
+        codec, re-encode every segment with it (segment by segment: the stored vectors
+        are not rewritten) and tune the search parameters. No model work.
 
-        Writes that arrive meanwhile land in segments after the rebuilt one.
+        Searches go on meanwhile, each segment with the encoding it has; writes that
+        arrive meanwhile are encoded with the new codec.
 
         Returns:
             The plan now in force.
+
+        Raises:
+            ConfigurationError: the memory budget is too small for the vector count.
         """
         with self.writing():
             manifest = self._manifest
             if manifest is None:
                 return plan_index(0, self.dim, self.memory_budget)
-            inputs = list(self._state.segments)
-            alive = dict(self._state.alive)
             count = self._state.alive_count
-            uid = manifest.next_uid
-            self._install(inputs, manifest, next_uid=uid + 1)  # reserve the uid
         try:
             plan = plan or plan_index(count, self.dim, self.memory_budget)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         while True:
-            self._rebuild_with(plan, inputs, alive, uid, seed)
+            codec = self._adopt_plan(plan, seed)
+            self._reencode(codec)
+            self._forget_unused_codecs()
             if not tune or plan.kind != "ivf":
                 return plan
             tuning = self.tune(seed=seed)
@@ -572,39 +604,50 @@ class VectorStore:
             logger.info("recall@10 %.3f with %s: rebuilding with %s", tuning.recall_at_10, plan.description,
                         better.description)
             plan = better
-            with self.writing():
-                inputs = list(self._state.segments)
-                alive = dict(self._state.alive)
-                uid = self._manifest.next_uid
-                self._install(inputs, self._manifest, next_uid=uid + 1)
 
-    def _rebuild_with(self, plan: IndexPlan, inputs: list[Segment], alive: dict[int, np.ndarray], uid: int,
-                      seed: int) -> None:
+    def _adopt_plan(self, plan: IndexPlan, seed: int) -> Codec | None:
+        """Train the plan's codec (outside the lock) and make it the one new segments use."""
+        with self.writing():
+            uid = self._manifest.next_uid
+            self._install(list(self._state.segments), self._manifest, next_uid=uid + 1)  # reserve an id
+            snap = self._state.snapshot()
         codec = None
         if plan.kind == "ivf":
-            codec = Codec.train(f"{uid:08d}", plan, _sample(inputs, alive, seed), seed=seed)
+            codec = Codec.train(f"{uid:08d}", plan, _sample(snap.segments, snap.alive, seed), seed=seed)
             codec.save(self.segments_dir)
             self._codecs[codec.codec_id] = codec
-        merged = self._write_merged(uid, inputs, alive, drop_deletes=True, codec=codec) if codec else \
-            self._write_merged_flat(uid, inputs, alive)
         with self.writing():
-            manifest = self._manifest
-            codecs = dict(manifest.codecs)
+            codecs = dict(self._manifest.codecs)
             if codec is not None:
                 codecs[codec.codec_id] = plan.to_dict()
-            staged = manifest.evolve(codecs=codecs, codec=codec.codec_id if codec else None, plan=plan.to_dict(),
-                                     tuning=Tuning(nprobe=1, rerank=DEFAULT_RERANK))
-            self._manifest = staged
-            if not self._replace(inputs, merged):
-                self._manifest = manifest
-                for name in merged.file_names():
-                    (self.segments_dir / name).unlink(missing_ok=True)
-                raise IndexCorruptError("the vector index changed shape during the rebuild; run it again")
-            self._forget_unused_codecs()
+            self._install(list(self._state.segments), self._manifest, codecs=codecs,
+                          codec=codec.codec_id if codec else None, plan=plan.to_dict(),
+                          tuning=Tuning(nprobe=1, rerank=DEFAULT_RERANK))
+        return codec
 
-    def _write_merged_flat(self, uid: int, inputs: Sequence[Segment], alive: dict[int, np.ndarray]) -> Segment:
-        return Segment.write_merged(self.segments_dir, uid, [(s, alive[s.uid]) for s in inputs],
-                                    deletes=np.zeros(0, np.int64), codec=None, dim=self.dim)
+    def _reencode(self, codec: Codec | None) -> None:
+        """Give every segment the encoding the current codec calls for, one at a time."""
+        done: set[int] = set()
+        while True:
+            with self.writing():
+                wanted_codec = self._manifest.codec
+                segment = next((s for s in self._state.segments if s.uid not in done
+                                and s.codec_id != _wanted_codec(s, wanted_codec)), None)
+            if segment is None or (codec is not None and codec.codec_id != wanted_codec):
+                return  # done, or another rebuild took over
+            done.add(segment.uid)
+            if codec is not None and _wanted_codec(segment, wanted_codec):
+                encoded = segment.encoded(self.segments_dir, codec)
+            else:
+                encoded = Segment(segment.uid, segment.rows, segment.deletes, segment.meta)
+            with self.writing():
+                order = list(self._state.segments)
+                uids = [s.uid for s in order]
+                if segment.uid in uids:
+                    order[uids.index(segment.uid)] = encoded
+                    self._install(order, self._manifest)
+                elif encoded.ann_file:
+                    (self.segments_dir / encoded.ann_file).unlink(missing_ok=True)
 
     def _forget_unused_codecs(self) -> None:
         """Drop codecs no segment uses any more (caller holds the commit lock)."""
@@ -710,6 +753,11 @@ class VectorStore:
             plan=dict(manifest.plan) if manifest else {}, tuning=asdict(manifest.tuning) if manifest else {},
             disk_bytes=disk,
         )
+
+
+def _wanted_codec(segment: Segment, codec: str | None) -> str | None:
+    """The encoding a segment should have: the current codec, unless it is too small to need one."""
+    return codec if codec is not None and len(segment) >= MIN_ANN_SEGMENT_ROWS else None
 
 
 def _writer_gone(name: str) -> bool:
