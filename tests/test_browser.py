@@ -79,6 +79,14 @@ def test_upload_a_photo_and_open_a_result(page, live_server, tmp_path):
     page.dispatch_event("input[name=max_price]", "change")
     page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
 
+    # Attribute filters: the demo products have no colour, so none is red; emptied, all come back.
+    page.fill("#attribute-filters", "colour=red|blue")
+    page.dispatch_event("#attribute-filters", "change")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('No products match')")
+    page.fill("#attribute-filters", "")
+    page.dispatch_event("#attribute-filters", "change")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
+
     first = page.locator("#results .card").first
     first.click()
     page.wait_for_url("**/products/*")

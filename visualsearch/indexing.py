@@ -189,12 +189,12 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
                 _collect(results, pending, report, failures_log)
                 progress.advance(len(results))
                 if len(pending) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
-                    _flush(writer, pending, report)
+                    _flush(writer, pending, report, replan=exclusive)
                     last_flush = time.monotonic()
             if len(pending) >= flush_rows:
-                _flush(writer, pending, report)
+                _flush(writer, pending, report, replan=exclusive)
                 last_flush = time.monotonic()
-        _flush(writer, pending, report)
+        _flush(writer, pending, report, replan=False)
         if exclusive:
             # Re-planning happens as the catalogue grows by REPLAN_FACTOR, so its cost
             # (linear in the catalogue) adds up to a constant share of the indexing.
@@ -252,9 +252,15 @@ def _collect(results: list[ImageResult], pending: PendingWrites, report: Indexin
         ))
 
 
-def _flush(writer: CatalogueWriter, pending: PendingWrites, report: IndexingReport) -> None:
+def _flush(writer: CatalogueWriter, pending: PendingWrites, report: IndexingReport, *, replan: bool) -> None:
     started = time.perf_counter()
     writer.commit(pending.take())
+    if replan and writer.store.maintenance() == "rebuild":
+        # The catalogue outgrew its index plan mid-run (a first import of millions of
+        # images starts exact): re-plan now, so searches meanwhile stay fast. Plans
+        # change at 4x growth steps, so this adds a constant share to the run.
+        logger.info("re-planning the vector index at %s vectors", writer.store.count)
+        writer.store.rebuild()
     report.stage_seconds["write"] += time.perf_counter() - started
 
 

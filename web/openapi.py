@@ -18,11 +18,16 @@ def _error(description: str) -> dict:
 
 _TOP_K = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K}
 _FILTERS = {
-    "category": {"type": "string", "description": "Only products of this category (case-insensitive)."},
-    "brand": {"type": "string", "description": "Only products of this brand (case-insensitive)."},
+    "category": {"type": "string", "description": "Only products of this category; several accepted values "
+                                                  "separated by '|' (Unicode case-insensitive)."},
+    "brand": {"type": "string", "description": "Only products of this brand; 'A|B' for either "
+                                               "(Unicode case-insensitive)."},
     "min_price": {"type": "number", "minimum": 0},
     "max_price": {"type": "number", "minimum": 0},
 }
+# Every other field filters on the product attribute of that name (colour=red, in_stock=true).
+_ATTRIBUTE_FILTERS = {"type": "string", "description": "Any other field: only products whose attribute of that "
+                                                       "name has this value ('red|blue' for either)."}
 _RESULTS = {"description": "Products, best first, one entry per product.",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchResponse"}}}}
 
@@ -43,7 +48,8 @@ def spec() -> dict:
                         "top_k": _TOP_K, **_FILTERS,
                         "crop": {"type": "string", "pattern": r"^\d+,\d+,\d+,\d+$",
                                  "description": "x,y,w,h in pixels of the uploaded image."},
-                    }}}}},
+                    },
+                    "additionalProperties": _ATTRIBUTE_FILTERS}}}},
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
                               "413": _error("Upload too large."), "415": _error("Not a supported image."),
                               "422": _error("The image cannot be decoded."), **_UNAVAILABLE},
@@ -51,7 +57,10 @@ def spec() -> dict:
             "/api/v1/products/{sku}/similar": {"get": {
                 "summary": "Products similar to a catalogue product",
                 "parameters": [_SKU, *[{"name": name, "in": "query", "schema": schema}
-                                       for name, schema in {"top_k": _TOP_K, **_FILTERS}.items()]],
+                                       for name, schema in {"top_k": _TOP_K, **_FILTERS}.items()],
+                               {"name": "attributes", "in": "query", "style": "form", "explode": True,
+                                "description": "Attribute filters as plain query fields: ?colour=red&size=M|L.",
+                                "schema": {"type": "object", "additionalProperties": {"type": "string"}}}],
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
                               "404": _error("Unknown product."), **_UNAVAILABLE},
             }},

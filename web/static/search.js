@@ -101,6 +101,11 @@
     if (!photo) return;
     const body = new FormData(form);
     body.set("image", photo, photo.name || "photo");
+    // "colour=red, size=M|L": each NAME=VALUE becomes a form field the API filters on.
+    for (const pair of document.getElementById("attribute-filters").value.split(/[,;]/)) {
+      const at = pair.indexOf("=");
+      if (at > 0 && pair.slice(at + 1).trim()) body.append(pair.slice(0, at).trim(), pair.slice(at + 1).trim());
+    }
     submit.disabled = true;
     setStatus("Searching…");
     try {
