@@ -234,8 +234,9 @@ def serve_probe(data_dir: Path, queries_file: Path) -> dict:
     from visualsearch.search import find_products
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
-    from visualsearch.vectors import SearchFilters
+    from visualsearch.vectors import SearchFilters, configure_threads
 
+    configure_threads(serving=True)  # as the web app does
     queries = np.load(queries_file)
     started = time.perf_counter()
     vs = VisualSearch(Settings(data_dir=data_dir), read_only=True)

@@ -162,6 +162,9 @@ def search(image: Path, top_k: int, category: str | None, brand: str | None, att
         region = Crop.parse(crop) if crop else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--crop") from None
+    from visualsearch.vectors import configure_threads
+
+    configure_threads(serving=True)
     filters = SearchFilters.build(category=category, brand=brand, attributes=_attribute_filters(attribute_filters),
                                   min_price=min_price, max_price=max_price)
     result = _open(_settings(**options), read_only=True).search(image, top_k=top_k, crop=region, filters=filters)

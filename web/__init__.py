@@ -22,7 +22,11 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
     if test_config:
         app.config.update(test_config)
 
+    from visualsearch.vectors import configure_threads
+
     from . import api, errors, metrics, pages, writes
+
+    configure_threads(serving=True)
 
     errors.register(app)
     metrics.register(app)

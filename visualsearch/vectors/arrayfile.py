@@ -10,7 +10,6 @@ aligned to 64 bytes so that memory-mapped views are aligned for BLAS.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -137,10 +136,3 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def advise_random(array: np.ndarray) -> None:
-    """Tell the kernel a memory-mapped array is read at random (no read-ahead)."""
-    mapping = getattr(array, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise"):
-        mapping.madvise(mmap.MADV_RANDOM)

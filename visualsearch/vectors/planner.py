@@ -167,8 +167,9 @@ def plan_merge(segment_rows: Sequence[int], *, max_rows: int | None = None) -> t
     Segments are ordered oldest first. When the newest MERGE_FACTOR segments share one
     size level they become one segment (and the check repeats after that merge), so
     the number of segments stays logarithmic in the catalogue size (plus one per
-    MAX_SEGMENT_ROWS rows) and a small write never rewrites a big segment. ``max_rows`` caps the merged size (writes that must
-    stay fast, such as an API call, leave bigger merges to the indexer or ``compact``).
+    MAX_SEGMENT_ROWS rows) and a small write never rewrites a big segment. ``max_rows``
+    caps the merged size (writes that must stay fast, such as an API call, leave bigger
+    merges to the indexer or ``compact``).
     """
     if not segment_rows:
         return None

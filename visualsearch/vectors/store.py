@@ -55,7 +55,7 @@ SEGMENTS_DIR = "vectors"
 LOCK_FILE = ".commit.lock"
 # Exact scan of a filter's rows while they are at most this many bytes of vectors;
 # beyond, the ANN lists are searched with the filter as an id selector.
-FILTER_EXACT_BYTES = 16 * 1024**2
+FILTER_EXACT_BYTES = 4 * 1024**2
 DEFAULT_RERANK = 100
 # Re-ranking depths tuning tries when probing every list is not enough.
 RERANK_STEPS = (DEFAULT_RERANK, 300, 1000)
@@ -258,6 +258,7 @@ class VectorStore:
         depth = max(k, rerank or tuning.rerank)
         coarse_cache: dict[str, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
         found_ids, found_products, found_scores = [], [], []
+        candidates: list[tuple[Segment, np.ndarray, np.ndarray]] = []  # ANN: (segment, rows, approx scores)
         for segment in snap.segments:
             alive = snap.alive[segment.uid]
             mask = segment.filter_mask(filters)
@@ -265,17 +266,20 @@ class VectorStore:
             n_allowed = int(np.count_nonzero(allowed))
             if n_allowed == 0:
                 continue
-            exact = segment.ann is None or n_allowed * self.dim * 4 <= FILTER_EXACT_BYTES
-            if exact:
+            if segment.ann is None or n_allowed * self.dim * 4 <= FILTER_EXACT_BYTES:
                 rows, scores = self._exact(segment, queries, allowed, n_allowed, k)
-            else:
-                share = n_allowed / len(segment)
-                # A filter keeping a share of the rows leaves that share of each list: probe
-                # proportionally more lists so as many allowed candidates are scanned (the
-                # bitmap check of a skipped row costs far less than a distance).
-                probes = min(segment.ann.nlist, math.ceil(nprobe / share))
-                bitmap = None if n_allowed == len(segment) else self._bitmap(segment, allowed, mask is None)
-                rows, scores = self._ann(segment, queries, probes, depth, bitmap, coarse_cache)
+                found_ids.append(np.asarray(segment.rows.ids)[rows])
+                found_products.append(np.asarray(segment.rows.product_ids)[rows])
+                found_scores.append(scores)
+                continue
+            share = n_allowed / len(segment)
+            # A filter keeping a share of the rows leaves that share of each list: probe
+            # proportionally more lists so as many allowed candidates are scanned (the
+            # bitmap check of a skipped row costs far less than a distance).
+            probes = min(segment.ann.nlist, math.ceil(nprobe / share))
+            bitmap = None if n_allowed == len(segment) else self._bitmap(segment, allowed, mask is None)
+            candidates.append((segment, *self._ann(segment, queries, probes, depth, bitmap, coarse_cache)))
+        for segment, rows, scores in _rerank(candidates, queries, depth):
             found_ids.append(np.asarray(segment.rows.ids)[rows])
             found_products.append(np.asarray(segment.rows.product_ids)[rows])
             found_scores.append(scores)
@@ -291,7 +295,7 @@ class VectorStore:
             vectors = segment.rows.vectors
         else:
             rows = np.flatnonzero(allowed)
-            vectors = segment.rows.vectors[rows]
+            vectors = segment.read_vectors(rows)
         scores = queries @ np.asarray(vectors).T  # (Q, n)
         take = min(k, scores.shape[1])
         top = np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < scores.shape[1] else \
@@ -302,6 +306,7 @@ class VectorStore:
 
     def _ann(self, segment: Segment, queries: np.ndarray, probes: int, depth: int, bitmap: np.ndarray | None,
              coarse_cache: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, approximate scores), both (Q, depth) with -1 rows where fewer were found."""
         codec = self._codecs[segment.codec_id]
         cached = coarse_cache.get(segment.codec_id)
         if cached is None or cached[1][1].shape[1] < probes:
@@ -309,13 +314,8 @@ class VectorStore:
             cached = coarse_cache[segment.codec_id] = (reduced, codec.coarse(reduced, probes))
         reduced, (distances, lists) = cached
         coarse = (distances[:, :probes], lists[:, :probes])
-        _, rows = search_segment(segment.ann, reduced, coarse, depth, bitmap)
-        rows = np.unique(rows[rows >= 0])
-        if not len(rows):
-            return rows, np.zeros(0, dtype=np.float32)
-        # Exact re-ranking from the stored float32 vectors (sorted rows: sequential reads).
-        exact = np.asarray(segment.rows.vectors[rows]) @ queries.T  # (n, Q)
-        return np.repeat(rows, len(queries)), exact.ravel()
+        scores, rows = search_segment(segment.ann, reduced, coarse, depth, bitmap)
+        return rows, scores
 
     def _bitmap(self, segment: Segment, allowed: np.ndarray, cacheable: bool) -> np.ndarray:
         if not cacheable:
@@ -777,6 +777,32 @@ def _writer_gone(name: str) -> bool:
     return False
 
 
+def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: np.ndarray,
+            depth: int) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
+    """Exact scores for the ``depth`` best approximate candidates of each query, over all
+    ANN segments together (the segments share a codec, so their approximate scores
+    compare): re-ranking reads ``depth`` stored vectors per query, however many
+    segments there are."""
+    out = []
+    for q, query in enumerate(queries):
+        pooled = [(index, rows[q], scores[q]) for index, (_, rows, scores) in enumerate(candidates)]
+        owners = np.concatenate([np.full(len(rows), index) for index, rows, _ in pooled]) if pooled else \
+            np.zeros(0, np.int64)
+        rows = np.concatenate([rows for _, rows, _ in pooled]) if pooled else np.zeros(0, np.int64)
+        approx = np.concatenate([scores for _, _, scores in pooled]) if pooled else np.zeros(0, np.float32)
+        valid = rows >= 0
+        owners, rows, approx = owners[valid], rows[valid], approx[valid]
+        if len(rows) > depth:
+            keep = np.argpartition(-approx, depth - 1)[:depth]
+            owners, rows = owners[keep], rows[keep]
+        for index in np.unique(owners).tolist():
+            segment = candidates[index][0]
+            picked = np.unique(rows[owners == index])
+            exact = segment.read_vectors(picked) @ query
+            out.append((segment, picked, exact.astype(np.float32)))
+    return out
+
+
 def _best(ids: np.ndarray, products: np.ndarray, scores: np.ndarray, k: int) -> StoreHits:
     """One entry per id (its best score), the ``k`` best, best first."""
     order = np.lexsort((-scores, ids))  # by id, best score first within an id
@@ -845,7 +871,17 @@ def _exact_neighbours(snap: Snapshot, queries: np.ndarray, own_ids: np.ndarray, 
     return truth
 
 
-def configure_threads() -> None:
+def configure_threads(*, serving: bool = False) -> None:
     """FAISS searches one query at a time here: its OpenMP threads only cost (2.4-9x
-    slower than one thread for single queries on 2 cores). Training sets its own."""
+    slower than one thread for single queries on 2 cores). Training sets its own.
+
+    A serving process (``serving=True``: the web app, ``visualsearch search``) also
+    keeps numpy's BLAS to one thread: its products are one query against at most a few
+    thousand vectors, where waking a second thread costs more than it saves (and under
+    load, with every worker busy, far more). Batch work (tuning) keeps its threads.
+    """
     faiss.omp_set_num_threads(1)
+    if serving:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
