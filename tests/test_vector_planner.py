@@ -11,6 +11,7 @@ from visualsearch.vectors.planner import (
     CODE_SHARE_OF_BUDGET,
     EXACT_SCAN_BYTES,
     MAX_NLIST,
+    MAX_SEGMENT_ROWS,
     MERGE_FACTOR,
     MERGE_FLOOR_ROWS,
     MIN_NLIST,
@@ -205,6 +206,7 @@ def test_segment_levels(rows, level):
 
 
 SMALL, BIG, HUGE = 10, 5_000, 100_000
+HALF = MAX_SEGMENT_ROWS // 2  # segments above this size are finished: never merged again
 
 
 @pytest.mark.parametrize(("rows", "max_rows", "expected"), [
@@ -234,6 +236,45 @@ def test_plan_merge(rows, max_rows, expected):
     assert plan_merge(rows, max_rows=max_rows) == expected
 
 
+@pytest.mark.parametrize(("rows", "max_rows", "expected"), [
+    # a run whose merge stays within MAX_SEGMENT_ROWS merges whole
+    ([MAX_SEGMENT_ROWS // MERGE_FACTOR] * MERGE_FACTOR, None, (0, MERGE_FACTOR)),
+    # one row more: the oldest of the run is left out
+    ([MAX_SEGMENT_ROWS // MERGE_FACTOR + 1] * MERGE_FACTOR, None, (1, MERGE_FACTOR)),
+    # 8 x 400,000 would be 3.2M rows: only the newest two merge (800,000 rows)
+    ([400_000] * MERGE_FACTOR, None, (MERGE_FACTOR - 2, MERGE_FACTOR)),
+    ([400_000] * (MERGE_FACTOR + 3), None, (MERGE_FACTOR + 1, MERGE_FACTOR + 3)),
+    # two segments of exactly half the cap still merge (to exactly MAX_SEGMENT_ROWS) ...
+    ([HALF] * MERGE_FACTOR, None, (MERGE_FACTOR - 2, MERGE_FACTOR)),
+    # ... but segments above half the cap are finished
+    ([HALF + 1] * MERGE_FACTOR, None, None),
+    ([HALF + 1] * (MERGE_FACTOR + 5), None, None),
+    ([600_000] * MERGE_FACTOR, None, None),
+    # a finished segment is never dragged into the run of smaller ones behind it ...
+    ([HALF + 1] + [SMALL] * MERGE_FACTOR, None, (1, 1 + MERGE_FACTOR)),
+    ([HALF + 1] + [SMALL] * (MERGE_FACTOR - 1), None, None),
+    # ... even when it is of the same level as they are (500,001 and 400,000 rows are both level 3)
+    ([HALF + 1] + [400_000] * (MERGE_FACTOR - 1), None, None),
+    ([HALF + 1] + [400_000] * MERGE_FACTOR, None, (MERGE_FACTOR - 1, MERGE_FACTOR + 1)),
+    # a newest segment above half the cap merges nothing
+    ([SMALL] * MERGE_FACTOR + [HALF + 1], None, None),
+    # a newest segment of half the cap still takes the smaller ones before it along
+    ([HALF + 1] + [SMALL] * (MERGE_FACTOR - 1) + [HALF], None, (1, 1 + MERGE_FACTOR)),
+    # trimming leaves the oldest out, keeping every newer segment that fits (here 7 of the run of 8)
+    ([HALF] + [SMALL] * 2 + [100_000] * 5, None, (1, MERGE_FACTOR)),
+    # max_rows applies to the trimmed run
+    ([400_000] * MERGE_FACTOR, 800_000, (MERGE_FACTOR - 2, MERGE_FACTOR)),
+    ([400_000] * MERGE_FACTOR, 799_999, None),
+])
+def test_plan_merge_never_makes_a_segment_above_max_segment_rows(rows, max_rows, expected):
+    assert segment_level(HALF + 1) == segment_level(400_000) == segment_level(100_000)  # (the rows above rely on it)
+    span = plan_merge(rows, max_rows=max_rows)
+    assert span == expected
+    if span is not None:
+        merged = rows[span[0]:span[1]]
+        assert len(merged) >= 2 and sum(merged) <= MAX_SEGMENT_ROWS and max(merged) <= HALF
+
+
 def test_repeated_small_writes_keep_the_segment_count_logarithmic():
     segments: list[int] = []
     most = 0
@@ -246,6 +287,25 @@ def test_repeated_small_writes_keep_the_segment_count_logarithmic():
     levels = segment_level(sum(segments)) + 1
     assert most <= levels * (MERGE_FACTOR - 1) + 1
     assert segments == sorted(segments, reverse=True)  # older segments are never smaller
+
+
+@pytest.mark.parametrize("write", [1_000, 50_000, 300_000, 450_000, 600_000])
+def test_repeated_writes_keep_segments_under_the_cap_and_few(write):
+    """Up to 20M rows in writes of one size: no merge makes a segment above MAX_SEGMENT_ROWS
+    or rewrites a finished one, and the segments stay about one per MAX_SEGMENT_ROWS // 2
+    rows plus the logarithmic levels below that."""
+    segments: list[int] = []
+    most = 0
+    while sum(segments) < 20 * M:
+        segments.append(write)
+        while (span := plan_merge(segments)) is not None:
+            merged = segments[span[0]:span[1]]
+            assert max(merged) <= MAX_SEGMENT_ROWS // 2
+            segments[span[0]:span[1]] = [sum(merged)]
+            assert sum(merged) <= MAX_SEGMENT_ROWS
+        most = max(most, len(segments))
+    levels = segment_level(MAX_SEGMENT_ROWS // 2) + 1
+    assert most <= sum(segments) / (MAX_SEGMENT_ROWS // 2) + levels * (MERGE_FACTOR - 1) + 1
 
 
 @pytest.mark.parametrize(("alive", "total", "expected"), [

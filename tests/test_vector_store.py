@@ -2,11 +2,18 @@
 
 The store is small here (a few thousand 32-dimensional vectors), so its size
 thresholds are lowered (:func:`ann_thresholds`) to make the IVF paths run: ANN
-searches, bitmap-filtered ANN searches and ANN-encoded merges.
+searches, bitmap-filtered ANN searches, ANN-encoded merges and re-encodings.
+
+A rebuild re-encodes each segment in place (``seg-<uid>.<codec>.ivf`` next to the
+untouched ``seg-<uid>.vseg``) and a compaction rewrites one segment at a time, so
+neither leaves the store in one segment: tests assert the invariants instead (every
+segment big enough has the current codec's lists, no dead rows after a compaction,
+no stale files, results equal to brute force).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -24,11 +31,12 @@ import pytest
 import visualsearch
 from visualsearch.errors import BackboneMismatchError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from visualsearch.vectors import IndexPlan, SearchFilters, VectorRows, VectorStore, row_tokens
+from visualsearch.vectors import planner as planner_module
 from visualsearch.vectors import segment as segment_module
 from visualsearch.vectors import store as store_module
-from visualsearch.vectors.manifest import MANIFEST_NAME
+from visualsearch.vectors.manifest import MANIFEST_NAME, read_store_manifest
 from visualsearch.vectors.planner import MERGE_FACTOR
-from visualsearch.vectors.segment import ANN_SUFFIX, SEGMENT_SUFFIX, segment_name
+from visualsearch.vectors.segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, ann_file_name, segment_name
 
 DIM = 32
 BACKBONE, SHA = "test_tiny", "ab" * 32
@@ -196,6 +204,38 @@ def assert_state(store: VectorStore, rows: dict[int, Row]) -> None:
         np.testing.assert_array_equal(vector, rows[image_id].vector)
 
 
+def assert_encodings(store: VectorStore) -> None:
+    """Every segment of at least MIN_ANN_SEGMENT_ROWS rows has ANN lists of the current
+    codec (in ``seg-<uid>.<codec>.ivf``), smaller ones have none, and the manifest says so."""
+    manifest = store.manifest
+    segments = store.snapshot().segments
+    for segment in segments:
+        wanted = manifest.codec if len(segment) >= store_module.MIN_ANN_SEGMENT_ROWS else None
+        assert segment.codec_id == wanted, f"segment {segment.uid} ({len(segment)} rows) has {segment.codec_id}"
+        assert (segment.ann is not None) == (wanted is not None)
+        if wanted is not None:
+            assert segment.ann.ntotal == len(segment)  # every row, dead ones too: masked at search time
+        assert segment.file_names() == [segment_name(segment.uid) + SEGMENT_SUFFIX] + (
+            [ann_file_name(segment.uid, wanted)] if wanted else [])
+    assert manifest.ann == {str(s.uid): s.codec_id for s in segments if s.codec_id}
+
+
+def assert_no_stale_files(data_dir: Path, store: VectorStore) -> None:
+    """vectors/ holds exactly the committed files: replaced segments, replaced encodings
+    and dropped codecs are gone (no grace period needed: a single writer installed them)."""
+    assert leftover_names(data_dir, store) == set()
+    segments_dir = data_dir / store_module.SEGMENTS_DIR
+    for segment in store.snapshot().segments:
+        for name in segment.file_names():
+            assert (segments_dir / name).is_file(), name
+
+
+def segment_files(data_dir: Path) -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime in ns) of every .vseg file."""
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns)
+            for path in (data_dir / store_module.SEGMENTS_DIR).glob(f"*{SEGMENT_SUFFIX}")}
+
+
 # --- ANN searches of saved segments (a crash there would take the test process with it) ------------
 
 PROBE = """
@@ -267,11 +307,12 @@ class Built:
     store: VectorStore
 
 
-def initial_rows() -> list[list[Row]]:
-    """ROWS rows in three commits, with sparse ids (as in a catalogue with a history)."""
+def initial_rows() -> list[Row]:
+    """ROWS rows with sparse ids (as in a catalogue with a history), committed at once:
+    a rebuild no longer merges segments, and one segment of ROWS rows is what puts a
+    broad filter's rows (more than EXACT_FILTER_ROWS of them) on the bitmap ANN path."""
     rng = np.random.default_rng(1)
-    ids = rng.choice(20_000, ROWS, replace=False)
-    return [make_rows(rng, part) for part in np.array_split(ids, 3)]
+    return make_rows(rng, rng.choice(20_000, ROWS, replace=False))
 
 
 @pytest.fixture(scope="module", params=list(PLANS))
@@ -284,9 +325,10 @@ def built(request, tmp_path_factory, ann_search_works) -> Built:
     with pytest.MonkeyPatch.context() as patch:
         lower_thresholds(patch)
         store = open_store(data_dir)
-        for rows in initial_rows():
-            catalogue.commit(store, rows)
+        catalogue.commit(store, initial_rows())
         plan = store.rebuild(plan=PLANS[kind])
+        assert_encodings(store)
+        assert_no_stale_files(data_dir, store)
     assert plan.description == DESCRIPTIONS[kind]
     return Built(kind, data_dir, catalogue, store)
 
@@ -319,8 +361,9 @@ def test_every_index_type_matches_brute_force(built, ann_thresholds, ann_calls):
     store, catalogue = built.store, built.catalogue
     queries = catalogue.queries(np.random.default_rng(2), 60)
     stats = store.stats()
-    assert (stats.vectors, stats.rows, stats.segments) == (ROWS, ROWS, 1)
+    assert (stats.vectors, stats.rows, stats.segments) == (ROWS, ROWS, 1)  # (one commit: one segment)
     assert stats.index_type == DESCRIPTIONS[built.kind]
+    assert_encodings(store)
     if built.kind == "flat":
         assert stats.ann_segments == 0
         check_search(store, catalogue, queries)  # the exact top 10
@@ -396,14 +439,24 @@ def test_replace_delete_and_compact_on_every_index_type(fresh):
     # (the planner wants an exact scan for 3,000 x 32: the forced IVF plans ask for a rebuild)
     assert store.maintenance() == (None if fresh.kind == "flat" else "rebuild")
 
+    before = store.snapshot().segments
     assert store.compact() is True
     stats = store.stats()
-    assert (stats.vectors, stats.rows, stats.segments) == (len(catalogue.rows), len(catalogue.rows), 1)
-    assert stats.ann_segments == (0 if fresh.kind == "flat" else 1)  # re-encoded with the store's codec
+    # Each segment with dead rows was rewritten on its own: no dead rows, but no single segment either.
+    assert (stats.vectors, stats.rows) == (len(catalogue.rows), len(catalogue.rows))
+    assert 1 < stats.segments <= len(before)
     assert store.manifest.index_type == DESCRIPTIONS[fresh.kind]
+    assert_encodings(store)  # the rewritten big segment re-encoded with the store's codec
+    assert stats.ann_segments == (0 if fresh.kind == "flat" else 1)
+    assert_no_stale_files(fresh.data_dir, store)
+    gone = {name for segment in before for name in segment.file_names()} - \
+        {name for segment in store.snapshot().segments for name in segment.file_names()}
+    assert gone and not [name for name in gone if (fresh.data_dir / store_module.SEGMENTS_DIR / name).exists()]
     check_search(store, catalogue, queries, min_recall=min_recall)
     assert store.compact() is False
-    assert_state(open_store(fresh.data_dir), catalogue.rows)
+    reopened = open_store(fresh.data_dir)
+    assert_state(reopened, catalogue.rows)
+    assert_encodings(reopened)
 
 
 def test_many_small_commits_merge_and_stay_equal_to_brute_force(fresh):
@@ -428,6 +481,8 @@ def test_many_small_commits_merge_and_stay_equal_to_brute_force(fresh):
     if fresh.kind != "flat":
         # 16 commits of 30 rows merged past ANN_SEGMENT_ROWS: encoded with the codec
         assert stats.ann_segments >= 2
+    assert_encodings(store)
+    assert_no_stale_files(fresh.data_dir, store)
     assert_state(open_store(fresh.data_dir), catalogue.rows)
 
 
@@ -436,6 +491,7 @@ def test_a_big_commit_after_a_rebuild_is_encoded_with_the_codec(fresh, ann_calls
     rng = np.random.default_rng(7)
     catalogue.commit(store, make_rows(rng, range(50_000, 50_000 + ANN_SEGMENT_ROWS)))
     assert store.stats().ann_segments == (0 if fresh.kind == "flat" else 2)
+    assert_encodings(store)
     check_search(store, catalogue, catalogue.queries(rng, 30), min_recall=1.0 if fresh.kind == "flat" else 0.95)
     assert bool(ann_calls) == (fresh.kind != "flat")
 
@@ -443,12 +499,18 @@ def test_a_big_commit_after_a_rebuild_is_encoded_with_the_codec(fresh, ann_calls
 def test_rebuild_to_the_planned_flat_index_drops_the_codec(fresh):
     store, catalogue = fresh.store, fresh.catalogue
     catalogue.commit(store, make_rows(np.random.default_rng(8), [60_000, 60_001]), deletes=[*catalogue.rows][:3])
+    before = store.stats()
     plan = store.rebuild()
     assert plan.kind == "flat"
     stats = store.stats()
-    assert (stats.segments, stats.ann_segments, stats.index_type) == (1, 0, "Flat (exact)")
-    assert store.manifest.codecs == {} and store.manifest.codec is None
-    assert not list((fresh.data_dir / store_module.SEGMENTS_DIR).glob("codec-*"))
+    # The segments stay as they were (dead rows too: a rebuild only changes encodings).
+    assert (stats.segments, stats.rows, stats.vectors) == (before.segments, ROWS + 2, ROWS - 1)
+    assert (stats.ann_segments, stats.index_type) == (0, "Flat (exact)")
+    assert store.manifest.codecs == {} and store.manifest.codec is None and store.manifest.ann == {}
+    segments_dir = fresh.data_dir / store_module.SEGMENTS_DIR
+    assert not list(segments_dir.glob("codec-*")) and not list(segments_dir.glob(f"*{ANN_SUFFIX}"))
+    assert_encodings(store)
+    assert_no_stale_files(fresh.data_dir, store)
     assert store.maintenance() is None
     check_search(store, catalogue, catalogue.queries(np.random.default_rng(9), 20))
 
@@ -465,8 +527,9 @@ def test_maintenance_compacts_when_a_fifth_is_dead(tmp_path):
     assert store.maintenance() == "compact"   # the replaced row makes 201
     assert store.maintain() == "compact"
     stats = store.stats()
-    assert (stats.segments, stats.rows, stats.vectors) == (1, 800, 800)
+    assert (stats.rows, stats.vectors) == (800, 800)  # no dead rows (the segments may stay several)
     assert store.maintenance() is None and store.maintain() is None
+    assert_no_stale_files(tmp_path / "data", store)
     assert_state(open_store(tmp_path / "data"), catalogue.rows)
 
 
@@ -474,8 +537,7 @@ def test_a_plan_short_of_the_target_recall_is_escalated(tmp_path, ann_thresholds
     require_ann("ivf", ann_search_works)
     data_dir = tmp_path / "data"
     store, catalogue = open_store(data_dir), Catalogue()
-    for rows in initial_rows():
-        catalogue.commit(store, rows)
+    catalogue.commit(store, initial_rows())
     hopeless = IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=2, encoding="SQ8",
                          code_bytes=2)
     plan = store.rebuild(plan=hopeless)
@@ -483,7 +545,245 @@ def test_a_plan_short_of_the_target_recall_is_escalated(tmp_path, ann_thresholds
     assert store.manifest.tuning.recall_at_10 >= store_module.TARGET_RECALL
     assert list(store.manifest.codecs) == [store.manifest.codec]
     assert len(list((data_dir / store_module.SEGMENTS_DIR).glob("codec-*"))) == 1  # PCA2's codec is gone
+    assert_encodings(store)
+    assert_no_stale_files(data_dir, store)  # and so are the segment's PCA2 lists
     check_search(store, catalogue, catalogue.queries(np.random.default_rng(26), 20), min_recall=0.95)
+
+
+# --- rebuilds re-encode in place, compactions rewrite one segment at a time ---------------------------
+
+def three_segments(store: VectorStore, catalogue: Catalogue, rng: np.random.Generator) -> None:
+    """Two segments big enough for ANN lists, then a small one that replaces and deletes rows of the first two."""
+    catalogue.commit(store, make_rows(rng, range(1000)))
+    catalogue.commit(store, make_rows(rng, range(1000, 1600)))
+    catalogue.commit(store, make_rows(rng, [*range(1600, 1700), *range(0, 50)]), deletes=range(1000, 1030))
+    stats = store.stats()
+    assert (stats.segments, stats.rows, stats.vectors) == (3, 1750, 1670)
+
+
+def test_rebuild_re_encodes_each_segment_in_place(tmp_path, ann_thresholds, ann_search_works):
+    """A rebuild gives every big segment the new codec's lists and small ones none, under
+    the same uids: the vectors (.vseg) are never rewritten, dead rows stay (that is a
+    compaction's job), the previous encoding's lists and codec are deleted, and a reader
+    follows."""
+    require_ann("ivf", ann_search_works)
+    data_dir = tmp_path / "data"
+    store, catalogue = open_store(data_dir), Catalogue()
+    rng = np.random.default_rng(28)
+    three_segments(store, catalogue, rng)
+    uids = [segment.uid for segment in store.snapshot().segments]
+    reader = open_store(data_dir, read_only=True)
+    files = segment_files(data_dir)
+    assert len(files) == 3
+    queries = catalogue.queries(rng, 20)
+    codecs = []
+    for kind in ("ivf", "ivf_pca", "flat"):  # (PLANS["flat"] is None: the planner's choice for 1,670 x 32)
+        plan = store.rebuild(plan=PLANS[kind], tune=False)
+        assert plan.description == DESCRIPTIONS[kind]
+        assert segment_files(data_dir) == files  # same files, same inodes, never written since
+        assert [segment.uid for segment in store.snapshot().segments] == uids
+        stats = store.stats()
+        assert (stats.segments, stats.rows, stats.vectors) == (3, 1750, 1670)  # dead rows are not dropped
+        assert_encodings(store)
+        assert stats.ann_segments == (0 if kind == "flat" else 2)  # the 150-row segment is scanned exactly
+        manifest = store.manifest
+        assert manifest.codec not in codecs  # a new codec each time (or none)
+        codecs.append(manifest.codec)
+        assert set(manifest.codecs) == {manifest.codec} - {None}
+        assert_no_stale_files(data_dir, store)  # the previous codec and every list it encoded are gone
+        min_recall = 1.0 if kind == "flat" else 0.9
+        check_search(store, catalogue, queries, min_recall=min_recall, nprobe=NLIST)
+        reader.refresh()
+        assert reader.manifest == manifest
+        assert_encodings(reader)
+        assert_state(reader, catalogue.rows)
+        check_search(reader, catalogue, queries, min_recall=min_recall, nprobe=NLIST)
+    assert_state(open_store(data_dir), catalogue.rows)
+
+
+def test_compact_rewrites_one_segment_at_a_time(tmp_path, monkeypatch, ann_thresholds, ann_search_works):
+    """Each segment with dead rows is rewritten on its own, so that at no moment does the
+    disk hold more than one segment besides the committed ones (never a second copy of the
+    catalogue), and the old files go as each rewrite is installed."""
+    require_ann("ivf", ann_search_works)
+    data_dir = tmp_path / "data"
+    segments_dir = data_dir / store_module.SEGMENTS_DIR
+    store, catalogue = open_store(data_dir), Catalogue()
+    rng = np.random.default_rng(29)
+    for part in range(4):  # four segments of one level, too few to merge
+        catalogue.commit(store, make_rows(rng, range(part * 1000, part * 1000 + 600)))
+    store.rebuild(plan=PLANS["ivf"], tune=False)
+    # 100 deleted and 20 replaced rows in each of the four
+    catalogue.commit(store, make_rows(rng, [p * 1000 + 100 + i for p in range(4) for i in range(20)]),
+                     deletes=[p * 1000 + i for p in range(4) for i in range(100)])
+    before = store.snapshot().segments
+    assert [len(segment) for segment in before] == [600] * 4 + [80]
+    largest = max((segments_dir / segment.file_names()[0]).stat().st_size for segment in before)
+
+    def uncommitted() -> set[str]:
+        committed = {segment_name(uid) + SEGMENT_SUFFIX for uid in read_store_manifest(data_dir).segments}
+        return {path.name for path in segments_dir.glob(f"*{SEGMENT_SUFFIX}")} - committed
+
+    real_write_merged = Segment.write_merged
+    writes = []
+
+    def write_merged(directory, uid, inputs, **args):
+        assert uncommitted() == set(), "a rewrite started while another one's segment was still on disk"
+        merged = real_write_merged(directory, uid, inputs, **args)
+        assert uncommitted() == {segment_name(uid) + SEGMENT_SUFFIX}
+        assert (segments_dir / (segment_name(uid) + SEGMENT_SUFFIX)).stat().st_size <= largest
+        writes.append([segment.uid for segment, _ in inputs])
+        return merged
+
+    monkeypatch.setattr(Segment, "write_merged", staticmethod(write_merged))
+    assert store.compact() is True
+    assert writes == [[segment.uid] for segment in before[:4]]  # one at a time, oldest first; not the clean one
+    assert uncommitted() == set()
+    stats = store.stats()
+    assert (stats.rows, stats.vectors, stats.segments) == (len(catalogue.rows), len(catalogue.rows), 5)
+    assert_encodings(store)  # 480 rows each: still encoded with the codec
+    assert stats.ann_segments == 4
+    assert_no_stale_files(data_dir, store)
+    check_search(store, catalogue, catalogue.queries(rng, 20), min_recall=0.9, nprobe=NLIST)
+    assert store.compact() is False and len(writes) == 4
+    assert_state(open_store(data_dir), catalogue.rows)
+
+
+def interrupt_a_rebuild(store: VectorStore, plan: IndexPlan) -> None:
+    """A rebuild that dies once it has made its codec current, before re-encoding a segment."""
+    def die(self, codec):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VectorStore, "_reencode", die)
+        with pytest.raises(KeyboardInterrupt):
+            store.rebuild(plan=plan, tune=False)
+
+
+@pytest.fixture
+def ivf_wanted(monkeypatch):
+    """The planner wants an IVF index even for a few thousand rows (so that PLANS["ivf"] needs no re-plan)."""
+    monkeypatch.setattr(planner_module, "EXACT_SCAN_BYTES", 0)
+
+
+def test_maintenance_re_encodes_segments_whose_lists_the_codec_does_not_call_for(tmp_path, monkeypatch,
+                                                                                 ann_thresholds, ivf_wanted,
+                                                                                 ann_search_works):
+    require_ann("ivf", ann_search_works)
+    data_dir = tmp_path / "data"
+    segments_dir = data_dir / store_module.SEGMENTS_DIR
+    store, catalogue = open_store(data_dir), Catalogue()
+    rng = np.random.default_rng(30)
+    three_segments(store, catalogue, rng)
+    store.rebuild(plan=PLANS["ivf"], tune=False)
+    assert store.maintenance() is None
+    old = store.manifest.codec
+    files = segment_files(data_dir)
+    queries = catalogue.queries(rng, 20)
+
+    interrupt_a_rebuild(store, PLANS["ivf"])
+    store = open_store(data_dir)
+    assert store.manifest.codec not in (None, old)
+    assert [segment.codec_id for segment in store.snapshot().segments] == [old, old, None]
+    check_search(store, catalogue, queries, min_recall=0.9, nprobe=NLIST)  # searchable meanwhile
+    assert store.maintenance() == "reencode"
+    assert store.maintain() == "reencode"
+    assert store.maintenance() is None
+    assert_encodings(store)
+    assert not list(segments_dir.glob(f"seg-*.{old}{ANN_SUFFIX}"))
+    assert segment_files(data_dir) == files
+    check_search(store, catalogue, queries, min_recall=0.9, nprobe=NLIST)
+
+    # A bigger threshold: the 1,000- and 600-row segments no longer call for lists.
+    monkeypatch.setattr(store_module, "MIN_ANN_SEGMENT_ROWS", 2000)
+    assert store.maintenance() == "reencode"
+    assert store.maintain() == "reencode"
+    assert store.maintenance() is None
+    assert_encodings(store)
+    assert store.stats().ann_segments == 0 and not list(segments_dir.glob(f"seg-*{ANN_SUFFIX}"))
+    assert segment_files(data_dir) == files
+    check_search(store, catalogue, queries)
+    assert_state(open_store(data_dir), catalogue.rows)
+
+
+def test_maintain_finishing_an_interrupted_rebuild_drops_the_previous_codec(tmp_path, ann_thresholds, ivf_wanted,
+                                                                            ann_search_works):
+    require_ann("ivf", ann_search_works)
+    data_dir = tmp_path / "data"
+    store = open_store(data_dir)
+    three_segments(store, Catalogue(), np.random.default_rng(31))
+    store.rebuild(plan=PLANS["ivf"], tune=False)
+    old = store.manifest.codec
+    interrupt_a_rebuild(store, PLANS["ivf"])
+    store = open_store(data_dir)
+    assert store.maintain() == "reencode"
+    assert_encodings(store)
+    assert old not in store.manifest.codecs
+    assert not list((data_dir / store_module.SEGMENTS_DIR).glob(f"codec-{old}.*"))
+
+
+@pytest.mark.parametrize("moment", ["while-encoding", "after-re-encoding"])
+def test_a_commit_by_another_writer_during_a_rebuild_is_kept(tmp_path, monkeypatch, ann_thresholds, moment):
+    data_dir = tmp_path / "data"
+    rebuilder, other = open_store(data_dir), open_store(data_dir)
+    catalogue = Catalogue()
+    rng = np.random.default_rng(32)
+    three_segments(rebuilder, catalogue, rng)
+    rebuilder.rebuild(plan=PLANS["ivf"], tune=False)  # (so that the next rebuild leaves a codec unused)
+    committed = []
+
+    def other_commits():
+        if not committed:
+            committed.append(True)
+            catalogue.commit(other, make_rows(rng, [9000]), deletes=[5])
+
+    if moment == "while-encoding":
+        real_encoded = Segment.encoded
+
+        def encoded(self, directory, codec):
+            other_commits()
+            return real_encoded(self, directory, codec)
+
+        monkeypatch.setattr(Segment, "encoded", encoded)
+    else:
+        real_reencode = VectorStore._reencode
+
+        def reencode(self, codec):
+            real_reencode(self, codec)
+            other_commits()
+
+        monkeypatch.setattr(VectorStore, "_reencode", reencode)
+    rebuilder.rebuild(plan=PLANS["ivf_pca"], tune=False)
+    assert committed
+    store = open_store(data_dir)
+    assert_state(store, catalogue.rows)
+    assert_encodings(store)
+    assert_no_stale_files(data_dir, store)
+
+
+def test_overlapping_rebuilds_leave_a_consistent_store(tmp_path, monkeypatch, ann_thresholds):
+    data_dir = tmp_path / "data"
+    first, second = open_store(data_dir), open_store(data_dir)
+    catalogue = Catalogue()
+    three_segments(first, catalogue, np.random.default_rng(33))
+    real_encoded = Segment.encoded
+    raced = []
+
+    def encoded(self, directory, codec):
+        out = real_encoded(self, directory, codec)
+        if not raced:  # the first rebuild has encoded a segment; another rebuilds meanwhile
+            raced.append(True)
+            second.rebuild(plan=PLANS["ivf"], tune=False)
+        return out
+
+    monkeypatch.setattr(Segment, "encoded", encoded)
+    first.rebuild(plan=PLANS["ivf_pca"], tune=False)
+    assert raced
+    store = open_store(data_dir)
+    assert set(store.manifest.codecs) == {store.manifest.codec}
+    assert_encodings(store)
+    assert_no_stale_files(data_dir, store)
+    assert_state(store, catalogue.rows)
 
 
 def test_deletes_survive_merges_that_do_not_reach_the_oldest_segment(tmp_path):
@@ -591,9 +891,39 @@ def test_filters_match_brute_force_over_the_rows_that_pass(built, case, ann_thre
         assert ann_calls and all(ann_calls), "a broad filter should search the lists with a bitmap"
 
 
+@pytest.mark.parametrize("built", ["ivf", "ivf_pca"], indirect=True)
+@pytest.mark.parametrize("case", ["category-lower", "in-stock-bool", "colour", "price-range"])
+def test_a_filtered_ann_search_probes_more_lists_in_proportion_to_the_rows_it_drops(built, case, ann_thresholds,
+                                                                                     monkeypatch):
+    """A filter keeping a share s of a segment's rows leaves about s of each list: the
+    search probes ceil(nprobe / s) lists (at most all of them) to scan as many allowed rows."""
+    probes: list[int] = []
+    real = store_module.search_segment
+
+    def spy(index, reduced, coarse, k, allowed_bitmap):
+        probes.append(coarse[1].shape[1])
+        return real(index, reduced, coarse, k, allowed_bitmap)
+
+    monkeypatch.setattr(store_module, "search_segment", spy)
+    build_args, passes = FILTER_CASES[case]
+    passing = len(built.catalogue.passing(passes))
+    assert passing > EXACT_FILTER_ROWS  # (the ANN path)
+    share = passing / ROWS  # one segment of ROWS rows, none dead
+    query = built.catalogue.queries(np.random.default_rng(34), 1)[0]
+    for nprobe in (1, 2, 3):
+        probes.clear()
+        built.store.search(query, 10, SearchFilters.build(**build_args), nprobe=nprobe)
+        assert probes == [min(NLIST, math.ceil(nprobe / share))]
+        probes.clear()
+        built.store.search(query, 10, nprobe=nprobe)
+        assert probes == [nprobe]
+    # (the case tells 1 / s from the former 1 / sqrt(s))
+    assert any(min(NLIST, math.ceil(n / share)) != min(NLIST, math.ceil(n / math.sqrt(share))) for n in (1, 2, 3))
+
+
 def test_the_filter_cases_cover_broad_selective_and_empty_filters():
     catalogue = Catalogue()
-    catalogue.apply([row for rows in initial_rows() for row in rows], [])
+    catalogue.apply(initial_rows(), [])
     counts = {case: len(catalogue.passing(passes)) for case, (_, passes) in FILTER_CASES.items()}
     assert counts["no-match"] == 0
     assert 0 < counts["selective"] <= EXACT_FILTER_ROWS < counts["price-range"]
@@ -676,7 +1006,10 @@ def test_a_read_only_store_follows_the_writers_commits(tmp_path):
         assert_state(reader, catalogue.rows)
     assert writer.compact() is True
     reader.refresh()
-    assert reader.stats().segments == 1
+    stats = reader.stats()
+    assert stats.rows == stats.vectors == len(catalogue.rows)  # the compaction's result, dead rows gone
+    assert stats == writer.stats()
+    assert_state(reader, catalogue.rows)
     check_search(reader, catalogue, catalogue.queries(rng, 10))
     with pytest.raises(InvalidRequestError):
         reader.commit(to_vector_rows(make_rows(rng, [9999])))
@@ -684,31 +1017,52 @@ def test_a_read_only_store_follows_the_writers_commits(tmp_path):
         reader.compact()
 
 
-def test_a_reader_retries_when_a_merge_removes_an_ann_segment_it_is_loading(tmp_path, monkeypatch):
+@pytest.mark.parametrize("race", ["compaction", "re-encoding"])
+@pytest.mark.parametrize("loading", ["new-segment", "new-encoding"])
+def test_a_reader_retries_when_the_writer_removes_ann_lists_it_is_loading(tmp_path, monkeypatch, ann_thresholds,
+                                                                          loading, race):
+    """Between the reader's reading the manifest and a segment's ANN lists, the writer
+    removes those lists (a compaction replaces the segment, a rebuild re-encodes it): the
+    reader must read the manifest again, not call the index damaged. ``loading`` is what
+    the reader loads: a segment new to it (Segment.load), or new lists of a segment it
+    has loaded (VectorStore._read_ann)."""
     data_dir = tmp_path / "data"
     writer = open_store(data_dir)
     catalogue = Catalogue()
     rng = np.random.default_rng(16)
     catalogue.commit(writer, make_rows(rng, range(600)))
-    writer.rebuild(plan=PLANS["ivf"], tune=False)          # one segment with an .ivf file
+    writer.rebuild(plan=PLANS["ivf"], tune=False)          # segment 1 with ANN lists
     catalogue.commit(writer, make_rows(rng, range(600, 610)))
     reader = open_store(data_dir, read_only=True)
-    catalogue.commit(writer, make_rows(rng, range(610, 620)), deletes=[0])
-    writer.rebuild(plan=PLANS["ivf"], tune=False)          # a new ANN segment the reader has not loaded
-    real_read_ann = segment_module.read_ann
-    compacted = []
+    if loading == "new-segment":  # encoded as it is committed, not yet loaded by the reader
+        catalogue.commit(writer, make_rows(rng, range(1000, 1000 + ANN_SEGMENT_ROWS)))
+        target, module, replaced_id = writer.snapshot().segments[-1], segment_module, 1000
+    else:  # segment 1 with new lists; the reader has it with the old ones
+        writer.rebuild(plan=PLANS["ivf_pca"], tune=False)
+        target, module, replaced_id = writer.snapshot().segments[0], store_module, 0
+    loading_file = ann_file_name(target.uid, writer.manifest.codec)
+    assert target.file_names()[1] == loading_file
+    real_read_ann = module.read_ann
+    raced = []
 
-    def read_ann_racing_a_compaction(path):
-        if not compacted:  # the writer replaces the segment between the reader's .vseg and .ivf reads
-            compacted.append(True)
-            catalogue.commit(writer, make_rows(rng, [700]))
-            assert writer.compact()
+    def read_ann_racing_the_writer(path):
+        if not raced:  # the writer acts between the reader's reading the manifest and these lists
+            raced.append(Path(path).name)
+            if race == "compaction":  # a dead row in the target: the compaction replaces it
+                catalogue.commit(writer, make_rows(rng, [replaced_id]))
+                assert writer.compact()
+            else:  # a re-plan: the target keeps its uid and gets new lists
+                writer.rebuild(plan=PLANS["ivf"], tune=False)
+            assert not (data_dir / store_module.SEGMENTS_DIR / loading_file).exists()
         return real_read_ann(path)
 
-    monkeypatch.setattr(segment_module, "read_ann", read_ann_racing_a_compaction)
+    monkeypatch.setattr(module, "read_ann", read_ann_racing_the_writer)
     reader.refresh()
-    assert compacted
+    assert raced == [loading_file]
+    assert reader.manifest == read_store_manifest(data_dir)
     assert_state(reader, catalogue.rows)
+    assert_encodings(reader)
+    check_search(reader, catalogue, catalogue.queries(rng, 10), min_recall=0.9, nprobe=NLIST)
 
 
 WORKLOAD_POOL = 600        # ids 0..599 are added, replaced and deleted at random
@@ -751,6 +1105,9 @@ def child_main() -> None:
     number is appended to LOG once its commit has returned.
     """
     mode, data_dir, log_path = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    # Segments here hold at most a few hundred rows: with the default threshold no rebuild
+    # would write ANN lists, and a kill could never land in the middle of a re-encoding.
+    store_module.MIN_ANN_SEGMENT_ROWS = ANN_SEGMENT_ROWS
     store = open_store(data_dir)
     batch = committed_batches(store)
     stop = int(mode.split("-")[1]) if mode.startswith("writer-") else None
@@ -894,7 +1251,8 @@ def test_collect_leftovers_keeps_young_files_of_live_writers(tmp_path):
         "dead_tmp": f".{segment_name(91)}{SEGMENT_SUFFIX}.{dead.pid}.tmp",
         "dead_codec_tmp": f".codec-00000092.ivf.{dead.pid}.tmp",
         "unreferenced": f"{segment_name(93)}{SEGMENT_SUFFIX}",
-        "unreferenced_ann": f"{segment_name(93)}{ANN_SUFFIX}",
+        "unreferenced_ann": ann_file_name(93, "00000007"),
+        "old_unreferenced_ann": ann_file_name(1, "00000008"),  # a replaced encoding of a live segment
         "old_live_tmp": f".{segment_name(94)}{SEGMENT_SUFFIX}.{os.getpid()}.tmp",
         "old_unreferenced": f"{segment_name(95)}{SEGMENT_SUFFIX}",
         "old_codec": "codec-00000096.pca",
@@ -911,7 +1269,7 @@ def test_collect_leftovers_keeps_young_files_of_live_writers(tmp_path):
             os.utime(segments_dir / name, (old, old))
     removed = set(store.collect_leftovers())
     assert removed == {files[k] for k in ("dead_tmp", "dead_codec_tmp", "old_live_tmp", "old_unreferenced",
-                                          "old_codec")}
+                                          "old_unreferenced_ann", "old_codec")}
     for key in ("live_tmp", "unreferenced", "unreferenced_ann", "old_foreign"):
         assert (segments_dir / files[key]).exists()
     assert store.count == 100
@@ -989,15 +1347,27 @@ def test_a_missing_segment_file_is_a_corrupt_index(small_store):
         open_store(data_dir)
 
 
-@pytest.mark.parametrize("target", ["segment", "codec"])
-def test_a_damaged_ann_file_is_a_corrupt_index(small_store, target):
+@pytest.mark.parametrize("target", ["segment", "codec", "new-encoding"])
+def test_a_damaged_ann_file_is_a_corrupt_index(small_store, ann_thresholds, target):
+    """``segment``: the lists of the 600-row segment (seg-<uid>.<codec>.ivf) read by a store
+    opening; ``codec``: the codec they need; ``new-encoding``: the new lists of a segment a
+    reader already has, read as it follows a rebuild."""
     data_dir, _ = small_store
-    open_store(data_dir).rebuild(plan=PLANS["ivf"], tune=False)
+    reader = open_store(data_dir, read_only=True)
+    store = open_store(data_dir)
+    store.rebuild(plan=PLANS["ivf"], tune=False)
+    encoded = [segment for segment in store.snapshot().segments if segment.codec_id]
+    assert [len(segment) for segment in encoded] == [600]  # (the 20-row segment has no lists)
     segments_dir = data_dir / store_module.SEGMENTS_DIR
-    path = newest_segment(data_dir, ANN_SUFFIX) if target == "segment" else next(segments_dir.glob("codec-*.ivf"))
+    codec = store.manifest.codec
+    path = segments_dir / (f"codec-{codec}.ivf" if target == "codec" else ann_file_name(encoded[0].uid, codec))
+    assert path.is_file()
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(IndexCorruptError, match="damaged"):
-        open_store(data_dir)
+        if target == "new-encoding":
+            reader.refresh()
+        else:
+            open_store(data_dir)
 
 
 @pytest.mark.parametrize("identity", [{"backbone": "resnet50"}, {"weights_sha256": "cd" * 32}, {"dim": 64}])

@@ -122,7 +122,15 @@ class Segment:
         self.codec_id = codec_id if ann is not None else None
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._masks_lock = threading.Lock()
+        # Opened now, while the file surely exists: a merge may delete it later, and a
+        # search that took its snapshot before must still read it (as the mapping can).
         self._fd: int | None = None
+        if isinstance(rows.vectors, np.memmap):
+            try:
+                self._fd = os.open(rows.vectors.filename, os.O_RDONLY)
+                weakref.finalize(self, os.close, self._fd)
+            except FileNotFoundError:
+                pass  # read through the mapping instead
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -231,12 +239,12 @@ class Segment:
         through the mapping pulls whole page-cache folios (up to 2 MiB each) into the
         process, so a server's resident memory grew by ~1 MB per re-ranked row."""
         vectors = self.rows.vectors
-        if not isinstance(vectors, np.memmap) or len(rows) == 0:
+        if self._fd is None or len(rows) == 0:
             return np.asarray(vectors[rows])
         dim = vectors.shape[1]
         out = np.empty((len(rows), dim), dtype=np.float32)
         row_bytes = dim * 4
-        fd = self._file()
+        fd = self._fd
         # One read per run of consecutive rows (filters often select neighbours).
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for start, end in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
@@ -245,13 +253,6 @@ class Segment:
             if read != want:
                 raise OSError(f"short read of vector segment {self.uid} at row {int(rows[start])}")
         return out
-
-    def _file(self) -> int:
-        with self._masks_lock:
-            if self._fd is None:
-                self._fd = os.open(self.rows.vectors.filename, os.O_RDONLY)
-                self._finalizer = weakref.finalize(self, os.close, self._fd)
-            return self._fd
 
     # --- filters --------------------------------------------------------------------
 

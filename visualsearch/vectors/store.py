@@ -175,7 +175,7 @@ class VectorStore:
             try:
                 segment = Segment.load(self.segments_dir, uid, codec_id=codec_id)
             except (ArrayFileError, RuntimeError) as exc:
-                if not self._still_committed(uid):
+                if not self._still_committed(uid, codec_id):
                     # A merge removed it between our reading the manifest and its files:
                     # the caller reads the newer manifest.
                     raise FileNotFoundError(uid) from None
@@ -186,16 +186,18 @@ class VectorStore:
         try:
             return read_ann(self.segments_dir / ann_file_name(uid, codec_id))
         except RuntimeError:
-            if not self._still_committed(uid):
+            if not self._still_committed(uid, codec_id):
                 raise FileNotFoundError(uid) from None
             raise IndexCorruptError(f"the ANN lists of vector segment {uid} are damaged") from None
 
-    def _still_committed(self, uid: int) -> bool:
+    def _still_committed(self, uid: int, codec_id: str | None) -> bool:
+        """Whether the manifest on disk still names this segment with this encoding (if not,
+        a merge or a rebuild replaced it after we read the manifest: read it again)."""
         try:
             current = read_store_manifest(self.data_dir)
         except IndexCorruptError:
             return True
-        return current is not None and uid in current.segments
+        return current is not None and uid in current.segments and current.ann.get(str(uid)) == codec_id
 
     def _codec(self, manifest: StoreManifest, codec_id: str) -> Codec:
         codec = self._codecs.get(codec_id)
@@ -564,6 +566,8 @@ class VectorStore:
             self.rebuild()
         elif needed == "reencode":
             self._reencode(self._current_codec())
+            with self.writing():
+                self._forget_unused_codecs()
         elif needed == "compact":
             self.compact()
         return needed
@@ -594,7 +598,8 @@ class VectorStore:
         while True:
             codec = self._adopt_plan(plan, seed)
             self._reencode(codec)
-            self._forget_unused_codecs()
+            with self.writing():
+                self._forget_unused_codecs()
             if not tune or plan.kind != "ivf":
                 return plan
             tuning = self.tune(seed=seed)
@@ -643,11 +648,17 @@ class VectorStore:
             with self.writing():
                 order = list(self._state.segments)
                 uids = [s.uid for s in order]
-                if segment.uid in uids:
+                # Another rebuild may have replaced the codec meanwhile: then these lists
+                # are of a codec on its way out, and that rebuild encodes the segment.
+                current = codec is None or self._manifest.codec == codec.codec_id
+                if segment.uid in uids and current:
                     order[uids.index(segment.uid)] = encoded
                     self._install(order, self._manifest)
-                elif encoded.ann_file:
-                    (self.segments_dir / encoded.ann_file).unlink(missing_ok=True)
+                else:
+                    if encoded.ann_file:
+                        (self.segments_dir / encoded.ann_file).unlink(missing_ok=True)
+                    if not current:
+                        return
 
     def _forget_unused_codecs(self) -> None:
         """Drop codecs no segment uses any more (caller holds the commit lock)."""
