@@ -210,3 +210,65 @@ def test_images_status_values(tiny_settings, small_catalogue):
     vs = VisualSearch(tiny_settings)
     vs.index(small_catalogue)
     assert {image.status for image in vs.product("P0").images} == {ImageStatus.INDEXED.value}
+
+
+def test_a_sku_named_again_far_down_the_manifest(tiny_settings, tmp_path, monkeypatch):
+    """Rows of one SKU in two manifest chunks: its image is embedded once, the run ends."""
+    from visualsearch import indexing
+
+    monkeypatch.setattr(indexing, "MANIFEST_CHUNK_ROWS", 2)
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    rows = []
+    for number in range(6):
+        make_image(folder / f"{number}.png", seed=number)
+        rows.append({"sku": f"S{number}", "image": f"{number}.png", "category": "first"})
+    rows.append({"sku": "S0", "image": "0.png", "category": "later"})  # same SKU, another chunk
+    vs = VisualSearch(tiny_settings)
+    report = vs.index(write_catalogue(folder, rows))
+    assert report.failures == [] and report.embedded == 6
+    assert vs.product("S0").category == "later" and vs.store().count == 6
+    from visualsearch.vectors import SearchFilters
+
+    hits = vs.search(folder / "0.png", filters=SearchFilters.build(category="later")).hits
+    assert [hit.sku for hit in hits] == ["S0"]
+
+
+def test_a_field_change_whose_store_update_died_is_applied_later(tiny_settings, tmp_path, monkeypatch):
+    """The catalogue took the new category, then the process died before the store did:
+    the product is flagged, and the next write of it (or compact) rewrites its fields."""
+    from visualsearch.vectors import SearchFilters
+    from visualsearch.writer import CatalogueWriter
+
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    make_image(folder / "a.png", seed=1)
+    vs = VisualSearch(tiny_settings)
+    vs.index(write_catalogue(folder, [{"sku": "A", "image": "a.png", "category": "Shoes"}]))
+    moved = write_catalogue(folder, [{"sku": "A", "image": "a.png", "category": "Bags"}], name="moved.csv")
+    real_commit = CatalogueWriter.commit
+
+    def dies(self, pending):
+        if pending.refresh_products:
+            raise Crash()
+        return real_commit(self, pending)
+
+    monkeypatch.setattr(CatalogueWriter, "commit", dies)
+    with pytest.raises(Crash):
+        vs.index(moved)
+    monkeypatch.setattr(CatalogueWriter, "commit", real_commit)
+    query = folder / "a.png"
+    assert vs.product("A").category == "Bags"
+    assert vs.search(query, filters=SearchFilters.build(category="bags")).hits == []  # not yet
+    report = vs.index(moved)  # nothing changed in the manifest's eyes, but A is flagged
+    assert report.unchanged == 1
+    assert [h.sku for h in vs.search(query, filters=SearchFilters.build(category="bags")).hits] == ["A"]
+    assert vs.search(query, filters=SearchFilters.build(category="shoes")).hits == []
+
+    # The same through compact, for a product no later write touches.
+    monkeypatch.setattr(CatalogueWriter, "commit", dies)
+    with pytest.raises(Crash):
+        vs.index(write_catalogue(folder, [{"sku": "A", "image": "a.png", "category": "Hats"}], name="hats.csv"))
+    monkeypatch.setattr(CatalogueWriter, "commit", real_commit)
+    vs.compact()
+    assert [h.sku for h in vs.search(query, filters=SearchFilters.build(category="hats")).hits] == ["A"]

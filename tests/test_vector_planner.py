@@ -320,3 +320,16 @@ def test_plan_round_trips_through_a_dict():
     plan = plan_index(10 * M, 1280, 512 * MiB)
     assert IndexPlan(**plan.to_dict()) == plan
     assert plan.description == "PCA32,IVF4096,SQ8 + exact re-rank"
+
+
+def test_an_escalated_plan_is_not_re_planned_while_it_fits_the_budget():
+    """Escalation picks larger codes than plan_index would; that alone is no reason to
+    re-plan (it used to re-plan after every flush, undoing the escalation)."""
+    from visualsearch.vectors.planner import escalate, needs_replan, plan_index
+
+    budget = 4 * 1024**3
+    planned = plan_index(1_000_000, 1280, budget)
+    bigger = escalate(planned, budget)
+    assert bigger is not None and bigger.code_bytes > planned.code_bytes
+    assert not needs_replan(bigger, 1_000_000, 1280, budget)
+    assert needs_replan(bigger, 1_000_000, 1280, bigger.code_bytes * 1_000_000)  # no longer fits

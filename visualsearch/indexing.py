@@ -182,7 +182,7 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
         last_flush = time.monotonic()
         for records in chunks:
             unchanged_before = report.unchanged
-            tasks, fields_changed = _prepare_chunk(vs, records, report)
+            tasks, fields_changed = _prepare_chunk(vs, records, report, pending)
             pending.refresh_products |= fields_changed
             progress.advance(report.unchanged - unchanged_before)
             for results in embedding.run(tasks, report):
@@ -205,8 +205,8 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
     return report
 
 
-def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord],
-                   report: IndexingReport) -> tuple[list[ImageTask], set[int]]:
+def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report: IndexingReport,
+                   pending: PendingWrites) -> tuple[list[ImageTask], set[int]]:
     """Upsert the chunk's products (bounded transaction); return its images that need work."""
     with vs.session() as session:
         upsert = catalogue.upsert_products(session, records)
@@ -216,6 +216,8 @@ def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord],
     sku_of = {product_id: sku for sku, product_id in upsert.product_ids.items()}
     tasks = []
     for image in images:
+        if image.id in pending:
+            continue  # a SKU named again further down the manifest: its images are on their way
         if image.status == ImageStatus.INDEXED and _unchanged_on_disk(image):
             report.unchanged += 1
             continue
@@ -236,7 +238,7 @@ def _collect(results: list[ImageResult], pending: PendingWrites, report: Indexin
     for result in results:
         task = result.task
         if result.vector is None:
-            pending.failed.append((task.image_id, result.error_message or "unknown error"))
+            pending.fail(task.image_id, result.error_message or "unknown error")
             failure = ImageFailure(task.sku, task.path, result.error_code or "error", result.error_message or "")
             report.failures.append(failure)
             failures_log.write(failure)
@@ -245,7 +247,7 @@ def _collect(results: list[ImageResult], pending: PendingWrites, report: Indexin
             report.reused += 1
         else:
             report.embedded += 1
-        pending.embedded.append(EmbeddedImage(
+        pending.add(EmbeddedImage(
             image_id=task.image_id, product_id=task.product_id, vector=result.vector, sha256=result.sha256 or "",
             file_size=result.file_size, file_mtime_ns=result.file_mtime_ns, width=result.width,
             height=result.height,

@@ -300,6 +300,7 @@ class VisualSearch:
         if store is None:
             return {"rebuilt": False, "removed_files": []}
         codec_before = store.manifest.codec if store.manifest else None
+        CatalogueWriter(self.session, store).refresh_stale_products()
         if force:
             store.rebuild()
         elif store.maintain() != "rebuild":

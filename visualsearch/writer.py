@@ -43,18 +43,30 @@ class EmbeddedImage:
 
 @dataclass
 class PendingWrites:
-    """What an indexing run has produced since its last commit."""
+    """What an indexing run has produced since its last commit, by image id (the same
+    image may come twice: rows of one SKU far apart in a manifest; the last wins)."""
 
-    embedded: list[EmbeddedImage] = field(default_factory=list)
-    failed: list[tuple[int, str]] = field(default_factory=list)
+    embedded: dict[int, EmbeddedImage] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
     refresh_products: set[int] = field(default_factory=set)  # filter fields changed
 
     def __len__(self) -> int:
         return len(self.embedded) + len(self.failed) + len(self.refresh_products)
 
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.embedded or image_id in self.failed
+
+    def add(self, image: EmbeddedImage) -> None:
+        self.failed.pop(image.image_id, None)
+        self.embedded[image.image_id] = image
+
+    def fail(self, image_id: int, message: str) -> None:
+        self.embedded.pop(image_id, None)
+        self.failed[image_id] = message
+
     def take(self) -> "PendingWrites":
         taken = PendingWrites(self.embedded, self.failed, self.refresh_products)
-        self.embedded, self.failed, self.refresh_products = [], [], set()
+        self.embedded, self.failed, self.refresh_products = {}, {}, set()
         return taken
 
 
@@ -87,7 +99,10 @@ class CatalogueWriter:
             return
         with self.store.writing(self.lock_timeout):
             with self._session() as session:
-                embedded = _still_existing(session, pending.embedded)
+                existing = catalogue.existing_image_ids(session, [*pending.embedded, *pending.failed])
+                # A product removed (API DELETE) while its images were being read stays removed.
+                embedded = [e for e in pending.embedded.values() if e.image_id in existing]
+                failed = [(image_id, message) for image_id, message in pending.failed.items() if image_id in existing]
                 refresh = _refresh_pairs(session, pending.refresh_products, {e.image_id for e in embedded})
                 fields = catalogue.product_fields(
                     session, [e.product_id for e in embedded] + [product for _, product in refresh])
@@ -103,12 +118,26 @@ class CatalogueWriter:
                 tokens=[_tokens(fields.get(p)) for p in products], dim=self.store.dim,
             )
             # A failed image that used to be indexed must leave the store too.
-            self.store.commit(rows, [image_id for image_id, _ in pending.failed], merge_limit=self.merge_limit,
+            self.store.commit(rows, list(pending.failed), merge_limit=self.merge_limit,
                               lock_timeout=self.lock_timeout)
             with self._session() as session:
                 catalogue.mark_indexed(session, [_image_columns(e) for e in embedded])
-                catalogue.mark_failed(session, pending.failed)
+                catalogue.mark_failed(session, failed)
+                # The refreshed products' rows all carry the fields read above (a product
+                # stamped stale since keeps its newer stamp: its writer refreshes it).
+                catalogue.mark_vectors_current(session, {product: fields[product].stale_stamp
+                                                         for product in pending.refresh_products
+                                                         if product in fields})
         self.store.merge(self.merge_limit)
+
+    def refresh_stale_products(self) -> int:
+        """Rewrite the stored fields of products whose last field change never reached the
+        store (a crash or a busy lock after the catalogue update). Returns how many."""
+        with self._session() as session:
+            stale = catalogue.stale_products(session)
+        if stale:
+            self.commit(PendingWrites(refresh_products=set(stale)))
+        return len(stale)
 
     def delete_products(self, skus: Sequence[str]) -> tuple[list[str], list[str]]:
         """Delete products and their vectors. Returns (deleted SKUs, paths of their images)."""
@@ -119,12 +148,6 @@ class CatalogueWriter:
                 self.store.commit(deletes=vector_ids, merge_limit=self.merge_limit, lock_timeout=self.lock_timeout)
         self.store.merge(self.merge_limit)
         return deleted, paths
-
-
-def _still_existing(session: Session, embedded: list[EmbeddedImage]) -> list[EmbeddedImage]:
-    # A product removed (API DELETE) while its images were being embedded stays removed.
-    existing = catalogue.existing_image_ids(session, [e.image_id for e in embedded])
-    return [e for e in embedded if e.image_id in existing]
 
 
 def _refresh_pairs(session: Session, product_ids: set[int], skip: set[int]) -> list[tuple[int, int]]:

@@ -46,6 +46,11 @@ class Product(Base):
     price: Mapped[float | None] = mapped_column(Float, index=True)
     url: Mapped[str | None] = mapped_column(Text)
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Non-zero (a fresh stamp) after any change to a field the vector store filters on;
+    # reset to 0 once the product's stored vectors carry those fields, and only if no
+    # newer change stamped it meanwhile. A change whose store update never happened (a
+    # crash, a busy lock) is picked up by the next write of the product or ``compact``.
+    vectors_stale: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

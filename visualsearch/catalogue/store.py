@@ -6,11 +6,12 @@ of products or a flush of images, and no query ever loads every row.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
@@ -107,7 +108,8 @@ def upsert_products(session: Session, records: Sequence[ProductRecord]) -> Upser
     existing: dict[str, dict[str, Any]] = {}
     for chunk in _chunks(list(records), IN_CHUNK):
         for row in session.execute(
-            select(Product.id, Product.sku, *[getattr(Product, name) for name in FIELD_NAMES], Product.attributes)
+            select(Product.id, Product.sku, *[getattr(Product, name) for name in FIELD_NAMES], Product.attributes,
+                   Product.vectors_stale)
             .where(Product.sku.in_(chunk))
         ):
             existing[row.sku] = dict(row._mapping)
@@ -119,15 +121,18 @@ def upsert_products(session: Session, records: Sequence[ProductRecord]) -> Upser
                             "attributes": dict(record.attributes)})
             continue
         update_row, filter_changed = _field_changes(current, record)
+        if filter_changed:
+            update_row["vectors_stale"] = _stale_stamp()
         if update_row:
             updates.append({"id": current["id"], **update_row})
-        if filter_changed:
+        if filter_changed or current["vectors_stale"]:
             changed.add(current["id"])
     if updates:
         session.execute(update(Product), updates)
     product_ids = {sku: row["id"] for sku, row in existing.items()}
     for chunk in _chunks(inserts, IN_CHUNK):
-        session.execute(insert(Product), chunk)
+        # Another writer (an API PUT beside a batch run) may create the same SKU first.
+        _insert_ignoring_duplicates(session, Product, chunk)
         for product_id, sku in session.execute(
             select(Product.id, Product.sku).where(Product.sku.in_([row["sku"] for row in chunk]))
         ):
@@ -186,7 +191,26 @@ def _add_new_images(session: Session, records: dict[str, ProductRecord], product
                                    "status": ImageStatus.PENDING})
                 paths.add(path)
     for chunk in _chunks(new_images, IN_CHUNK * 4):
-        session.execute(insert(ProductImage), chunk)
+        _insert_ignoring_duplicates(session, ProductImage, chunk)
+
+
+def _insert_ignoring_duplicates(session: Session, model: type, rows: list[dict[str, Any]]) -> None:
+    """Bulk INSERT that skips rows whose unique key exists (concurrent writers)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        session.execute(insert(model), rows)
+        return
+    table = model.__table__
+    defaults = {column.name: column.default.arg for column in table.columns
+                if column.default is not None and column.default.is_scalar}
+    callables = {column.name: column.default.arg for column in table.columns
+                 if column.default is not None and column.default.is_callable}
+    complete = [{**defaults, **{name: make(None) for name, make in callables.items()}, **row} for row in rows]
+    session.execute(dialect_insert(table).on_conflict_do_nothing(), complete)
 
 
 def get_product(session: Session, sku: str) -> Product:
@@ -215,22 +239,26 @@ def products_by_id(session: Session, product_ids: Iterable[int]) -> dict[int, Pr
 
 @dataclass(frozen=True)
 class ProductFields:
-    """What the vector store keeps beside each vector of a product."""
+    """What the vector store keeps beside each vector of a product (and the product's
+    stale stamp when they were read)."""
 
     category: str | None
     brand: str | None
     price: float | None
     attributes: dict[str, Any]
+    stale_stamp: int = 0
 
 
 def product_fields(session: Session, product_ids: Iterable[int]) -> dict[int, ProductFields]:
     fields: dict[int, ProductFields] = {}
     for chunk in _chunks(list(set(product_ids)), IN_CHUNK):
         for row in session.execute(
-            select(Product.id, Product.category, Product.brand, Product.price, Product.attributes)
+            select(Product.id, Product.category, Product.brand, Product.price, Product.attributes,
+                   Product.vectors_stale)
             .where(Product.id.in_(chunk))
         ):
-            fields[row.id] = ProductFields(row.category, row.brand, row.price, dict(row.attributes or {}))
+            fields[row.id] = ProductFields(row.category, row.brand, row.price, dict(row.attributes or {}),
+                                           row.vectors_stale)
     return fields
 
 
@@ -238,8 +266,8 @@ def delete_products(session: Session, skus: Iterable[str]) -> tuple[list[str], l
     """Delete products by SKU.
 
     Returns:
-        (deleted SKUs, ids of their indexed images, which must leave the vector store,
-        paths of all their images).
+        (deleted SKUs, ids of all their images, which must leave the vector store, paths
+        of all their images).
     """
     deleted: list[str] = []
     vector_ids: list[int] = []
@@ -250,13 +278,13 @@ def delete_products(session: Session, skus: Iterable[str]) -> tuple[list[str], l
             continue
         product_ids = [row.id for row in rows]
         deleted += [row.sku for row in rows]
-        for image_id, status, path in session.execute(
-            select(ProductImage.id, ProductImage.status, ProductImage.path)
-            .where(ProductImage.product_id.in_(product_ids))
+        for image_id, path in session.execute(
+            select(ProductImage.id, ProductImage.path).where(ProductImage.product_id.in_(product_ids))
         ):
             paths.append(path)
-            if ImageStatus(status) == ImageStatus.INDEXED:
-                vector_ids.append(image_id)
+            # Every image, not only the indexed ones: a crash between a store commit and
+            # marking its images indexed leaves vectors of "pending" images.
+            vector_ids.append(image_id)
         # Images first: the counting triggers look up the product's category.
         session.execute(delete(ProductImage).where(ProductImage.product_id.in_(product_ids)))
         session.execute(delete(Product).where(Product.id.in_(product_ids)))
@@ -365,6 +393,26 @@ def hit_rows(session: Session, image_ids: Sequence[int]) -> dict[int, Any]:
         ):
             found[row.id] = row
     return found
+
+
+def _stale_stamp() -> int:
+    return time.time_ns() & 0x3FFF_FFFF_FFFF_FFFF | 1  # never 0
+
+
+def mark_vectors_current(session: Session, stamps: dict[int, int]) -> None:
+    """The stored vectors of these products carry the fields read when their stamp was
+    ``stamps[id]``; clear the flag unless a newer change stamped it since."""
+    stale = [{"product": product, "seen": stamp} for product, stamp in stamps.items() if stamp]
+    if stale:
+        session.execute(
+            update(Product.__table__).where(Product.__table__.c.id == bindparam("product"),
+                                            Product.__table__.c.vectors_stale == bindparam("seen"))
+            .values(vectors_stale=0), stale)
+
+
+def stale_products(session: Session, limit: int = 10_000) -> list[int]:
+    """Products whose stored vectors may carry old filter fields (see Product.vectors_stale)."""
+    return list(session.scalars(select(Product.id).where(Product.vectors_stale != 0).limit(limit)))
 
 
 def get_image(session: Session, image_id: int) -> ProductImage | None:

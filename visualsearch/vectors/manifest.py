@@ -33,6 +33,7 @@ class Tuning:
     recall_at_10: float | None = None
     queries: int = 0
     measured_at: float | None = None
+    codec: str | None = None  # the codec it was measured with
 
 
 @dataclass(frozen=True)

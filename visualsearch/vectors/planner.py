@@ -151,7 +151,9 @@ def needs_replan(plan: IndexPlan | None, count: int, dim: int, memory_budget: in
     if plan.kind == "flat":
         return False
     grown = count > plan.planned_for * REPLAN_FACTOR or count * REPLAN_FACTOR < plan.planned_for
-    return grown or (wanted.code_bytes < plan.code_bytes)  # no longer fits the budget
+    # Larger codes than plan_index would pick are fine (an escalation chose them for
+    # recall) as long as they still fit the budget.
+    return grown or plan.code_bytes * count > memory_budget * CODE_SHARE_OF_BUDGET
 
 
 def segment_level(rows: int) -> int:

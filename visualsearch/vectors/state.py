@@ -20,7 +20,8 @@ import numpy as np
 
 from .segment import Segment
 
-ROW_BITS = 40
+# 32 bits of row (4 billion rows a segment) and 31 of segment uid (2 billion commits).
+ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
 
 

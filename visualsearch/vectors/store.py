@@ -117,7 +117,8 @@ class VectorStore:
         self.dim = dim
         self.memory_budget = memory_budget
         self.read_only = read_only
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()         # the loaded state (short holds)
+        self._write_mutex = threading.Lock()   # one writer thread at a time in this process
         self._state = StoreState()
         self._manifest: StoreManifest | None = None
         self._key: tuple | None = None
@@ -202,6 +203,9 @@ class VectorStore:
     def _codec(self, manifest: StoreManifest, codec_id: str) -> Codec:
         codec = self._codecs.get(codec_id)
         if codec is None:
+            if codec_id not in manifest.codecs:
+                raise IndexCorruptError(f"the vector index names codec {codec_id} but does not describe it: "
+                                        "run 'visualsearch rebuild-index'")
             try:
                 codec = Codec.load(self.segments_dir, codec_id, manifest.codec_plan(codec_id))
             except RuntimeError as exc:
@@ -347,7 +351,9 @@ class VectorStore:
             return
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
-        if not self._lock.acquire(timeout=max(timeout, 0.001)):
+        # The writers' own mutex, not the state lock: searches in this process must not
+        # queue behind a writer waiting for another process's commit.
+        if not self._write_mutex.acquire(timeout=max(timeout, 0.001)):
             raise WriterBusyError(f"the vector index in {self.data_dir} is busy; try again")
         try:
             with open(self.segments_dir / LOCK_FILE, "a") as handle:
@@ -365,13 +371,14 @@ class VectorStore:
                         delay = min(delay * 2, 0.1)
                 self._writer = threading.get_ident()
                 try:
-                    self._reload()
+                    with self._lock:
+                        self._reload()
                     yield
                 finally:
                     self._writer = None
                     fcntl.flock(handle, fcntl.LOCK_UN)
         finally:
-            self._lock.release()
+            self._write_mutex.release()
 
     def commit(self, upserts: VectorRows | None = None, deletes: Sequence[int] = (), *,
                merge_limit: int | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
@@ -419,7 +426,18 @@ class VectorStore:
 
     def _install(self, order: list[Segment], manifest: StoreManifest, **changes) -> None:
         """Make ``order`` the committed segment list (caller holds the commit lock)."""
+        with self._lock:  # searches see the state before or after, never halfway
+            self._install_locked(order, manifest, **changes)
+
+    def _install_locked(self, order: list[Segment], manifest: StoreManifest, **changes) -> None:
         previous = list(self._state.segments)
+        codecs = changes.get("codecs", manifest.codecs)
+        # A merge encoded outside the lock with a codec a rebuild has dropped since: keep
+        # its rows, not its lists (maintenance re-encodes it with the current codec).
+        for position, segment in enumerate(order):
+            if segment.codec_id is not None and segment.codec_id not in codecs:
+                (self.segments_dir / segment.ann_file).unlink(missing_ok=True)
+                order[position] = Segment(segment.uid, segment.rows, segment.deletes, segment.meta)
         self._state.move_to(order)
         ann = {str(s.uid): s.codec_id for s in order if s.codec_id}
         new = manifest.evolve(segments=tuple(s.uid for s in order), ann=ann, vectors=self._state.alive_count,
@@ -511,24 +529,28 @@ class VectorStore:
         (so the disk needs room for one more segment, not for a second copy of the
         catalogue), then merge small segments. Returns True when anything changed."""
         changed = False
-        skip: set[int] = set()
-        while True:
+        with self.writing():
+            # The targets are fixed now: writes arriving meanwhile kill rows somewhere all
+            # the time, and chasing them would never end.
+            segments = self._state.segments
+            targets = [segment.uid for i, segment in enumerate(segments)
+                       if self._alive_rows(segment) < len(segment) or (i == 0 and len(segment.deletes))]
+        for target in targets:
             with self.writing():
                 segments = self._state.segments
-                target = next((i for i, segment in enumerate(segments) if segment.uid not in skip and (
-                    self._alive_rows(segment) < len(segment) or (i == 0 and len(segment.deletes)))), None)
-                if target is None:
-                    break
-                inputs = [segments[target]]
+                uids = [segment.uid for segment in segments]
+                if target not in uids:
+                    continue  # merged away meanwhile
+                position = uids.index(target)
+                inputs = [segments[position]]
                 alive = dict(self._state.alive)
                 uid = self._manifest.next_uid
                 self._install(list(segments), self._manifest, next_uid=uid + 1)  # reserve the uid
-            merged = self._write_merged(uid, inputs, alive, drop_deletes=target == 0)
+            merged = self._write_merged(uid, inputs, alive, drop_deletes=position == 0)
             with self.writing():
                 if self._replace(inputs, merged):
                     changed = True
                     continue
-            skip.add(inputs[0].uid)  # it changed meanwhile: look at it again next time
             for name in merged.file_names():
                 (self.segments_dir / name).unlink(missing_ok=True)
         count = len(self._state.segments)
@@ -555,6 +577,8 @@ class VectorStore:
             return "rebuild"
         if any(s.codec_id != _wanted_codec(s, manifest.codec) for s in snap.segments):
             return "reencode"
+        if manifest.codec is not None and manifest.tuning.codec != manifest.codec:
+            return "tune"
         if needs_compaction(snap.alive_count, rows):
             return "compact"
         return None
@@ -568,6 +592,8 @@ class VectorStore:
             self._reencode(self._current_codec())
             with self.writing():
                 self._forget_unused_codecs()
+        elif needed == "tune":
+            self.tune()
         elif needed == "compact":
             self.compact()
         return needed
@@ -625,9 +651,10 @@ class VectorStore:
             codecs = dict(self._manifest.codecs)
             if codec is not None:
                 codecs[codec.codec_id] = plan.to_dict()
+            # The previous tuning stays in force (a better guess than nprobe 1) until
+            # tune() has measured the new codec; maintenance() asks for that.
             self._install(list(self._state.segments), self._manifest, codecs=codecs,
-                          codec=codec.codec_id if codec else None, plan=plan.to_dict(),
-                          tuning=Tuning(nprobe=1, rerank=DEFAULT_RERANK))
+                          codec=codec.codec_id if codec else None, plan=plan.to_dict())
         return codec
 
     def _reencode(self, codec: Codec | None) -> None:
@@ -687,7 +714,7 @@ class VectorStore:
             for nprobe in [step for step in NPROBE_STEPS if step < self._nlist()] + [self._nlist()]:
                 recall = self._recall(sample, sample_ids, truth, nprobe, rerank)
                 chosen = Tuning(nprobe=nprobe, rerank=rerank, recall_at_10=round(recall, 4),
-                                queries=len(sample), measured_at=time.time())
+                                queries=len(sample), measured_at=time.time(), codec=self._manifest.codec)
                 if recall >= target:
                     break
             if (chosen.recall_at_10 or 0.0) >= target:
