@@ -3,9 +3,10 @@
     python -m benchmarks.query_latency [--requests 60]
 
 Indexes the demo catalogue into a temporary data directory, measures the default
-backbone's bare single-image forward pass in this process, then starts
-``visualsearch serve`` and times ``POST /api/v1/search`` over HTTP (one request at
-a time, client-side wall time) with the same photo. The two are measured one after
+backbone's bare single-image forward pass in this process, then starts the
+production server (``gunicorn "web:create_app()"``, one sync worker) and times
+``POST /api/v1/search`` over HTTP (one request at a time, client-side wall time)
+with the same photo. The two are measured one after
 the other so they never share the cores. Prints both p50s and their ratio.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -70,8 +72,10 @@ def main() -> None:
                        cwd=REPO, check=True, capture_output=True)
         forward = bare_forward_ms(photo_path, args.requests)
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--data-dir", str(data_dir),
-                                   "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "VISUALSEARCH_DATA_DIR": str(data_dir)}
+        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}",
+                                   "web:create_app()"], cwd=REPO, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             photo = photo_path.read_bytes()
             deadline = time.monotonic() + 60

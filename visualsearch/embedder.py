@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -107,8 +107,7 @@ class Embedder:
         # channels_last is ~1.4x faster for these CNNs on CPU (oneDNN) and on tensor cores.
         self.network = network.to(self.device, memory_format=torch.channels_last)
         self.transform = build_transform(self.spec)
-        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder",
-                                          initializer=_set_threads, initargs=(threads,))
+        self._lock = threading.Lock()
         logger.info("loaded backbone %s (%s) on %s", backbone, self.weights_path, self.device)
 
     @property
@@ -131,12 +130,15 @@ class Embedder:
     def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
         """A (N, 3, S, S) batch of preprocessed images -> (N, dim) float32, rows of norm 1.
 
-        Every call runs on the embedder's one worker thread, whoever calls: concurrent
-        requests queue instead of multiplying activation memory and oversubscribing the
-        cores, and the CPU thread pool is built once (an OpenMP team is per calling
-        thread, so a new request thread each time paid for a new team).
+        Calls are serialised by the embedder's lock: concurrent requests queue instead of
+        multiplying activation memory and oversubscribing the cores. (Measured on the
+        2-core reference machine: a forward pass takes ~16 ms in a process's main thread
+        and ~35 ms in any other thread, a dedicated one included, because PyTorch's
+        OpenMP pool is fastest in the thread that created it; gunicorn's sync workers
+        serve requests in the main thread.)
         """
-        return self._runner.submit(self._embed_batch, batch).result()
+        with self._lock:
+            return self._embed_batch(batch)
 
     def _embed_batch(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -153,7 +155,8 @@ class Embedder:
     def classify(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """ImageNet logits (N, 1000) of the pretrained head: proves the weights are real."""
         batch = torch.stack([self.preprocess(img) for img in images])
-        return self._runner.submit(self._classify, batch).result()
+        with self._lock:
+            return self._classify(batch)
 
     def _classify(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -163,7 +166,3 @@ class Embedder:
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return self.network(batch)
 
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
