@@ -7,6 +7,7 @@ import shutil
 import threading
 
 import pytest
+from playwright.sync_api import expect
 from werkzeug.serving import make_server
 
 from benchmarks.demo_retrieval import DEMO_MANIFEST, shopper_photo
@@ -67,25 +68,25 @@ def test_upload_a_photo_and_open_a_result(page, live_server, tmp_path):
 
     # Filtering by category re-runs the search with only that category.
     page.select_option("select[name=category]", "Paints")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
+    expect(page.locator("#status")).to_contain_text("5 similar", timeout=30_000)
     assert page.locator("#results .card").count() == 5
 
     # The price range narrows it further (every paint costs 15.00).
     page.fill("input[name=max_price]", "10")
     page.dispatch_event("input[name=max_price]", "change")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('No products match')")
+    expect(page.locator("#status")).to_contain_text("No products match", timeout=30_000)
     assert page.locator("#results .card").count() == 0
     page.fill("input[name=max_price]", "")
     page.dispatch_event("input[name=max_price]", "change")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
+    expect(page.locator("#status")).to_contain_text("5 similar", timeout=30_000)
 
     # Attribute filters: the demo products have no colour, so none is red; emptied, all come back.
     page.fill("#attribute-filters", "colour=red|blue")
     page.dispatch_event("#attribute-filters", "change")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('No products match')")
+    expect(page.locator("#status")).to_contain_text("No products match", timeout=30_000)
     page.fill("#attribute-filters", "")
     page.dispatch_event("#attribute-filters", "change")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('5 similar')")
+    expect(page.locator("#status")).to_contain_text("5 similar", timeout=30_000)
 
     first = page.locator("#results .card").first
     first.click()
@@ -99,6 +100,17 @@ def test_the_filters_offer_the_catalogue_facets(page, live_server):
     assert categories == ["any", "Alcohol", "Footwear", "Homewares", "Hoodies", "Juices", "Paints",
                           "Polo Shirts", "T-shirts"]
     assert page.locator("select[name=brand] option").all_inner_texts() == ["any", "Saleor"]
+
+
+def test_the_page_runs_under_its_content_security_policy(page, live_server):
+    """Every script and style comes from /static: the CSP blocks nothing the page needs."""
+    violations = []
+    page.on("console", lambda message: violations.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    page.goto(live_server + "/")
+    page.set_input_files("#file", str(DEMO_MANIFEST.parent / "images" / "saleor-white-plimsolls-2.jpg"))
+    expect(page.locator("#results .card").first).to_be_visible(timeout=30_000)  # preview, fetch, render
+    assert violations == []
 
 
 def test_a_non_image_shows_an_error(page, live_server, tmp_path):

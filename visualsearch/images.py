@@ -38,7 +38,7 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # the ones that swap width and height
 _heif_registered = False
 
 
-def _register_heif_opener() -> None:
+def register_heif_opener() -> None:
     """Teach Pillow HEIC/HEIF (iPhone photos) once, on first use rather than at import."""
     global _heif_registered
     if _heif_registered:
@@ -121,7 +121,7 @@ def load_image(
         ImageTooLargeError: more than ``max_pixels`` pixels.
         FileNotFoundError: ``source`` is a path that does not exist.
     """
-    _register_heif_opener()
+    register_heif_opener()
     image = _open(source)
     try:
         return _to_clean_rgb(image, max_pixels=max_pixels, target_size=target_size, crop=crop)

@@ -24,11 +24,12 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
 
     from visualsearch.vectors import configure_threads
 
-    from . import api, errors, metrics, pages, writes
+    from . import api, errors, metrics, pages, security, writes
 
     configure_threads(serving=True)
 
     errors.register(app)
+    security.register(app)
     metrics.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(writes.bp)

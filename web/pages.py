@@ -41,6 +41,27 @@ def image(image_id: int):
     # The id, not a path, comes from the URL, and only files that were decoded and
     # indexed as images are served: a manifest row naming /etc/passwd stays "failed".
     path = get_search().image_file(image_id)
-    if path is None:
+    mimetype = raster_type(path) if path is not None else None
+    if mimetype is None:
         abort(404)
-    return send_file(path, max_age=3600, conditional=True)
+    # The type comes from decoding the file, never from its name: a catalogue file named
+    # .html or .svg is served as the raster image it is (or not at all).
+    return send_file(path, mimetype=mimetype, max_age=3600, conditional=True)
+
+
+RASTER_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif",
+                "AVIF": "image/avif"}
+
+
+def raster_type(path) -> str | None:
+    from PIL import Image, UnidentifiedImageError
+
+    from visualsearch.images import register_heif_opener
+
+    register_heif_opener()
+    try:
+        with Image.open(path) as image:
+            return RASTER_TYPES.get(image.format or "")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None

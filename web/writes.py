@@ -18,6 +18,7 @@ from visualsearch.images import load_image
 from .api import product_json
 from .errors import ApiError
 from .library import get_search
+from .security import is_web_link
 
 bp = Blueprint("api_write", __name__, url_prefix="/api/v1")
 
@@ -91,6 +92,8 @@ def _record(sku: str, fields: dict) -> ProductRecord:
         if value is not None and not isinstance(value, str):
             raise ApiError(400, "bad_request", f"{name} must be a string")
         setattr(record, name, (value or "").strip() or None)
+    if record.url is not None and not is_web_link(record.url):
+        raise ApiError(400, "bad_request", "url must be an http:// or https:// address")
     try:
         record.price = parse_price(fields.get("price"))
     except ValueError as exc:
