@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from visualsearch.errors import ImageDecodeError, ImageTooLargeError, InvalidRequestError, UnsupportedImageError
-from visualsearch.images import Crop, load_image
+from visualsearch.images import MAX_ASPECT_RATIO, REDUCING_GAP, Crop, load_image
 
 
 def encode(image: Image.Image, format: str, **options) -> bytes:
@@ -121,11 +122,17 @@ def test_crop_and_its_validation():
             Crop.parse(bad)
 
 
-@pytest.mark.parametrize("name", ["fuzzed-missing-dimensions.tif", "fuzzed-bad-exif.jpg"])
-def test_fuzzed_files_are_decode_errors_not_crashes(name):
+def test_fuzzed_files_are_decode_errors_not_crashes():
     """Found by mutating real files: Pillow raised TypeError / struct.error on these."""
     with pytest.raises(ImageDecodeError):
-        load_image((Path(__file__).parent / "data" / name).read_bytes())
+        load_image((Path(__file__).parent / "data" / "fuzzed-missing-dimensions.tif").read_bytes())
+
+
+def test_broken_exif_beside_a_valid_orientation_still_decodes():
+    """ImageOps.exif_transpose raised struct.error rewriting this file's EXIF; only the
+    orientation is read now, so the picture decodes, turned upright."""
+    image = load_image((Path(__file__).parent / "data" / "fuzzed-bad-exif.jpg").read_bytes())
+    assert image.mode == "RGB" and image.size == (40, 40)
 
 
 def test_info_reports_the_files_format_and_upright_size_before_reduced_decoding():
@@ -135,3 +142,79 @@ def test_info_reports_the_files_format_and_upright_size_before_reduced_decoding(
     image = load_image(data, target_size=232)
     assert image.info["format"] == "JPEG" and image.info["source_size"] == (1000, 2000)
     assert image.size[0] < image.size[1] and min(image.size) >= 232
+
+
+def _gif_declaring(width: int, height: int) -> bytes:
+    """43 bytes: a 1x1 frame on a logical screen of width x height, which Pillow allocates."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data, size", [
+    (encode(Image.new("RGB", (100_000, 1)), "PNG"), "100000x1"),  # 370 bytes; 9.8 GB at 224
+    (encode(Image.new("RGB", (1, 5000)), "PNG"), "1x5000"),
+    (_gif_declaring(10_799, 1), "10799x1"),  # 43 bytes; cost 6 s and 1.7 GB
+])
+def test_elongated_images_are_refused_from_their_header(data, size, monkeypatch):
+    def no_decoding(self):
+        raise AssertionError("decoded a refused image")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageTooLargeError, match=f"the image is {size} pixels: its sides differ more than 20:1"):
+        load_image(data, target_size=224)
+
+
+def test_the_widest_accepted_shape_is_twenty_to_one():
+    assert MAX_ASPECT_RATIO == 20
+    assert load_image(encode(Image.new("RGB", (2000, 100)), "PNG"), target_size=224).size == (2000, 100)
+    with pytest.raises(ImageTooLargeError):
+        load_image(encode(Image.new("RGB", (2001, 100)), "PNG"))  # also without target_size
+
+
+def test_a_crop_cannot_make_an_elongated_image():
+    data = encode(Image.new("RGB", (4000, 200)), "PNG")
+    with pytest.raises(InvalidRequestError, match="keeps 4000x1 pixels: its sides differ more than 20:1"):
+        load_image(data, target_size=224, crop=Crop(0, 0, 4000, 1))
+    # Measured on what the crop keeps inside the image, not on the rectangle asked for.
+    assert load_image(data, crop=Crop(0, 0, 100, 100_000)).size == (100, 200)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_large_images_are_reduced_before_the_model_sees_them(mode):
+    image = Image.new(mode, (3000, 2000), 255 if mode in ("L", "P") else None)
+    if mode == "I;16":
+        image = Image.fromarray(np.full((2000, 3000), 65535, dtype=np.uint16))
+    result = load_image(encode(image, "PNG"), target_size=224)
+    assert result.mode == "RGB" and min(result.size) == REDUCING_GAP * 224 and result.size[0] == 1008
+    assert result.info["source_size"] == (3000, 2000)
+    assert load_image(encode(image, "PNG")).size == (3000, 2000)  # no target_size: full size
+
+
+def test_reduction_keeps_colours_and_composites_transparency_on_white():
+    image = Image.new("RGBA", (2400, 1600), (0, 0, 0, 0))
+    image.paste((200, 10, 10, 255), (0, 0, 1200, 1600))
+    result = load_image(encode(image, "PNG"), target_size=224)
+    assert result.size == (1008, 672)
+    assert result.getpixel((10, 300)) == (200, 10, 10) and result.getpixel((1000, 300)) == (255, 255, 255)
+
+
+def test_orientation_is_applied_after_reduction_and_before_a_crop():
+    image = Image.new("RGB", (3000, 1500), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 1500, 1500))  # red left half; rotated 90 cw: red on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(image, "PNG", exif=exif)
+    reduced = load_image(data, target_size=224)
+    assert reduced.size == (672, 1344) and reduced.info["source_size"] == (1500, 3000)
+    assert reduced.getpixel((336, 100))[0] > 200 and reduced.getpixel((336, 1200))[2] > 200
+    cropped = load_image(data, target_size=224, crop=Crop(0, 2000, 1500, 1000))  # upright pixels
+    assert cropped.size == (1008, 672) and cropped.getpixel((500, 300))[2] > 200
+
+
+def test_small_upright_rgb_files_come_back_detached_from_the_file(tmp_path):
+    path = tmp_path / "small.png"
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(path)
+    image = load_image(path, target_size=224)
+    assert image.getpixel((0, 0)) == (1, 2, 3) and image.size == (30, 20)

@@ -333,3 +333,20 @@ def test_an_escalated_plan_is_not_re_planned_while_it_fits_the_budget():
     assert bigger is not None and bigger.code_bytes > planned.code_bytes
     assert not needs_replan(bigger, 1_000_000, 1280, budget)
     assert needs_replan(bigger, 1_000_000, 1280, bigger.code_bytes * 1_000_000)  # no longer fits
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ([], None),
+    ([5], None),
+    ([5, 7], (0, 2)),
+    ([1_000_000, 5, 7], (1, 3)),
+    ([600_000, 600_000], None),
+    ([600_000, 300_000, 200_000, 10], (0, 2)),
+    ([400_000, 400_000, 400_000], (0, 2)),
+    ([1_000_000, 1_000_000, 3], None),
+])
+def test_force_merge_packs_adjacent_segments_under_the_cap(rows, expected):
+    from visualsearch.vectors.planner import MAX_SEGMENT_ROWS, plan_force_merge
+
+    assert MAX_SEGMENT_ROWS == 1_000_000
+    assert plan_force_merge(rows) == expected

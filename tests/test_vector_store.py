@@ -440,7 +440,7 @@ def test_replace_delete_and_compact_on_every_index_type(fresh):
     assert store.maintenance() == (None if fresh.kind == "flat" else "rebuild")
 
     before = store.snapshot().segments
-    assert store.compact() is True
+    assert store.compact(force_merge=False) is True
     stats = store.stats()
     # Each segment with dead rows was rewritten on its own: no dead rows, but no single segment either.
     assert (stats.vectors, stats.rows) == (len(catalogue.rows), len(catalogue.rows))
@@ -453,7 +453,7 @@ def test_replace_delete_and_compact_on_every_index_type(fresh):
         {name for segment in store.snapshot().segments for name in segment.file_names()}
     assert gone and not [name for name in gone if (fresh.data_dir / store_module.SEGMENTS_DIR / name).exists()]
     check_search(store, catalogue, queries, min_recall=min_recall)
-    assert store.compact() is False
+    assert store.compact(force_merge=False) is False
     reopened = open_store(fresh.data_dir)
     assert_state(reopened, catalogue.rows)
     assert_encodings(reopened)
@@ -636,7 +636,7 @@ def test_compact_rewrites_one_segment_at_a_time(tmp_path, monkeypatch, ann_thres
         return merged
 
     monkeypatch.setattr(Segment, "write_merged", staticmethod(write_merged))
-    assert store.compact() is True
+    assert store.compact(force_merge=False) is True
     assert writes == [[segment.uid] for segment in before[:4]]  # one at a time, oldest first; not the clean one
     assert uncommitted() == set()
     stats = store.stats()
@@ -645,7 +645,7 @@ def test_compact_rewrites_one_segment_at_a_time(tmp_path, monkeypatch, ann_thres
     assert stats.ann_segments == 4
     assert_no_stale_files(data_dir, store)
     check_search(store, catalogue, catalogue.queries(rng, 20), min_recall=0.9, nprobe=NLIST)
-    assert store.compact() is False and len(writes) == 4
+    assert store.compact(force_merge=False) is False and len(writes) == 4
     assert_state(open_store(data_dir), catalogue.rows)
 
 
@@ -1380,3 +1380,23 @@ def test_another_backbone_is_a_mismatch(small_store, identity):
     with pytest.raises(BackboneMismatchError):
         open_store(data_dir, read_only=True, **identity)
     assert_state(open_store(data_dir), catalogue.rows)  # nothing was changed
+
+
+def test_compact_packs_segments_for_faster_searches(tmp_path, ann_thresholds, ann_search_works):
+    """`visualsearch compact` packs adjacent segments up to the size cap (forceMerge):
+    fewer segments to search, the same results."""
+    require_ann("ivf", ann_search_works)
+    data_dir = tmp_path / "data"
+    store, catalogue = open_store(data_dir), Catalogue()
+    rng = np.random.default_rng(31)
+    for part in range(5):
+        catalogue.commit(store, make_rows(rng, range(part * 1000, part * 1000 + 500)))
+    store.rebuild(plan=PLANS["ivf"], tune=False)
+    assert len(store.snapshot().segments) == 5
+    queries = catalogue.queries(rng, 20)
+    assert store.compact() is True
+    assert len(store.snapshot().segments) == 1
+    assert_encodings(store)
+    assert_state(store, catalogue.rows)
+    check_search(store, catalogue, queries, min_recall=0.9, nprobe=NLIST)
+    assert store.compact() is False  # nothing left to do

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import BinaryIO, Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import (
     ImageDecodeError,
@@ -30,10 +30,32 @@ _OPENERS = sorted(SUPPORTED_FORMATS - {"MPO"})
 
 # 40 megapixels covers every phone camera today (a 48 MP sensor bins to 12 MP).
 DEFAULT_MAX_PIXELS = 40_000_000
+# Longest side / shortest side. The preprocessing scales the short side up or down to
+# the model's input (224), so a few-byte 100000x1 PNG would become a 22,400,000x224
+# tensor (gigabytes). At 20:1 that tensor is at most 4,480x224 (3 MB). Real photos
+# are far inside: phone panoramas are about 4:1 to 9:1 and long scrolling screenshots
+# stay under 20:1; beyond that the model's centre square sees under 1/20 of the
+# picture, so the search would be meaningless anyway.
+MAX_ASPECT_RATIO = 20
+# Before the model's own resize, box-reduce big decodes to this many times the side the
+# caller needs: Pillow's docs call a reducing_gap of 3 "indistinguishable from fair
+# resampling", and the transform is spared a float copy of a full-size decode.
+REDUCING_GAP = 3
+# Modes whose pixels can be averaged as they are (not palette indices, not 1 or 16 bits).
+_REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "CMYK", "I", "F"})
 
 WHITE = (255, 255, 255)
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # the ones that swap width and height
+_TRANSPOSE_BY_ORIENTATION = {  # as in ImageOps.exif_transpose
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 _heif_registered = False
 
@@ -107,7 +129,8 @@ def load_image(
         source: a path, raw bytes or a binary file object.
         max_pixels: refuse images with more pixels than this (decompression bombs).
         target_size: the smallest side the caller needs; large JPEGs are then decoded
-            at a reduced scale (2x-8x faster). ``None`` decodes at full size.
+            at a reduced scale (2x-8x faster) and other large images are box-reduced to
+            no less than ``REDUCING_GAP`` times it. ``None`` keeps the full size.
         crop: optional rectangle, in pixels of the upright image, to keep.
 
     Returns:
@@ -118,13 +141,18 @@ def load_image(
     Raises:
         UnsupportedImageError: not an image, or a format we do not accept.
         ImageDecodeError: a supported format whose data is corrupt or truncated.
-        ImageTooLargeError: more than ``max_pixels`` pixels.
+        ImageTooLargeError: more than ``max_pixels`` pixels, or sides that differ more
+            than ``MAX_ASPECT_RATIO``:1 (both read from the header, before decoding).
+        InvalidRequestError: the crop lies outside the image, or its sides differ more
+            than ``MAX_ASPECT_RATIO``:1.
         FileNotFoundError: ``source`` is a path that does not exist.
     """
     register_heif_opener()
     image = _open(source)
     try:
-        return _to_clean_rgb(image, max_pixels=max_pixels, target_size=target_size, crop=crop)
+        result = _to_clean_rgb(image, max_pixels=max_pixels, target_size=target_size, crop=crop)
+        # Nothing needed a copy (an upright, small RGB file): detach it from the file.
+        return result.copy() if result is image else result
     except (ImageTooLargeError, ImageDecodeError, UnsupportedImageError, InvalidRequestError):
         raise
     except Image.DecompressionBombError as exc:
@@ -144,10 +172,14 @@ def _to_clean_rgb(
             "use JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF"
         )
     file_format = image.format
-    width, height = image.size
+    width, height = image.size  # from the header: nothing is decoded yet
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        )
+    if _too_elongated(width, height):
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} pixels: its sides differ more than {MAX_ASPECT_RATIO}:1"
         )
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animations: the first frame is the product shot
@@ -162,13 +194,38 @@ def _to_clean_rgb(
         warnings.simplefilter("ignore", UserWarning)
         image.load()
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        image = ImageOps.exif_transpose(image)
     source_size = (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+    # Each step below makes at most one copy; reducing first keeps the copies small. The
+    # crop is in pixels of the full-size upright image, so with a crop we reduce after it.
+    if crop is None:
+        image = _reduce(image, target_size)
+    image = _upright(image, orientation)
     if crop is not None:
-        image = _apply_crop(image, crop)
-    result = _to_rgb(image)
+        image = _reduce(_apply_crop(image, crop), target_size)
+    result = _reduce(_to_rgb(image), target_size)  # palette and 16-bit modes reduce once RGB
     result.info.update(format=file_format, source_size=source_size)
     return result
+
+
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    """Apply the EXIF orientation (ImageOps.exif_transpose would copy even upright images)."""
+    method = _TRANSPOSE_BY_ORIENTATION.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _reduce(image: Image.Image, target_size: int | None) -> Image.Image:
+    """Box-average ``image`` down to a short side of ``REDUCING_GAP * target_size``, if larger.
+
+    Bounds what reaches the model's transform (which makes float copies of its input)
+    to about REDUCING_GAP**2 * MAX_ASPECT_RATIO * target_size**2 pixels, 9 MP at 224.
+    """
+    if not target_size or image.mode not in _REDUCIBLE_MODES:
+        return image
+    scale = REDUCING_GAP * target_size / min(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BOX)
 
 
 def _apply_crop(image: Image.Image, crop: Crop) -> Image.Image:
@@ -179,7 +236,18 @@ def _apply_crop(image: Image.Image, crop: Crop) -> Image.Image:
             f"{width}x{height} image"
         )
     box = (crop.x, crop.y, min(width, crop.x + crop.width), min(height, crop.y + crop.height))
+    kept_width, kept_height = box[2] - box[0], box[3] - box[1]
+    if _too_elongated(kept_width, kept_height):
+        raise InvalidRequestError(
+            f"crop {crop.x},{crop.y},{crop.width},{crop.height} keeps {kept_width}x{kept_height} pixels: "
+            f"its sides differ more than {MAX_ASPECT_RATIO}:1"
+        )
     return image.crop(box)
+
+
+def _too_elongated(width: int, height: int) -> bool:
+    return max(width, height) > MAX_ASPECT_RATIO * min(width, height)
+
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

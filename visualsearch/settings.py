@@ -94,7 +94,10 @@ class Settings:
                                      "file or the torch hub cache.")
     allow_download: bool = _opt(True, "Let torch.hub download missing torchvision weights.", _parse_bool)
     device: str = _opt("cpu", "Where the CNN runs: cpu, cuda, cuda:N or auto (CUDA when present).")
-    threads: int | None = _opt(None, "CPU threads for the CNN (default: PyTorch's choice, one per core).",
+    # Each process running the CNN takes this many cores: N gunicorn workers at PyTorch's
+    # default (one thread per core each) ran ~25x slower than at their share of the cores.
+    threads: int | None = _opt(None, "CPU threads for the CNN (default: PyTorch's choice, one per core; "
+                                     "gunicorn.conf.py gives each gunicorn worker cores // workers).",
                                _at_least(1, _parse_optional_int))
     batch_size: int = _opt(16, "Images per CNN batch while indexing (CPU is fastest at 8-16; on a GPU use 128+).",
                            _at_least(1))

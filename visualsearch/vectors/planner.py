@@ -198,3 +198,22 @@ def plan_merge(segment_rows: Sequence[int], *, max_rows: int | None = None) -> t
 def needs_compaction(alive: int, total: int) -> bool:
     """True when so many rows are dead (deleted or replaced) that rewriting pays."""
     return total > 0 and (total - alive) > MAX_DEAD_SHARE * total
+
+
+def plan_force_merge(segment_rows: Sequence[int]) -> tuple[int, int] | None:
+    """For ``compact``: the first run of adjacent segments that fits in one segment of at
+    most MAX_SEGMENT_ROWS rows (Lucene's forceMerge), as a ``(first, end)`` slice, or None.
+
+    Fewer segments make each search cheaper (one inverted-file scan and one exact scan
+    per segment); the cap keeps every merge within one segment's worth of disk.
+    """
+    start = 0
+    while start < len(segment_rows):
+        end, total = start, 0
+        while end < len(segment_rows) and total + segment_rows[end] <= MAX_SEGMENT_ROWS:
+            total += segment_rows[end]
+            end += 1
+        if end - start >= 2:
+            return start, end
+        start = max(end, start + 1)
+    return None

@@ -43,6 +43,7 @@ from .planner import (
     escalate,
     needs_compaction,
     needs_replan,
+    plan_force_merge,
     plan_index,
     plan_merge,
 )
@@ -524,10 +525,12 @@ class VectorStore:
                 return True
         return False
 
-    def compact(self) -> bool:
+    def compact(self, *, force_merge: bool = True) -> bool:
         """Rewrite each segment that holds dead rows without them, one segment at a time
         (so the disk needs room for one more segment, not for a second copy of the
-        catalogue), then merge small segments. Returns True when anything changed."""
+        catalogue), then merge small segments, and with ``force_merge`` pack adjacent
+        segments into as few as MAX_SEGMENT_ROWS allows (fewer segments, faster searches).
+        Returns True when anything changed."""
         changed = False
         with self.writing():
             # The targets are fixed now: writes arriving meanwhile kill rows somewhere all
@@ -555,7 +558,28 @@ class VectorStore:
                 (self.segments_dir / name).unlink(missing_ok=True)
         count = len(self._state.segments)
         self.merge(None)
+        if force_merge:
+            self._force_merge()
         return changed or len(self._state.segments) != count
+
+    def _force_merge(self) -> None:
+        """Pack adjacent segments into as few as the size cap allows (one at a time)."""
+        while True:
+            with self.writing():
+                sizes = [self._alive_rows(s) for s in self._state.segments]
+                span = plan_force_merge(sizes)
+                if span is None:
+                    return
+                inputs = list(self._state.segments[span[0]:span[1]])
+                alive = dict(self._state.alive)
+                uid = self._manifest.next_uid
+                self._install(list(self._state.segments), self._manifest, next_uid=uid + 1)  # reserve the uid
+            merged = self._write_merged(uid, inputs, alive, drop_deletes=span[0] == 0)
+            with self.writing():
+                if not self._replace(inputs, merged):
+                    for name in merged.file_names():
+                        (self.segments_dir / name).unlink(missing_ok=True)
+                    return  # the segments changed meanwhile: leave the rest to the next compact
 
     # --- planning, rebuilding, tuning -------------------------------------------------
 
@@ -595,7 +619,7 @@ class VectorStore:
         elif needed == "tune":
             self.tune()
         elif needed == "compact":
-            self.compact()
+            self.compact(force_merge=False)  # packing every segment is for `visualsearch compact`
         return needed
 
     def rebuild(self, *, plan: IndexPlan | None = None, tune: bool = True, seed: int = 1234) -> IndexPlan:
