@@ -17,6 +17,15 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
     app.config.from_mapping(
         VISUALSEARCH_SETTINGS=settings,
         MAX_CONTENT_LENGTH=settings.max_upload_size,
+        # A search sends the photo, six parameters and one field per attribute filter; a
+        # product PUT its fields and images. Each file part of a large request holds a
+        # temporary file open until the request ends, so 100 (not Flask's 1,000) also
+        # keeps a worker well inside the usual limit of 1,024 file descriptors.
+        MAX_FORM_PARTS=100,
+        # Longest non-file field in bytes (file parts are not bound by it). The longest real
+        # one is a product PUT's attributes JSON. Werkzeug reads 64 KiB at a time and also
+        # applies this to its read buffer, so the limit must stay well above 64 KiB.
+        MAX_FORM_MEMORY_SIZE=128 * 1024,
         JSON_SORT_KEYS=False,
     )
     if test_config:

@@ -51,7 +51,9 @@ def spec() -> dict:
                     },
                     "additionalProperties": _ATTRIBUTE_FILTERS}}}},
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
-                              "413": _error("Upload too large."), "415": _error("Not a supported image."),
+                              "413": _error("Too large: the upload (VISUALSEARCH_MAX_UPLOAD_SIZE), the image (pixels, "
+                                             "or sides more than 20:1 apart), more than 100 form parts, or a "
+                                             "form field over 128 KiB; the message says which."), "415": _error("Not a supported image."),
                               "422": _error("The image cannot be decoded."), **_UNAVAILABLE},
             }},
             "/api/v1/products/{sku}/similar": {"get": {
@@ -85,7 +87,9 @@ def spec() -> dict:
                             }}]}},
                     }},
                     "responses": {"200": _PRODUCT, "201": _PRODUCT, **_WRITE_ERRORS,
-                                  "413": _error("Upload too large."), "415": _error("Not a supported image."),
+                                  "413": _error("Too large: the upload (VISUALSEARCH_MAX_UPLOAD_SIZE), the image (pixels, "
+                                             "or sides more than 20:1 apart), more than 100 form parts, or a "
+                                             "form field over 128 KiB; the message says which."), "415": _error("Not a supported image."),
                                   "422": _error("An image cannot be decoded.")},
                 },
                 "delete": {
