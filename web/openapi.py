@@ -28,6 +28,9 @@ _FILTERS = {
 # Every other field filters on the product attribute of that name (colour=red, in_stock=true).
 _ATTRIBUTE_FILTERS = {"type": "string", "description": "Any other field: only products whose attribute of that "
                                                        "name has this value ('red|blue' for either)."}
+_TOO_LARGE = _error("Too large: the upload (VISUALSEARCH_MAX_UPLOAD_SIZE), the image (pixels, or sides more "
+                    "than 20:1 apart), more than 100 form parts, or a form field over 128 KiB; the message "
+                    "says which.")
 _RESULTS = {"description": "Products, best first, one entry per product.",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchResponse"}}}}
 
@@ -51,9 +54,7 @@ def spec() -> dict:
                     },
                     "additionalProperties": _ATTRIBUTE_FILTERS}}}},
                 "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
-                              "413": _error("Too large: the upload (VISUALSEARCH_MAX_UPLOAD_SIZE), the image (pixels, "
-                                             "or sides more than 20:1 apart), more than 100 form parts, or a "
-                                             "form field over 128 KiB; the message says which."), "415": _error("Not a supported image."),
+                              "413": _TOO_LARGE, "415": _error("Not a supported image."),
                               "422": _error("The image cannot be decoded."), **_UNAVAILABLE},
             }},
             "/api/v1/products/{sku}/similar": {"get": {
@@ -87,9 +88,7 @@ def spec() -> dict:
                             }}]}},
                     }},
                     "responses": {"200": _PRODUCT, "201": _PRODUCT, **_WRITE_ERRORS,
-                                  "413": _error("Too large: the upload (VISUALSEARCH_MAX_UPLOAD_SIZE), the image (pixels, "
-                                             "or sides more than 20:1 apart), more than 100 form parts, or a "
-                                             "form field over 128 KiB; the message says which."), "415": _error("Not a supported image."),
+                                  "413": _TOO_LARGE, "415": _error("Not a supported image."),
                                   "422": _error("An image cannot be decoded.")},
                 },
                 "delete": {
