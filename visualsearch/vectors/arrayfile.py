@@ -72,7 +72,7 @@ class ArrayFileBuilder:
         with open(self.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.tmp, self.path)
-        _fsync_directory(self.path.parent)  # the rename is durable once the entry is on disk
+        fsync_directory(self.path.parent)
         return self.size
 
     def abort(self) -> None:
@@ -130,7 +130,8 @@ def read_array_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, header["meta"]
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make renames in ``directory`` durable (the entry is on disk, not only the file)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .arrayfile import fsync_directory
 from .planner import IndexPlan
 
 logger = logging.getLogger(__name__)
@@ -130,11 +131,7 @@ def _write_atomic(write, path: Path) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)  # make the rename durable
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

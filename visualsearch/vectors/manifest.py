@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackboneMismatchError, IndexCorruptError
+from .arrayfile import fsync_directory
 from .planner import IndexPlan
 
 MANIFEST_NAME = "manifest.json"
@@ -132,15 +133,6 @@ def write_store_manifest(directory: Path, manifest: StoreManifest) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(directory)
-
-
-def fsync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def manifest_key(directory: Path) -> tuple[int, int, int] | None:
