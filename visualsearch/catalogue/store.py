@@ -229,14 +229,6 @@ def product_exists(session: Session, sku: str) -> bool:
     return session.scalar(select(Product.id).where(Product.sku == sku)) is not None
 
 
-def products_by_id(session: Session, product_ids: Iterable[int]) -> dict[int, Product]:
-    found: dict[int, Product] = {}
-    for chunk in _chunks(list(product_ids), IN_CHUNK):
-        for product in session.scalars(select(Product).where(Product.id.in_(chunk))):
-            found[product.id] = product
-    return found
-
-
 @dataclass(frozen=True)
 class ProductFields:
     """What the vector store keeps beside each vector of a product (and the product's
@@ -374,12 +366,6 @@ def mark_failed(session: Session, failures: Sequence[tuple[int, str]]) -> None:
         session.execute(update(ProductImage), [
             {"id": image_id, "status": ImageStatus.FAILED, "error": message} for image_id, message in failures
         ])
-
-
-def mark_pending(session: Session, image_ids: Sequence[int]) -> None:
-    if image_ids:
-        session.execute(update(ProductImage), [{"id": image_id, "status": ImageStatus.PENDING}
-                                               for image_id in image_ids])
 
 
 def hit_rows(session: Session, image_ids: Sequence[int]) -> dict[int, Any]:

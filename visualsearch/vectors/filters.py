@@ -119,9 +119,6 @@ class SearchFilters:
         """One list of tokens per field: a row passes if it has a token of every list."""
         return [[token(name, value) for value in values] for name, values in self.fields]
 
-    def value_of(self, name: str) -> tuple[str, ...]:
-        return dict(self.fields).get(fold(name), ())
-
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {name: list(values) for name, values in self.fields}
         if self.min_price is not None:
