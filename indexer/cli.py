@@ -233,12 +233,13 @@ def _print_outcome(outcome: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(outcome, indent=2))
         return
+    width = max(map(len, outcome), default=0)
     for key, value in outcome.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
-        click.echo(f"{key:>14}: {value}")
+        click.echo(f"{key:>{width}}: {value}")
 
 
 @main.command()

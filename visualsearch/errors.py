@@ -82,3 +82,28 @@ class IndexCorruptError(VisualSearchError):
     """The stored vector index cannot be read; it can be rebuilt from the catalogue."""
 
     code = "index_corrupt"
+
+
+class StorageError(VisualSearchError):
+    """The data directory or catalogue database refused a read or write (the disk, not
+    the request, is at fault). What was committed before stays readable."""
+
+    code = "storage_unavailable"
+
+
+class StorageReadOnlyError(StorageError):
+    """The data directory is on a read-only file system, or this user may not write it."""
+
+    code = "storage_read_only"
+
+
+class StorageFullError(StorageError):
+    """The disk (or the user's quota) is full."""
+
+    code = "storage_full"
+
+
+class StorageBusyError(StorageError):
+    """The catalogue database stayed locked by another writer past the busy timeout."""
+
+    code = "storage_busy"

@@ -24,12 +24,14 @@ from .catalogue import ImageStatus, open_catalogue
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord
 from .embedder import Embedder, EmbedderIdentity
-from .errors import ConfigurationError, WriterBusyError
+from .errors import ConfigurationError, StorageError, WriterBusyError
 from .images import Crop, ImageSource
 from .indexing import ImageEmbedding, IndexingReport, Progress, index_manifest, index_records
 from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
 from .search import search_image, similar_products
 from .settings import Settings
+from .storage_errors import check_writable, storage_errors, translates_storage_errors
+from .uploads import is_upload, keep_upload
 from .vectors import IndexPlan, SearchFilters, VectorStore, configure_threads
 from .writer import CatalogueWriter
 
@@ -47,13 +49,22 @@ class VisualSearch:
 
     Args:
         settings: the deployment's configuration.
-        read_only: serve searches and pages only (no writes at all).
+        read_only: serve searches and pages only (no writes at all); the catalogue is
+            opened read-only, so this works on a read-only file system.
         create: create the data directory and catalogue if missing (False: that is an error).
         embedder: an already loaded embedder to share.
+
+    A writable instance whose catalogue cannot be opened for writing (a read-only
+    mount, a full disk) falls back to reading it: searches are served, and each write
+    tries to reopen it and otherwise raises the StorageError that says why.
+
+    Every public method raises :class:`~visualsearch.errors.StorageError` (read-only,
+    full, busy) when the disk refuses, never a bare OSError or database error.
 
     Raises:
         ConfigurationError: the catalogue database cannot be opened, or (read-only or
             ``create=False``) the data directory holds no catalogue yet.
+        StorageError: the data directory cannot be created or read.
     """
 
     def __init__(self, settings: Settings, *, read_only: bool = False, create: bool = True,
@@ -64,16 +75,47 @@ class VisualSearch:
         if read_only or not create:
             _check_catalogue_exists(settings)
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            with storage_errors(self.data_dir):
+                self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigurationError(f"cannot use data directory {self.data_dir}: {exc.strerror or exc}") from None
-        self.sessions: sessionmaker[Session] = open_catalogue(settings.catalogue_url)
+        # Why writes are refused while the catalogue is open read-only as a fallback.
+        self.write_blocked: StorageError | None = None
+        self.sessions: sessionmaker[Session] = self._open_catalogue()
         self._embedder = embedder
         self._store: VectorStore | None = None
         self._lock = threading.RLock()
         configure_threads()
 
     # --- resources -------------------------------------------------------------------
+
+    def _open_catalogue(self) -> sessionmaker[Session]:
+        url = self.settings.catalogue_url
+        if self.read_only:
+            return open_catalogue(url, read_only=True)
+        try:
+            check_writable(self.data_dir)
+            return open_catalogue(url)
+        except StorageError as exc:
+            database = _sqlite_file(url)
+            if database is None or not database.is_file():
+                raise
+            logger.info("catalogue opened read-only, searches only: %s", exc)
+            self.write_blocked = exc
+            return open_catalogue(url, read_only=True)
+
+    def _require_writable(self) -> None:
+        """Before a write: reopen a catalogue that was opened read-only as a fallback
+        (the disk may have been fixed since), or raise why it still cannot be written."""
+        if self.read_only:
+            raise ConfigurationError("this VisualSearch was opened read-only")
+        with self._lock:
+            if self.write_blocked is None:
+                return
+            check_writable(self.data_dir)  # these raise StorageError again while the disk refuses
+            self.sessions = open_catalogue(self.settings.catalogue_url)
+            self.write_blocked = None
+            logger.warning("catalogue writable again")
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -109,10 +151,12 @@ class VisualSearch:
                 self._embedder = embedder
             return self._embedder
 
+    @translates_storage_errors
     def stored_identity(self) -> catalogue.StoredIdentity | None:
         with self.sessions() as session:
             return catalogue.stored_identity(session)
 
+    @translates_storage_errors
     def claim_identity(self, identity: EmbedderIdentity) -> None:
         """Record (or check) the network whose vectors this catalogue holds."""
         with self.session() as session:
@@ -166,6 +210,7 @@ class VisualSearch:
     def failures_path(self) -> Path:
         return self.data_dir / FAILURES_FILE
 
+    @translates_storage_errors
     def vectors_by_sha256(self, digests: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored vectors of already indexed images with these content hashes."""
         store = self.store()
@@ -179,26 +224,44 @@ class VisualSearch:
 
     # --- use cases ---------------------------------------------------------------------
 
+    @translates_storage_errors
     def index(self, manifest: str | Path, *, progress: Progress | None = None, wait: float = 0.0,
               embedding: ImageEmbedding | None = None) -> IndexingReport:
         """Index a manifest (see :func:`visualsearch.indexing.index_manifest`)."""
+        self._require_writable()
         report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding)
         self.collect_leftovers()
         return report
 
-    def put_product(self, record: ProductRecord) -> tuple[ProductView, IndexingReport, bool]:
+    @translates_storage_errors
+    def put_product(self, record: ProductRecord, *, uploads: Sequence[tuple[bytes, str]] = ()
+                    ) -> tuple[ProductView, IndexingReport, bool]:
         """Create or update one product and embed its new images now (beside any batch run).
+
+        Args:
+            uploads: (bytes, image format) of image files sent with the request, already
+                checked to decode: kept under DATA_DIR/uploads and added to the record's images.
 
         Returns:
             (the product as stored, the indexing report, whether it was created).
         """
+        self._require_writable()
         with self.sessions() as session:
             created = not catalogue.product_exists(session, record.sku)
-        report = index_records(self, [[record]], exclusive=False, merge_limit=API_MERGE_LIMIT, flush_rows=1 << 30)
+        kept = [str(keep_upload(self.data_dir, data, image_format)) for data, image_format in uploads]
+        record.images = [*record.images, *kept]
+        try:
+            report = index_records(self, [[record]], exclusive=False, merge_limit=API_MERGE_LIMIT,
+                                   flush_rows=1 << 30)
+        except BaseException:
+            self._remove_owned_files(kept)  # the write failed: keep no file nothing names
+            raise
         return self.product(record.sku), report, created
 
+    @translates_storage_errors
     def remove(self, skus: Sequence[str]) -> RemoveResult:
         """Delete products, their vectors and the files of theirs this data directory owns."""
+        self._require_writable()
         store = self.store()
         if store is None:
             return RemoveResult([], list(skus))
@@ -211,23 +274,24 @@ class VisualSearch:
     def _remove_owned_files(self, paths: Sequence[str]) -> None:
         """Uploads kept by the API live in DATA_DIR/uploads: delete those no image names
         any more (a file is named by its content hash, so two products may share one)."""
-        uploads = (self.data_dir / "uploads").resolve()
         for path in paths:
-            file = Path(path)
-            if file.parent.resolve() != uploads:
+            if not is_upload(self.data_dir, path):
                 continue
             with self.sessions() as session:
                 if catalogue.path_is_referenced(session, path):
                     continue
-            file.unlink(missing_ok=True)
+            Path(path).unlink(missing_ok=True)
 
+    @translates_storage_errors
     def search(self, image: ImageSource, *, top_k: int = 10, filters: SearchFilters | None = None,
                crop: Crop | None = None) -> SearchResult:
         return search_image(self, image, top_k=top_k, filters=filters, crop=crop)
 
+    @translates_storage_errors
     def similar(self, sku: str, *, top_k: int = 10, filters: SearchFilters | None = None) -> SearchResult:
         return similar_products(self, sku, top_k=top_k, filters=filters)
 
+    @translates_storage_errors
     def product(self, sku: str) -> ProductView:
         """Raises ProductNotFoundError for an unknown SKU."""
         with self.sessions() as session:
@@ -239,6 +303,7 @@ class VisualSearch:
                                        height=image.height, error=image.error) for image in item.images),
             )
 
+    @translates_storage_errors
     def image_file(self, image_id: int) -> Path | None:
         """The file of an indexed image (only indexed images are ever served)."""
         with self.sessions() as session:
@@ -248,12 +313,14 @@ class VisualSearch:
             path = Path(row.path)
         return path if path.is_file() else None
 
+    @translates_storage_errors
     def facets(self) -> Facets:
         with self.sessions() as session:
             counts = catalogue.catalogue_counts(session)
             brands = catalogue.brands(session)
         return Facets(categories=[name for name in counts.categories if name], brands=brands)
 
+    @translates_storage_errors
     def stats(self) -> dict:
         with self.sessions() as session:
             counts = catalogue.catalogue_counts(session)
@@ -279,6 +346,7 @@ class VisualSearch:
             "index": index,
         }
 
+    @translates_storage_errors
     def health(self) -> dict:
         """Cheap figures for load balancers (counters and the manifest; nothing is counted)."""
         with self.sessions() as session:
@@ -289,33 +357,43 @@ class VisualSearch:
         return {
             "products": counts.products,
             "indexed_images": counts.indexed,
+            # False while the disk refuses writes (read-only, full): searches still work.
+            "writable": not self.read_only and self.write_blocked is None,
             "backbone": identity.backbone if identity else None,
             "index": None if manifest is None else {"type": manifest.index_type, "vectors": store.count,
                                                     "recall_at_10": manifest.tuning.recall_at_10},
         }
 
+    @translates_storage_errors
     def compact(self, *, force: bool = False) -> dict:
         """Merge segments, drop dead rows, re-plan the index when the catalogue outgrew it."""
+        self._require_writable()
         store = self.store()
         if store is None:
-            return {"rebuilt": False, "removed_files": []}
+            return {"rebuilt": False, "removed_files": [], "orphan_vectors_dropped": 0}
         codec_before = store.manifest.codec if store.manifest else None
-        CatalogueWriter(self.session, store).refresh_stale_products()
+        writer = CatalogueWriter(self.session, store)
+        orphans = writer.drop_orphan_vectors()
+        writer.refresh_stale_products()
         if force:
             store.rebuild()
         elif store.maintain() != "rebuild":
             store.compact()
         rebuilt = force or store.manifest.codec != codec_before
-        return {"rebuilt": rebuilt, "removed_files": store.collect_leftovers(), **self._index_summary(store)}
+        return {"rebuilt": rebuilt, "removed_files": store.collect_leftovers(), "orphan_vectors_dropped": orphans,
+                **self._index_summary(store)}
 
+    @translates_storage_errors
     def rebuild_index(self, *, plan: IndexPlan | None = None) -> dict:
         """Re-plan and rebuild the ANN index from the stored vectors (no model work)."""
+        self._require_writable()
         store = self.store()
         if store is None:
             return {"rebuilt": False}
         store.rebuild(plan=plan)
         return {"rebuilt": True, **self._index_summary(store)}
 
+    @translates_storage_errors
     def collect_leftovers(self) -> list[str]:
         store = self.store()
         return store.collect_leftovers() if store is not None and not self.read_only else []
@@ -331,12 +409,17 @@ def _identity_kwargs(identity: EmbedderIdentity) -> dict:
     return {"backbone": identity.backbone, "weights_sha256": identity.weights_sha256, "dim": identity.dim}
 
 
+def _sqlite_file(url: str) -> Path | None:
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
 def _check_catalogue_exists(settings: Settings) -> None:
     """Opening for reading must not create an empty catalogue where a typo points."""
-    url = settings.catalogue_url
-    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+    database = _sqlite_file(settings.catalogue_url)
+    if database is None:
         return  # a server database: connecting creates nothing
-    database = Path(url.removeprefix("sqlite:///"))
     if not database.is_file():
         raise ConfigurationError(
             f"no catalogue at {database}: index one first with 'visualsearch index MANIFEST "

@@ -8,8 +8,9 @@ writers (a batch ``index`` run and API calls) never interleave halfway:
 - new vectors go to the store first, then their images are marked ``indexed``:
   a crash in between leaves vectors of images still ``pending``, which searches
   ignore and the next run re-embeds;
-- deletions leave the catalogue first, then the store: a crash in between leaves
-  vectors of images that no longer exist, which searches ignore and compaction drops.
+- deletions leave the catalogue first, then the store: a crash (or a full disk) in
+  between leaves vectors of images that no longer exist, which searches ignore and
+  ``compact`` drops (:meth:`CatalogueWriter.drop_orphan_vectors`).
 
 Either way no search ever shows an image the catalogue does not hold as indexed.
 """
@@ -17,6 +18,7 @@ Either way no search ever shows an image the catalogue does not hold as indexed.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +27,8 @@ from sqlalchemy.orm import Session
 
 from .catalogue import store as catalogue
 from .vectors import VectorRows, VectorStore, row_tokens
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,9 +149,29 @@ class CatalogueWriter:
             with self._session() as session:
                 deleted, vector_ids, paths = catalogue.delete_products(session, skus)
             if vector_ids:
-                self.store.commit(deletes=vector_ids, merge_limit=self.merge_limit, lock_timeout=self.lock_timeout)
+                try:
+                    self.store.commit(deletes=vector_ids, merge_limit=self.merge_limit,
+                                      lock_timeout=self.lock_timeout)
+                except OSError as exc:
+                    # The products are gone (the catalogue decides what a search shows);
+                    # their vectors stay until compact drops them as orphans.
+                    logger.warning("deleted %d products; their %d vectors stay until 'visualsearch compact' "
+                                   "(%s)", len(deleted), len(vector_ids), exc)
+                    return deleted, paths
         self.store.merge(self.merge_limit)
         return deleted, paths
+
+    def drop_orphan_vectors(self) -> int:
+        """Delete the vectors of images the catalogue no longer holds (left by a crash, or
+        a full disk, between a delete's catalogue and store steps). Returns how many."""
+        with self.store.writing(self.lock_timeout):
+            with self._session() as session:
+                batches = list(catalogue.image_ids(session))
+            known = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+            orphans = np.setdiff1d(self.store.alive_ids(), known, assume_unique=True)
+            if len(orphans):
+                self.store.commit(deletes=orphans.tolist(), lock_timeout=self.lock_timeout)
+        return len(orphans)
 
 
 def _refresh_pairs(session: Session, product_ids: set[int], skip: set[int]) -> list[tuple[int, int]]:

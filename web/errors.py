@@ -19,6 +19,9 @@ from visualsearch.errors import (
     InvalidRequestError,
     ManifestError,
     ProductNotFoundError,
+    StorageBusyError,
+    StorageError,
+    StorageFullError,
     UnsupportedImageError,
     VisualSearchError,
     WriterBusyError,
@@ -40,6 +43,9 @@ STATUS_BY_ERROR: list[tuple[type[VisualSearchError], int]] = [
     (ConfigurationError, 503),
     (IndexCorruptError, 503),
     (WriterBusyError, 409),  # another process is indexing: retry later
+    # The disk refused: nothing was changed, reads go on; retry once it is fixed.
+    (StorageFullError, 507),
+    (StorageError, 503),
 ]
 
 
@@ -159,8 +165,12 @@ def register(app: Flask) -> None:
         if status >= 500:
             logger.error("request failed: %s", error)
         if not request.path.startswith("/api/"):
-            return render_template("error.html", status=status, message=str(error)), status
-        return error_response(status, error.code, str(error))
+            response = app.make_response((render_template("error.html", status=status, message=str(error)), status))
+        else:
+            response = error_response(status, error.code, str(error))
+        if isinstance(error, StorageBusyError):
+            response.headers["Retry-After"] = "5"
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):

@@ -20,4 +20,7 @@ def get_search() -> VisualSearch:
             if vs is None:
                 vs = current_app.extensions["visualsearch"] = VisualSearch(
                     current_app.config["VISUALSEARCH_SETTINGS"], create=False)
+                if vs.write_blocked is not None:
+                    current_app.logger.warning("serving searches only, writes answer 503/507: %s",
+                                               vs.write_blocked)
     return vs

@@ -123,10 +123,13 @@ def spec() -> dict:
 _SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}}
 _PRODUCT = {"description": "The product.", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/Product"}}}}
-_UNAVAILABLE = {"503": _error("The deployment is misconfigured (no catalogue yet, another backbone...).")}
+_UNAVAILABLE = {"503": _error("The deployment is misconfigured (no catalogue yet, another backbone...), or "
+                              "its storage refused (storage_read_only, storage_busy with Retry-After, "
+                              "storage_unavailable); nothing was changed.")}
 _WRITE_ERRORS = {**_UNAVAILABLE, "400": _error("Bad fields."), "401": _error("Missing or wrong bearer key."),
                  "403": _error("Write endpoints disabled: no VISUALSEARCH_API_KEY configured."),
-                 "409": _error("Another process is writing; retry later.")}
+                 "409": _error("Another process is writing; retry later."),
+                 "507": _error("The disk is full (storage_full): nothing was changed, searches go on.")}
 _SCHEMAS = {
     "ProductFields": {"type": "object", "additionalProperties": False, "properties": {
         "title": {"type": "string"}, "category": {"type": "string"}, "brand": {"type": "string"},

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import json
-import os
-import tempfile
-from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -23,8 +19,6 @@ from .security import is_web_link
 bp = Blueprint("api_write", __name__, url_prefix="/api/v1")
 
 TEXT_FIELDS = ("title", "category", "brand", "url")
-EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
-              "BMP": ".bmp", "TIFF": ".tif", "HEIF": ".heic", "AVIF": ".avif"}
 
 
 def require_api_key(view):
@@ -56,10 +50,9 @@ def put_product(sku: str):
         fields, uploads = request.form.to_dict(), request.files.getlist("image")
     record = _record(sku, fields)
     # Every upload is decoded before anything is stored: a bad file changes nothing.
-    checked = [(upload, upload.read()) for upload in uploads]
-    formats = [_check_image(data, vs.settings.max_image_pixels) for _, data in checked]
-    record.images = [_store_upload(vs.data_dir, data, fmt) for (_, data), fmt in zip(checked, formats)]
-    product, report, created = vs.put_product(record)
+    files = [upload.read() for upload in uploads]
+    checked = [(data, _check_image(data, vs.settings.max_image_pixels)) for data in files]
+    product, report, created = vs.put_product(record, uploads=checked)
     body = product_json(product)
     body["indexing"] = {"embedded": report.embedded, "reused": report.reused, "unchanged": report.unchanged,
                         "failures": [failure.message for failure in report.failures]}
@@ -113,17 +106,4 @@ def _record(sku: str, fields: dict) -> ProductRecord:
 def _check_image(data: bytes, max_pixels: int) -> str:
     """Raises the library's typed image errors (-> 413/415/422); returns the format."""
     return load_image(data, max_pixels=max_pixels).info["format"]
-
-
-def _store_upload(data_dir: Path, data: bytes, image_format: str) -> Path:
-    """Keep an uploaded image under DATA_DIR/uploads/<sha256><ext>, written atomically."""
-    folder = data_dir / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (hashlib.sha256(data).hexdigest() + EXTENSIONS.get(image_format, ".img"))
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    return path
 

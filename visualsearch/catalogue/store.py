@@ -407,12 +407,17 @@ def get_image(session: Session, image_id: int) -> ProductImage | None:
 
 def indexed_image_ids(session: Session, batch: int = 50_000) -> Iterator[list[int]]:
     """Every indexed image id, in ascending batches (for consistency checks)."""
+    return image_ids(session, batch, status=ImageStatus.INDEXED)
+
+
+def image_ids(session: Session, batch: int = 50_000, *, status: ImageStatus | None = None) -> Iterator[list[int]]:
+    """Every image id (of one ``status``, or all), in ascending batches."""
     last = 0
     while True:
-        ids = session.scalars(
-            select(ProductImage.id).where(ProductImage.id > last, ProductImage.status == ImageStatus.INDEXED)
-            .order_by(ProductImage.id).limit(batch)
-        ).all()
+        query = select(ProductImage.id).where(ProductImage.id > last)
+        if status is not None:
+            query = query.where(ProductImage.status == status)
+        ids = session.scalars(query.order_by(ProductImage.id).limit(batch)).all()
         if not ids:
             return
         yield list(ids)

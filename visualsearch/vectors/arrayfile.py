@@ -50,9 +50,17 @@ class ArrayFileBuilder:
             offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         header = json.dumps({"meta": dict(meta), "arrays": entries}).encode()
         data_start = _aligned(len(MAGIC) + 8 + len(header))
-        with open(self.tmp, "wb") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(header)) + header)
-            handle.truncate(data_start + offset)
+        try:
+            with open(self.tmp, "wb") as handle:
+                handle.write(MAGIC + struct.pack("<Q", len(header)) + header)
+                handle.flush()
+                # Reserve the blocks now rather than truncate to a sparse file: writing
+                # through the mapping into a hole on a full disk kills the process with
+                # SIGBUS, where this raises ENOSPC before anything is written.
+                os.posix_fallocate(handle.fileno(), 0, data_start + offset)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         self.size = data_start + offset
         self.arrays: dict[str, np.ndarray] = {}
         for name, entry in entries.items():

@@ -106,10 +106,10 @@ class Codec:
     def save(self, directory: Path) -> list[str]:
         """Write the codec's files into ``directory``; returns their names."""
         names = [f"codec-{self.codec_id}.ivf"]
-        _write_atomic(lambda path: faiss.write_index(self.template, path), directory / names[0])
+        _write_atomic(lambda writer: faiss.write_index(self.template, writer), directory / names[0])
         if self.pca is not None:
             names.append(f"codec-{self.codec_id}.pca")
-            _write_atomic(lambda path: faiss.write_VectorTransform(self.pca, path), directory / names[1])
+            _write_atomic(lambda writer: faiss.write_VectorTransform(self.pca, writer), directory / names[1])
         return names
 
     @classmethod
@@ -125,10 +125,17 @@ class Codec:
 
 
 def _write_atomic(write, path: Path) -> None:
+    """``write(faiss_writer)`` into a temporary file, fsync, rename into place.
+
+    FAISS writes through Python's file object rather than its own FILE*: a full disk or
+    a read-only mount then raises OSError with its errno (FAISS's own writer raises a
+    RuntimeError, and an error at fclose would go unnoticed).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(str(tmp))
-        with open(tmp, "rb") as handle:
+        with open(tmp, "wb") as handle:
+            write(faiss.PyCallbackIOWriter(handle.write))
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
@@ -139,7 +146,7 @@ def _write_atomic(write, path: Path) -> None:
 
 def write_ann(index: faiss.IndexIVF, path: Path) -> None:
     """Save a segment's inverted lists (read back memory-mapped by :func:`read_ann`)."""
-    _write_atomic(lambda tmp: faiss.write_index(index, tmp), path)
+    _write_atomic(lambda writer: faiss.write_index(index, writer), path)
 
 
 def read_ann(path: Path) -> faiss.IndexIVF:

@@ -157,9 +157,16 @@ class Segment:
         arrays = {"ids": rows.ids, "product_ids": rows.product_ids, "vectors": rows.vectors,
                   "prices": rows.prices, "token_offsets": rows.token_offsets, "tokens": rows.tokens,
                   "deletes": deletes_array}
-        write_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX), arrays, meta)
+        path = directory / (segment_name(uid) + SEGMENT_SUFFIX)
+        write_array_file(path, arrays, meta)
         segment = cls.load(directory, uid)
-        return segment.encoded(directory, codec) if codec is not None and len(rows) else segment
+        if codec is None or not len(rows):
+            return segment
+        try:
+            return segment.encoded(directory, codec)
+        except BaseException:
+            path.unlink(missing_ok=True)  # not committed: nothing may keep it
+            raise
 
     @classmethod
     def write_merged(cls, directory: Path, uid: int, inputs: Sequence[tuple["Segment", np.ndarray]], *,

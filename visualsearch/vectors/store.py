@@ -226,6 +226,12 @@ class VectorStore:
         """Live vectors."""
         return self.snapshot().alive_count
 
+    def alive_ids(self) -> np.ndarray:
+        """Every id with a live vector, ascending."""
+        self.refresh()
+        with self._lock:
+            return np.flatnonzero(self._state.location >= 0)
+
     def get_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids found, their vectors) for the live rows of ``ids``."""
         self.refresh()

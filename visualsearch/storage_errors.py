@@ -1,0 +1,137 @@
+"""Turn what the disk and SQLite say into the library's typed storage errors.
+
+A full disk, a read-only mount, a permission denied or a locked database surfaces
+deep inside the vector store, FAISS or SQLAlchemy as an ``OSError`` or an
+``OperationalError``. The service's public methods pass through
+:func:`storage_errors`, so callers (the CLI, the web app) see one
+:class:`~visualsearch.errors.StorageError` subclass with a message that says what
+to do, and never a traceback. Every write path is atomic (temporary file + rename,
+SQLite transactions), so after such an error the previous state is still what
+readers see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from sqlalchemy.exc import DBAPIError
+
+from .errors import StorageBusyError, StorageError, StorageFullError, StorageReadOnlyError
+
+F = TypeVar("F", bound=Callable)
+
+READ_ONLY_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                    errno.EPERM: "operation not permitted"}
+FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+# SQLite reports a full disk while creating its -shm/-wal files as a generic I/O error:
+# with less than this free, call it what it is.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _advice_read_only(data_dir: Path) -> str:
+    return (f"make {data_dir} writable for the user running visualsearch (or remount it read-write); "
+            "searches keep working meanwhile")
+
+
+def _advice_full(data_dir: Path) -> str:
+    return (f"free disk space where {data_dir} lives and retry; what was committed before is kept, "
+            "searches keep working meanwhile")
+
+
+def storage_error_from(exc: BaseException, data_dir: Path) -> StorageError | None:
+    """The typed error for ``exc``, or None when it is not a storage failure."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno == errno.EROFS or (exc.errno in READ_ONLY_ERRNOS and _inside(exc.filename, data_dir)):
+            # (A permission denied on a file elsewhere, a shopper's upload or a manifest,
+            # is that input's problem, not the data directory's.)
+            return StorageReadOnlyError(f"{where}{READ_ONLY_ERRNOS[exc.errno]}; {_advice_read_only(data_dir)}")
+        if exc.errno in FULL_ERRNOS:
+            return StorageFullError(f"{where}{FULL_ERRNOS[exc.errno]}; {_advice_full(data_dir)}")
+        if exc.errno == errno.EIO and _inside(exc.filename, data_dir):
+            return StorageError(f"{where}input/output error: check the disk holding {data_dir}")
+        return None
+    original = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(original, sqlite3.Error):
+        return None
+    message = str(original).lower()
+    if "readonly" in message or "read-only" in message:
+        return StorageReadOnlyError(f"the catalogue database is read-only: {_advice_read_only(data_dir)}")
+    if "disk is full" in message or _nearly_full(data_dir):
+        return StorageFullError(f"the catalogue database cannot grow (disk full): {_advice_full(data_dir)}")
+    if "locked" in message or "busy" in message:
+        return StorageBusyError("the catalogue database stayed locked by another writer past the busy timeout; "
+                                "retry shortly")
+    if "unable to open database file" in message and not _writable(data_dir):
+        # SQLite could not create its -shm/-wal files beside the database.
+        return StorageReadOnlyError(f"the catalogue database's folder is read-only: {_advice_read_only(data_dir)}")
+    if "disk i/o error" in message or "unable to open database file" in message:
+        return StorageError(f"the catalogue database cannot be opened or written ({original}): check that "
+                            f"{data_dir} exists, is writable and its disk is healthy")
+    return None
+
+
+def _inside(filename: object, data_dir: Path) -> bool:
+    if not filename:
+        return True  # the store's and SQLite's own files
+    try:
+        return Path(str(filename)).resolve().is_relative_to(data_dir.resolve())
+    except OSError:
+        return False
+
+
+def check_writable(data_dir: Path) -> None:
+    """Raise StorageReadOnlyError when ``data_dir`` exists and cannot be written."""
+    if not _writable(data_dir):
+        reason = "read-only file system" if is_read_only_file_system(data_dir) else "permission denied"
+        raise StorageReadOnlyError(f"{data_dir}: {reason}; {_advice_read_only(data_dir)}")
+
+
+def _writable(folder: Path) -> bool:
+    return not folder.is_dir() or os.access(folder, os.W_OK)
+
+
+def is_read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _nearly_full(data_dir: Path) -> bool:
+    for folder in (data_dir, *data_dir.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    return False
+
+
+@contextlib.contextmanager
+def storage_errors(data_dir: Path) -> Iterator[None]:
+    """Re-raise storage failures inside the block as typed :class:`StorageError`."""
+    try:
+        yield
+    except (OSError, DBAPIError, sqlite3.Error) as exc:
+        typed = storage_error_from(exc, data_dir)
+        if typed is None or typed is exc:
+            raise
+        raise typed from exc
+
+
+def translates_storage_errors(method: F) -> F:
+    """Decorate a method of an object with a ``data_dir`` with :func:`storage_errors`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with storage_errors(self.data_dir):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
