@@ -6,7 +6,7 @@ DATA_DIR ?= visualsearch-data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: demo test install install-dev bench bench-scale clean
+.PHONY: demo test install install-dev bench bench-scale loadtest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ SIZE ?= 100k
 SCALE_DIR ?= bench-data/scale-$(SIZE)
 bench-scale: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.scale --size $(SIZE) --data-dir $(SCALE_DIR)
+
+## loadtest: gunicorn under 16 readers + a writer for 60 s, exact final catalogue (docs/reliability.md)
+loadtest: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.loadtest --duration 60 --clients 16 --update-docs
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache bench-data
