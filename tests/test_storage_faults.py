@@ -275,3 +275,18 @@ def test_disk_filling_up_during_a_run_keeps_committed_batches(small_disk, small_
     report = vs.index(small_catalogue)
     assert report.embedded == 16 and report.unchanged == 8
     assert vs.stats()["indexed_images"] == 24 and vs.stats()["index"]["up_to_date"]
+
+
+def test_half_written_uploads_of_dead_processes_are_collected(tiny_settings, small_catalogue):
+    vs = VisualSearch(tiny_settings)
+    vs.index(small_catalogue)
+    uploads = Path(tiny_settings.data_dir) / "uploads"
+    uploads.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    crashed = uploads / f".{'a' * 64}.png.x1y2.{dead.pid}.tmp"
+    writing = uploads / f".{'b' * 64}.png.x3y4.{os.getpid()}.tmp"  # a live writer's: kept
+    for path in (crashed, writing):
+        path.write_bytes(b"partial")
+    assert crashed.name in vs.collect_leftovers()
+    assert not crashed.exists() and writing.exists()

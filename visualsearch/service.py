@@ -23,6 +23,7 @@ from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import ImageStatus, open_catalogue
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord
+from .durable import writer_gone
 from .embedder import Embedder, EmbedderIdentity
 from .errors import ConfigurationError, StorageError, WriterBusyError
 from .images import Crop, ImageSource
@@ -31,7 +32,7 @@ from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
 from .search import search_image, similar_products
 from .settings import Settings
 from .storage_errors import check_writable, storage_errors, translates_storage_errors
-from .uploads import is_upload, keep_upload
+from .uploads import UPLOADS_DIR, is_upload, keep_upload
 from .vectors import IndexPlan, SearchFilters, VectorStore, configure_threads
 from .writer import CatalogueWriter
 
@@ -395,8 +396,15 @@ class VisualSearch:
 
     @translates_storage_errors
     def collect_leftovers(self) -> list[str]:
+        """Delete what crashed writers left: the store's (see VectorStore.collect_leftovers)
+        and half-written uploads. Returns the names removed."""
+        if self.read_only:
+            return []
+        removed = [path.name for path in (self.data_dir / UPLOADS_DIR).glob(".*.tmp") if writer_gone(path.name)]
+        for name in removed:
+            (self.data_dir / UPLOADS_DIR / name).unlink(missing_ok=True)
         store = self.store()
-        return store.collect_leftovers() if store is not None and not self.read_only else []
+        return removed + (store.collect_leftovers() if store is not None else [])
 
     @staticmethod
     def _index_summary(store: VectorStore) -> dict:

@@ -8,9 +8,9 @@ that names one removes the file.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from .durable import write_file_atomic
 
 UPLOADS_DIR = "uploads"
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
@@ -28,16 +28,7 @@ def keep_upload(data_dir: Path, data: bytes, image_format: str) -> Path:
     path = folder / (hashlib.sha256(data).hexdigest() + EXTENSIONS.get(image_format, ".img"))
     if path.exists():
         return path
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=f".{os.getpid()}.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, data)
     return path
 
 

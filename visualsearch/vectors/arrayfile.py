@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..durable import fsync_directory
+
 MAGIC = b"VSSEG001"
 ALIGN = 64
 
@@ -136,12 +138,3 @@ def read_array_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         else:
             arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=begin, shape=shape)
     return arrays, header["meta"]
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` durable (the entry is on disk, not only the file)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .arrayfile import fsync_directory
+from ..durable import fsync_directory
 from .planner import IndexPlan
 
 logger = logging.getLogger(__name__)

@@ -10,15 +10,13 @@ sees the previous state or the next one, never a mix.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..durable import write_file_atomic
 from ..errors import BackboneMismatchError, IndexCorruptError
-from .arrayfile import fsync_directory
 from .planner import IndexPlan
 
 MANIFEST_NAME = "manifest.json"
@@ -120,19 +118,7 @@ def read_store_manifest(directory: Path) -> StoreManifest | None:
 
 def write_store_manifest(directory: Path, manifest: StoreManifest) -> None:
     """Replace the manifest atomically (readers see the old or the new one)."""
-    path = directory / MANIFEST_NAME
-    # The pid in the name lets collect_leftovers tell a dead writer's file from a live one's.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.", suffix=f".{os.getpid()}.tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(manifest.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(directory)
+    write_file_atomic(directory / MANIFEST_NAME, manifest.to_json().encode())
 
 
 def manifest_key(directory: Path) -> tuple[int, int, int] | None:

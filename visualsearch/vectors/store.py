@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from typing import Iterator, Sequence
 import faiss
 import numpy as np
 
+from ..durable import writer_gone
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from .arrayfile import ArrayFileError
 from .codec import MAX_TRAIN_POINTS, Codec, read_ann, search_segment
@@ -797,11 +797,11 @@ class VectorStore:
                     old = now - path.stat().st_mtime > LEFTOVER_GRACE_SECONDS
                 except FileNotFoundError:
                     continue
-                if old or _writer_gone(name):
+                if old or writer_gone(name):
                     path.unlink(missing_ok=True)
                     removed.append(name)
             for path in self.data_dir.glob(".manifest.json.*.tmp"):
-                if _writer_gone(path.name) or now - path.stat().st_mtime > LEFTOVER_GRACE_SECONDS:
+                if writer_gone(path.name) or now - path.stat().st_mtime > LEFTOVER_GRACE_SECONDS:
                     path.unlink(missing_ok=True)
                     removed.append(path.name)
         return removed
@@ -826,23 +826,6 @@ class VectorStore:
 def _wanted_codec(segment: Segment, codec: str | None) -> str | None:
     """The encoding a segment should have: the current codec, unless it is too small to need one."""
     return codec if codec is not None and len(segment) >= MIN_ANN_SEGMENT_ROWS else None
-
-
-def _writer_gone(name: str) -> bool:
-    """A temporary file ``.<name>.<pid>.tmp`` whose writing process no longer exists."""
-    if not name.endswith(".tmp"):
-        return False
-    try:
-        pid = int(name.rsplit(".", 2)[-2])
-    except ValueError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: np.ndarray,
