@@ -244,7 +244,9 @@ def serve_probe(data_dir: Path, queries_file: Path) -> dict:
     find_products(vs, queries[:1], top_k=10, filters=SearchFilters())
     load_seconds = time.perf_counter() - started
     rss_loaded = rss_mb()
-    out = {"load_seconds": round(load_seconds, 3), "rss_after_load_mb": rss_loaded, "search": {}}
+    numbers = store.stats()
+    out = {"load_seconds": round(load_seconds, 3), "rss_after_load_mb": rss_loaded, "search": {},
+           "index": {"type": numbers.index_type, "segments": numbers.segments, "tuning": numbers.tuning}}
     for label, spec in FILTERS.items():
         filters = SearchFilters.build(**spec)
         timings, found = [], []
@@ -384,6 +386,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--measure-only", action="store_true", help="measure a DIR built before")
+    parser.add_argument("--search-only", action="store_true",
+                        help="with --measure-only: load, RAM and searches only (no writes, no re-run)")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # internal: the serving process
     args = parser.parse_args()
     if args.probe:
@@ -409,13 +413,15 @@ def main() -> None:
     served = json.loads(probe.stdout)
     truth = exact_top10(args.data_dir, queries)
     results["serve"] = {"load_seconds": served["load_seconds"], "rss_after_load_mb": served["rss_after_load_mb"],
-                        "rss_after_queries_mb": served["rss_after_queries_mb"]}
+                        "rss_after_queries_mb": served["rss_after_queries_mb"], "index": served["index"]}
     results["search"] = {label: {"p50_ms": entry["p50_ms"], "p95_ms": entry["p95_ms"],
                                  "recall_at_10": round(recall(entry["ids"], truth[label]), 4)}
                          for label, entry in served["search"].items()}
-    results["writes"] = write_latencies(args.data_dir, generator, size)
-    results["rerun"] = rerun_unchanged(args.data_dir)
-    (args.data_dir / "bench-scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not args.search_only:
+        results["writes"] = write_latencies(args.data_dir, generator, size)
+        results["rerun"] = rerun_unchanged(args.data_dir)
+    name = "bench-scale-search.json" if args.search_only else "bench-scale.json"
+    (args.data_dir / name).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 
 
@@ -434,9 +440,15 @@ def print_table(results: dict) -> None:
     disk = results["disk_mb"]
     lines.append(f"  disk             {disk['vectors'] + disk['catalogue_db']:>9.0f} MB  "
                  f"(vectors {disk['vectors']} MB, catalogue {disk['catalogue_db']} MB)")
+    index = serve["index"]
+    lines.append(f"  index            {index['type']}, {index['segments']} segments, nprobe "
+                 f"{index['tuning'].get('nprobe')}, re-rank {index['tuning'].get('rerank')}")
     lines.append("  search + metadata, top 10      p50 ms   p95 ms   recall@10")
     for label, entry in results["search"].items():
         lines.append(f"    {label:<26} {entry['p50_ms']:>8.2f} {entry['p95_ms']:>8.2f}   {entry['recall_at_10']:.3f}")
+    if "writes" not in results:
+        print("\n".join(lines))
+        return
     writes = results["writes"]
     lines.append(f"  PUT (2 images)   {writes['put_p50_ms']:>9.1f} ms  p50 (max {writes['put_max_ms']} ms; write path,"
                  " CNN excluded)")
