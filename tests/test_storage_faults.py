@@ -290,3 +290,23 @@ def test_half_written_uploads_of_dead_processes_are_collected(tiny_settings, sma
         path.write_bytes(b"partial")
     assert crashed.name in vs.collect_leftovers()
     assert not crashed.exists() and writing.exists()
+
+
+def test_asking_whether_an_upload_is_still_named_uses_an_index(tiny_settings):
+    """A DELETE asks this for each upload of the product: a scan would cost seconds at 10M images."""
+    from sqlalchemy import event
+
+    from visualsearch.catalogue import store as catalogue
+
+    vs = VisualSearch(tiny_settings)
+    engine = vs.sessions.kw["bind"]
+    plans = []
+
+    def explain(connection, cursor, statement, parameters, context, executemany):
+        if "FROM product_images" in statement and "LIKE" in statement:
+            plans.extend(row[3] for row in cursor.connection.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+
+    event.listen(engine, "before_cursor_execute", explain)
+    with vs.sessions() as session:
+        assert not catalogue.path_is_referenced(session, str(Path(tiny_settings.data_dir) / "uploads" / "ab.png"))
+    assert plans and all("ix_product_images_upload_path" in plan for plan in plans), plans

@@ -249,9 +249,11 @@ class VisualSearch:
         self._require_writable()
         with self.sessions() as session:
             created = not catalogue.product_exists(session, record.sku)
-        kept = [str(keep_upload(self.data_dir, data, image_format)) for data, image_format in uploads]
-        record.images = [*record.images, *kept]
+        kept: list[str] = []
         try:
+            for data, image_format in uploads:
+                kept.append(str(keep_upload(self.data_dir, data, image_format)))
+            record.images = [*record.images, *kept]
             report = index_records(self, [[record]], exclusive=False, merge_limit=API_MERGE_LIMIT,
                                    flush_rows=1 << 30)
         except BaseException:

@@ -69,6 +69,9 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 def _create_schema(engine: Engine) -> None:
     with engine.begin() as connection:
         Base.metadata.create_all(connection)
+        for table in Base.metadata.sorted_tables:  # indexes added since a catalogue was created
+            for index in table.indexes:
+                index.create(connection, checkfirst=True)
         if engine.dialect.name == "sqlite":
             install_sqlite_triggers(connection)
 

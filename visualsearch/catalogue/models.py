@@ -13,10 +13,12 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -65,6 +67,9 @@ class Product(Base):
         }
 
 
+UPLOAD_PATH_PATTERN = "%/uploads/%"
+
+
 class ProductImage(Base):
     """One image of a product. Its primary key is also its id in the vector index."""
 
@@ -72,8 +77,13 @@ class ProductImage(Base):
     # No index on status alone: with one, SQLite (which plans without statistics) chose
     # it over the sha256 index for "this content hash, indexed" and scanned every
     # indexed row (1.46 s per batch at 1M images instead of 1 ms).
+    # Deleting a product asks whether another image still names each of its uploads
+    # (DATA_DIR/uploads/<sha256>.<ext>): a partial index over those paths answers at
+    # any catalogue size without indexing every manifest path.
     __table_args__ = (
         UniqueConstraint("product_id", "path", name="uq_product_image_path"),
+        Index("ix_product_images_upload_path", "path", sqlite_where=text(f"path LIKE '{UPLOAD_PATH_PATTERN}'"),
+              postgresql_where=text(f"path LIKE '{UPLOAD_PATH_PATTERN}'")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

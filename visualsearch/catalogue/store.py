@@ -6,18 +6,19 @@ of products or a flush of images, and no query ever loads every row.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, literal_column, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
 from ..errors import BackboneMismatchError, ProductNotFoundError
 from .counters import read_counts
-from .models import CatalogueMeta, ImageStatus, Product, ProductImage
+from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, ProductImage
 
 # SQLite accepts 32,766 bound parameters per statement; stay far below.
 IN_CHUNK = 500
@@ -284,7 +285,14 @@ def delete_products(session: Session, skus: Iterable[str]) -> tuple[list[str], l
 
 
 def path_is_referenced(session: Session, path: str) -> bool:
-    return session.scalar(select(ProductImage.id).where(ProductImage.path == path).limit(1)) is not None
+    """Whether an image names ``path``: an index lookup for uploads (the partial index
+    ix_product_images_upload_path), a full scan for other paths."""
+    query = select(ProductImage.id).where(ProductImage.path == path)
+    if fnmatch.fnmatchcase(path, UPLOAD_PATH_PATTERN.replace("%", "*")):
+        # The pattern inline, not a bound parameter: only then can SQLite's planner see
+        # that the query implies the partial index's WHERE and use it.
+        query = query.where(ProductImage.path.like(literal_column(f"'{UPLOAD_PATH_PATTERN}'")))
+    return session.scalar(query.limit(1)) is not None
 
 
 # --- images ----------------------------------------------------------------------
