@@ -376,15 +376,21 @@ def mark_failed(session: Session, failures: Sequence[tuple[int, str]]) -> None:
         ])
 
 
+# Built once: constructing and coercing the statement per search cost ~1.5 ms, most of
+# the catalogue's share of a query.
+_HIT_ROWS = (
+    select(ProductImage.id, ProductImage.product_id, ProductImage.status, Product.sku, Product.title,
+           Product.category, Product.brand, Product.price, Product.url)
+    .join(Product, Product.id == ProductImage.product_id)
+    .where(ProductImage.id.in_(bindparam("ids", expanding=True)))
+)
+
+
 def hit_rows(session: Session, image_ids: Sequence[int]) -> dict[int, Any]:
     """Image id -> (id, product_id, status, sku, title, category, brand, price, url) of search hits."""
     found: dict[int, Any] = {}
     for chunk in _chunks(list(image_ids), IN_CHUNK):
-        for row in session.execute(
-            select(ProductImage.id, ProductImage.product_id, ProductImage.status, Product.sku, Product.title,
-                   Product.category, Product.brand, Product.price, Product.url)
-            .join(Product, Product.id == ProductImage.product_id).where(ProductImage.id.in_(chunk))
-        ):
+        for row in session.execute(_HIT_ROWS, {"ids": chunk}):
             found[row.id] = row
     return found
 
