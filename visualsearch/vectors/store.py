@@ -898,26 +898,33 @@ def _sample_with_ids(snap: Snapshot, count: int, seed: int) -> tuple[np.ndarray,
 
 
 def _exact_neighbours(snap: Snapshot, queries: np.ndarray, own_ids: np.ndarray, k: int) -> list[set[int]]:
-    """Exact top-``k`` ids of each query among the live vectors, its own id left out."""
+    """Exact top-``k`` ids of each query among the live vectors, its own id left out.
+
+    Scores each chunk straight from the segment's mapping (no copy of the chunk) and
+    keeps only its best k + 1 per query: at 10M images this reads 51 GB once."""
     best_scores = np.full((len(queries), k + 1), -np.inf, dtype=np.float32)
     best_ids = np.full((len(queries), k + 1), -1, dtype=np.int64)
     chunk = 65_536
     for segment in snap.segments:
         alive = snap.alive[segment.uid]
+        ids = np.asarray(segment.rows.ids)
         for start in range(0, len(segment), chunk):
-            rows = np.flatnonzero(alive[start:start + chunk]) + start
-            if not len(rows):
+            mask = alive[start:start + chunk]
+            if not mask.any():
                 continue
-            scores = queries @ np.asarray(segment.rows.vectors[rows]).T
-            ids = np.broadcast_to(np.asarray(segment.rows.ids)[rows], scores.shape)
-            all_scores = np.concatenate([best_scores, scores], axis=1)
-            all_ids = np.concatenate([best_ids, ids], axis=1)
-            top = np.argpartition(-all_scores, k, axis=1)[:, :k + 1]
-            best_scores = np.take_along_axis(all_scores, top, axis=1)
-            best_ids = np.take_along_axis(all_ids, top, axis=1)
+            scores = queries @ np.asarray(segment.rows.vectors[start:start + len(mask)]).T
+            scores[:, ~mask] = -np.inf
+            take = min(k + 1, scores.shape[1])
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            all_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+            all_ids = np.concatenate([best_ids, ids[start + top]], axis=1)
+            keep = np.argpartition(-all_scores, k, axis=1)[:, :k + 1]
+            best_scores = np.take_along_axis(all_scores, keep, axis=1)
+            best_ids = np.take_along_axis(all_ids, keep, axis=1)
     truth = []
-    for own, ids, scores in zip(own_ids, best_ids, best_scores):
-        ranked = [int(i) for i in ids[np.argsort(-scores)] if i != own and i >= 0]
+    for own, ids_row, scores_row in zip(own_ids, best_ids, best_scores):
+        ranked = [int(i) for i, s in zip(ids_row[np.argsort(-scores_row)], np.sort(-scores_row))
+                  if i != own and i >= 0 and np.isfinite(s)]
         truth.append(set(ranked[:k]))
     return truth
 
