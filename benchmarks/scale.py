@@ -2,6 +2,8 @@
 
     python -m benchmarks.scale --size 100k|1M|10M --data-dir DIR [--queries 200]
     python -m benchmarks.scale --measure-only --data-dir DIR      # a DIR built before
+    python -m benchmarks.scale --measure-only --search-only --data-dir DIR   # searches only
+    python -m benchmarks.scale --size 10M --grow 500000 --data-dir DIR       # the write path at that size
 
 Builds a catalogue through the library's own write path: a CSV manifest of real
 catalogue rows (products of 1-3 images, categories that keep about 50 %, 2 % and
@@ -219,6 +221,25 @@ def build(data_dir: Path, size: int, generator: SyntheticVectors) -> dict:
             "index_type": store.manifest.index_type, "tuning": vars(store.manifest.tuning)}
 
 
+def grow(data_dir: Path, count: int, size: int, generator: SyntheticVectors) -> dict:
+    """Index ``count`` new images into a built DIR through the same write path (merges
+    included): the write path's rate at the catalogue's size, not on the way to it."""
+    from visualsearch.catalogue_manifest import iter_manifest_records
+    from visualsearch.indexing import index_records
+    from visualsearch.service import VisualSearch
+    from visualsearch.settings import Settings
+
+    manifest = write_manifest(data_dir / "bench", count, first_product=2 * size, name=f"grow-{count}.csv")
+    vs = VisualSearch(Settings(data_dir=data_dir, workers=0), create=False)
+    embedding = SyntheticEmbedding(vs.embedder.identity, generator, sku_key)
+    before = vs.store().count
+    started = time.perf_counter()
+    report = index_records(vs, iter_manifest_records(manifest), embedding=embedding)
+    seconds = time.perf_counter() - started
+    return {"catalogue_images": before, "images": report.embedded, "seconds": round(seconds, 1),
+            "write_path_images_per_s": round(report.embedded / seconds, 1)}
+
+
 # --- measuring ---------------------------------------------------------------------------
 
 
@@ -388,8 +409,16 @@ def main() -> None:
     parser.add_argument("--measure-only", action="store_true", help="measure a DIR built before")
     parser.add_argument("--search-only", action="store_true",
                         help="with --measure-only: load, RAM and searches only (no writes, no re-run)")
+    parser.add_argument("--grow", type=int, metavar="N",
+                        help="index N new images into a DIR built before and report the write path's rate")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # internal: the serving process
     args = parser.parse_args()
+    if args.grow:
+        grown = grow(args.data_dir, args.grow, SIZES[args.size], SyntheticVectors(real_embeddings()))
+        (args.data_dir / "bench-scale-grow.json").write_text(json.dumps(grown, indent=2) + "\n")
+        print(f"{grown['images']:,} new images into {grown['catalogue_images']:,}: {grown['seconds']} s, "
+              f"{grown['write_path_images_per_s']:,.0f} images/s through the write path (merges included)")
+        return
     if args.probe:
         print(json.dumps(serve_probe(args.data_dir, args.probe)))
         return

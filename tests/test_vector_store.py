@@ -1400,3 +1400,46 @@ def test_compact_packs_segments_for_faster_searches(tmp_path, ann_thresholds, an
     assert_state(store, catalogue.rows)
     check_search(store, catalogue, queries, min_recall=0.9, nprobe=NLIST)
     assert store.compact() is False  # nothing left to do
+
+
+def _lists(index) -> dict[int, set[tuple[int, bytes]]]:
+    """Inverted list number -> the (row, code) pairs it holds."""
+    import faiss
+
+    out = {}
+    for list_no in range(index.nlist):
+        size = index.invlists.list_size(list_no)
+        if size:
+            ids = faiss.rev_swig_ptr(index.invlists.get_ids(list_no), size)
+            codes = faiss.rev_swig_ptr(index.invlists.get_codes(list_no), size * index.code_size)
+            out[list_no] = {(int(i), codes[n * index.code_size:(n + 1) * index.code_size].tobytes())
+                            for n, i in enumerate(ids)}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivf_pca"])
+def test_a_merge_copies_codes_exactly_as_encoding_again_would(kind, tmp_path, ann_thresholds, ann_search_works,
+                                                              monkeypatch):
+    """Merged segments reuse their inputs' codes (renumbered, dead rows dropped) instead
+    of reducing and assigning every vector again: the lists must be the same."""
+    require_ann(kind, ann_search_works)
+    from visualsearch.vectors.codec import Codec
+
+    copies = []
+    merge_lists = Codec.merge_lists
+    monkeypatch.setattr(Codec, "merge_lists", lambda self, parts: copies.append(len(parts)) or merge_lists(self, parts))
+    rng = np.random.default_rng(11)
+    store, catalogue = open_store(tmp_path), Catalogue()
+    catalogue.commit(store, make_rows(rng, range(0, 1200)))
+    store.rebuild(plan=PLANS[kind])
+    catalogue.commit(store, make_rows(rng, range(1200, 1800)))  # a second segment with codes
+    catalogue.commit(store, make_rows(rng, range(1800, 1900)))  # too small for codes: encoded in the merge
+    catalogue.commit(store, make_rows(rng, [5, 1300]), deletes=[7, 8, 1250, 1850])  # updates and deletes
+    store.compact(force_merge=True)
+    assert copies and max(copies) >= 2  # codes of two segments (and the small one's new codes) copied
+    segments = [segment for segment in store.snapshot().segments if segment.ann is not None]
+    assert segments and sum(len(segment) for segment in segments) == len(catalogue.rows)
+    codec = store._current_codec()
+    for segment in segments:
+        assert _lists(segment.ann) == _lists(codec.encode(np.asarray(segment.rows.vectors)))
+    check_search(store, catalogue, catalogue.queries(np.random.default_rng(3), 20), min_recall=0.9)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -94,6 +95,39 @@ class Codec:
         reduced = self.reduce(vectors)
         if len(reduced):
             index.add_with_ids(reduced, np.arange(len(reduced), dtype=np.int64))
+        return index
+
+    def merge_lists(self, parts: Sequence[tuple[faiss.IndexIVF, np.ndarray]]) -> faiss.IndexIVF:
+        """A new IVF index holding the codes of ``parts``, renumbered, without encoding again.
+
+        Each part is (an index built by this codec, its new row number per old row, -1
+        for rows to drop). Codes of one codec share its coarse centroids, so a code stays
+        valid in the same list: a merge copies bytes instead of reducing and assigning
+        every vector again (which cost as much as the rest of the write path at 10M)."""
+        index = self.encode(np.zeros((0, self.plan.dim), np.float32))
+        target, code_size, total = index.invlists, index.code_size, 0
+        for source_index, new_rows in parts:
+            source = source_index.invlists
+            for list_no in range(source.nlist):
+                size = source.list_size(list_no)
+                if not size:
+                    continue
+                ids_ptr, codes_ptr = source.get_ids(list_no), source.get_codes(list_no)
+                try:
+                    renumbered = new_rows[faiss.rev_swig_ptr(ids_ptr, size)]
+                    keep = renumbered >= 0
+                    kept = int(np.count_nonzero(keep))
+                    if not kept:
+                        continue
+                    codes = faiss.rev_swig_ptr(codes_ptr, size * code_size).reshape(size, code_size)
+                    ids = np.ascontiguousarray(renumbered[keep], dtype=np.int64)
+                    codes = np.ascontiguousarray(codes[keep])
+                finally:
+                    source.release_ids(list_no, ids_ptr)
+                    source.release_codes(list_no, codes_ptr)
+                target.add_entries(list_no, kept, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                total += kept
+        index.ntotal = total
         return index
 
     def coarse(self, reduced_queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:

@@ -205,10 +205,11 @@ class Segment:
                     out["prices"][row:end] = part.prices
                     out["token_offsets"][row + 1:end + 1] = part.token_offsets[1:] + tok
                     out["tokens"][tok:tok + len(part.tokens)] = part.tokens
-                    if ann is not None:
+                    if ann is not None and not _has_codes(seg, codec):
                         ann.add_with_ids(codec.reduce(part.vectors), np.arange(row, end, dtype=np.int64))
                     row, tok = end, tok + len(part.tokens)
             if ann is not None:
+                ann = _with_copied_codes(ann, codec, inputs, alive_rows)
                 write_ann(ann, ann_path)
             builder.commit()
         except BaseException:
@@ -305,3 +306,25 @@ def segment_name(uid: int) -> str:
 
 def ann_file_name(uid: int, codec_id: str) -> str:
     return f"{segment_name(uid)}.{codec_id}{ANN_SUFFIX}"
+
+
+def _has_codes(segment: "Segment", codec: Codec) -> bool:
+    return segment.ann is not None and segment.codec_id == codec.codec_id
+
+
+def _with_copied_codes(ann: faiss.IndexIVF, codec: Codec, inputs: Sequence[tuple["Segment", np.ndarray]],
+                       alive_rows: Sequence[np.ndarray]) -> faiss.IndexIVF:
+    """``ann`` (the rows of inputs without codes, encoded) plus the codes of the inputs
+    that have them, copied under their new row numbers."""
+    parts, row = [], 0
+    for (segment, _), rows in zip(inputs, alive_rows):
+        if _has_codes(segment, codec):
+            new_rows = np.full(len(segment), -1, dtype=np.int64)
+            new_rows[rows] = np.arange(row, row + len(rows), dtype=np.int64)
+            parts.append((segment.ann, new_rows))
+        row += len(rows)
+    if not parts:
+        return ann
+    if ann.ntotal:  # its ids are new row numbers already: keep them as they are
+        parts.append((ann, np.arange(row, dtype=np.int64)))
+    return codec.merge_lists(parts)
