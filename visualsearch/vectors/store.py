@@ -126,6 +126,7 @@ class VectorStore:
         self._loaded: dict[int, Segment] = {}
         self._codecs: dict[str, Codec] = {}
         self._bitmaps: dict[tuple[int, int], np.ndarray] = {}
+        self._alive_counts: dict[tuple[int, int], int] = {}
         self._writer: int | None = None  # the thread holding the commit lock
         self.refresh()
 
@@ -162,6 +163,7 @@ class VectorStore:
             self._state.move_to(segments)
             self._loaded = {segment.uid: segment for segment in segments}
             self._bitmaps.clear()
+            self._alive_counts.clear()
             self._manifest, self._key = manifest, key
             return
         raise IndexCorruptError(f"the vector index in {self.data_dir} keeps changing under us or lost files")
@@ -276,7 +278,7 @@ class VectorStore:
             alive = snap.alive[segment.uid]
             mask = segment.filter_mask(filters)
             allowed = alive if mask is None else alive & mask
-            n_allowed = int(np.count_nonzero(allowed))
+            n_allowed = self._alive_count(segment.uid, alive) if mask is None else int(np.count_nonzero(allowed))
             if n_allowed == 0:
                 continue
             if segment.ann is None or n_allowed * self.dim * 4 <= FILTER_EXACT_BYTES:
@@ -329,6 +331,18 @@ class VectorStore:
         coarse = (distances[:, :probes], lists[:, :probes])
         scores, rows = search_segment(segment.ann, reduced, coarse, depth, bitmap)
         return rows, scores
+
+    def _alive_count(self, uid: int, alive: np.ndarray) -> int:
+        """Live rows of a segment, counted once per alive mask (masks are replaced, never
+        changed): counting 1M-row masks of every segment cost ~3 ms per query at 10M."""
+        key = (uid, id(alive))
+        count = self._alive_counts.get(key)
+        if count is None:
+            count = int(np.count_nonzero(alive))
+            with self._lock:
+                self._alive_counts = {k: v for k, v in self._alive_counts.items() if k[0] != uid}
+                self._alive_counts[key] = count
+        return count
 
     def _bitmap(self, segment: Segment, allowed: np.ndarray, cacheable: bool) -> np.ndarray:
         if not cacheable:
@@ -457,6 +471,7 @@ class VectorStore:
         self._manifest, self._key = new, manifest_key(self.data_dir)
         self._loaded = {segment.uid: segment for segment in order}
         self._bitmaps.clear()
+        self._alive_counts.clear()
         kept = {name for segment in order for name in segment.file_names()}
         for segment in previous:
             for name in segment.file_names():
