@@ -59,7 +59,10 @@ class ArrayFileBuilder:
                 # Reserve the blocks now rather than truncate to a sparse file: writing
                 # through the mapping into a hole on a full disk kills the process with
                 # SIGBUS, where this raises ENOSPC before anything is written.
-                os.posix_fallocate(handle.fileno(), 0, data_start + offset)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(handle.fileno(), 0, data_start + offset)
+                else:  # macOS: no fallocate; a full disk is then found by the mapping
+                    handle.truncate(data_start + offset)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
