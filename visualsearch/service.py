@@ -230,6 +230,7 @@ class VisualSearch:
               embedding: ImageEmbedding | None = None) -> IndexingReport:
         """Index a manifest (see :func:`visualsearch.indexing.index_manifest`)."""
         self._require_writable()
+        self.collect_leftovers()  # what a crashed run left, before this one adds to it
         report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding)
         self.collect_leftovers()
         return report
