@@ -61,12 +61,13 @@ def storage_error_from(exc: BaseException, data_dir: Path) -> StorageError | Non
             return StorageError(f"{where}input/output error: check the disk holding {data_dir}")
         return None
     original = exc.orig if isinstance(exc, DBAPIError) else exc
-    if not isinstance(original, sqlite3.Error):
+    if not isinstance(original, sqlite3.OperationalError):  # (not constraint or programming errors)
         return None
     message = str(original).lower()
+    cannot_open = "disk i/o error" in message or "unable to open database file" in message
     if "readonly" in message or "read-only" in message:
         return StorageReadOnlyError(f"the catalogue database is read-only: {_advice_read_only(data_dir)}")
-    if "disk is full" in message or _nearly_full(data_dir):
+    if "disk is full" in message or (cannot_open and _nearly_full(data_dir)):
         return StorageFullError(f"the catalogue database cannot grow (disk full): {_advice_full(data_dir)}")
     if "locked" in message or "busy" in message:
         return StorageBusyError("the catalogue database stayed locked by another writer past the busy timeout; "
@@ -74,7 +75,7 @@ def storage_error_from(exc: BaseException, data_dir: Path) -> StorageError | Non
     if "unable to open database file" in message and not _writable(data_dir):
         # SQLite could not create its -shm/-wal files beside the database.
         return StorageReadOnlyError(f"the catalogue database's folder is read-only: {_advice_read_only(data_dir)}")
-    if "disk i/o error" in message or "unable to open database file" in message:
+    if cannot_open:
         return StorageError(f"the catalogue database cannot be opened or written ({original}): check that "
                             f"{data_dir} exists, is writable and its disk is healthy")
     return None
