@@ -32,7 +32,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchmarks.query_latency import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = REPO / "data" / "demo" / "catalogue.csv"
@@ -64,6 +65,18 @@ class LoadReport:
     mismatches: list[str] = field(default_factory=list)
     created: int = 0
     deleted: int = 0
+
+    def record(self, lock: threading.Lock, kind: str, started: float, problem: str | None) -> None:
+        """One finished request: its latency, and its error if it had one."""
+        elapsed = 1000 * (time.perf_counter() - started)
+        with lock:
+            self.latencies_ms.setdefault(kind, []).append(elapsed)
+            if problem:
+                self.errors.append(problem)
+            elif kind == "put":
+                self.created += 1
+            elif kind == "delete":
+                self.deleted += 1
 
     @property
     def ok(self) -> bool:
@@ -120,12 +133,6 @@ class Client:
                 return error.code, {"raw": payload[:200].decode(errors="replace")}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- load ---------------------------------------------------------------------------------
 
 
@@ -173,11 +180,7 @@ def _reader(client: Client, skus: list[str], photos: Photos, stop: threading.Eve
             problem = None if good else f"{kind} {sku}: {status} {str(payload)[:200]}"
         except Exception as exc:  # a refused or reset connection is an error like any other
             problem = f"{kind} {sku}: {type(exc).__name__}: {exc}"
-        elapsed = 1000 * (time.perf_counter() - started)
-        with lock:
-            report.latencies_ms.setdefault(kind, []).append(elapsed)
-            if problem:
-                report.errors.append(problem)
+        report.record(lock, kind, started, problem)
 
 
 def _writer(client: Client, photos: Photos, stop: threading.Event, report: LoadReport,
@@ -203,15 +206,7 @@ def _writer(client: Client, photos: Photos, stop: threading.Event, report: LoadR
                     problem = f"put {target}: {payload['indexing']['failures']}"
             except Exception as exc:
                 problem = f"{kind} {target}: {type(exc).__name__}: {exc}"
-            elapsed = 1000 * (time.perf_counter() - started)
-            with lock:
-                report.latencies_ms.setdefault(kind, []).append(elapsed)
-                if problem:
-                    report.errors.append(problem)
-                elif kind == "put":
-                    report.created += 1
-                else:
-                    report.deleted += 1
+            report.record(lock, kind, started, problem)
         created.append(sku)
         tick += 1.0
         stop.wait(max(0.0, tick - time.monotonic()))

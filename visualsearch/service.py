@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from .backbones_builtin import DEFAULT_BACKBONE
-from .catalogue import ImageStatus, open_catalogue
+from .catalogue import ImageStatus, open_catalogue, sqlite_path
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord
 from .durable import writer_gone
@@ -98,7 +98,7 @@ class VisualSearch:
             check_writable(self.data_dir)
             return open_catalogue(url)
         except StorageError as exc:
-            database = _sqlite_file(url)
+            database = sqlite_path(url)
             if database is None or not database.is_file():
                 raise
             logger.info("catalogue opened read-only, searches only: %s", exc)
@@ -420,15 +420,9 @@ def _identity_kwargs(identity: EmbedderIdentity) -> dict:
     return {"backbone": identity.backbone, "weights_sha256": identity.weights_sha256, "dim": identity.dim}
 
 
-def _sqlite_file(url: str) -> Path | None:
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url.removeprefix("sqlite:///"))
-    return None
-
-
 def _check_catalogue_exists(settings: Settings) -> None:
     """Opening for reading must not create an empty catalogue where a typo points."""
-    database = _sqlite_file(settings.catalogue_url)
+    database = sqlite_path(settings.catalogue_url)
     if database is None:
         return  # a server database: connecting creates nothing
     if not database.is_file():

@@ -76,6 +76,13 @@ def _create_schema(engine: Engine) -> None:
             install_sqlite_triggers(connection)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite catalogue URL; None for in-memory SQLite and server databases."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
 def open_catalogue(url: str, *, read_only: bool = False) -> sessionmaker[Session]:
     """Connect to the catalogue at ``url`` (any SQLAlchemy URL), creating tables if needed.
 
@@ -91,8 +98,7 @@ def open_catalogue(url: str, *, read_only: bool = False) -> sessionmaker[Session
         StorageError: the disk refused (read-only, full, permission denied).
         ConfigurationError: the URL is malformed or the database cannot be reached.
     """
-    sqlite_file = url.startswith("sqlite:///") and url != "sqlite:///:memory:"
-    database = Path(url.removeprefix("sqlite:///")) if sqlite_file else None
+    database = sqlite_path(url)
     try:
         if read_only and database is not None:
             engine: Engine = create_engine(url, creator=lambda: _connect_read_only(database))
