@@ -148,6 +148,11 @@ def load_image(
         FileNotFoundError: ``source`` is a path that does not exist.
     """
     register_heif_opener()
+    if isinstance(source, (str, os.PathLike)):
+        # Our own handle, closed whatever happens: a Pillow plugin that raises while
+        # reading a hostile header would otherwise leave the file it opened to the GC.
+        with open(source, "rb") as handle:
+            return load_image(handle, max_pixels=max_pixels, target_size=target_size, crop=crop)
     image = _open(source)
     try:
         result = _to_clean_rgb(image, max_pixels=max_pixels, target_size=target_size, crop=crop)
