@@ -1,4 +1,4 @@
-"""The ``visualsearch`` command: index, remove, search, stats, serve, backbones.
+"""The ``visualsearch`` command: index, validate, remove, search, similar, show, stats, serve, ...
 
 Each command turns its options into a :class:`Settings`, calls the library and
 formats the result; library errors become a one-line message and exit status 1.
@@ -7,15 +7,18 @@ formats the result; library errors become a one-line message and exit status 1.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import click
 
 from visualsearch.errors import VisualSearchError
+from visualsearch.feeds import FORMATS
 from visualsearch.settings import SETTINGS_HELP, Settings
 
 
@@ -69,6 +72,24 @@ def _wait_option(function: Callable) -> Callable:
                         help="Seconds to wait when another process holds the writer lock.")(function)
 
 
+def _prune_options(function: Callable) -> Callable:
+    """The limits of --prune (see visualsearch.sync.PrunePolicy)."""
+    options = [
+        click.option("--max-prune", type=click.FloatRange(0, 100), default=10, show_default=True, metavar="PERCENT",
+                     help="Refuse to prune more than this share of the catalogue's products or images."),
+        click.option("--force", is_flag=True, help="Prune however much the manifest leaves out."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _prune_policy(max_prune: float, force: bool):
+    from visualsearch.sync import PrunePolicy
+
+    return PrunePolicy(max_fraction=max_prune / 100, force=force)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="visualsearch")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -90,25 +111,57 @@ def main(verbose: int) -> None:
 @click.option("--workers", type=click.IntRange(min=0), help=_help("workers"))
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any image failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@click.option("--prune", is_flag=True,
+              help="After indexing, remove the products and images the manifest does not name.")
+@_prune_options
+@click.option("--dry-run", is_flag=True, help="Only show what the run would add, update and prune.")
+@click.option("--format", "manifest_format", type=click.Choice(FORMATS),
+              help="What MANIFEST is (default: detected from its header): a manifest (csv, tsv, jsonl) or a "
+                   "shop feed (merchant-tsv, merchant-xml: Google Merchant Center; shopify-csv: product export).")
 @_wait_option
 @library_errors
-def index(manifest: Path, strict: bool, as_json: bool, wait: float, **options: Any) -> None:
-    """Add or update the products of MANIFEST (CSV or JSON Lines).
+def index(manifest: Path, strict: bool, as_json: bool, wait: float, prune: bool, max_prune: float, force: bool,
+          dry_run: bool, manifest_format: str | None, **options: Any) -> None:
+    """Add or update the products of MANIFEST (CSV, JSON Lines or a shop feed).
 
     Images already indexed and unchanged are skipped, so an interrupted run can
     simply be started again. Images that cannot be read are listed at the end
     and in DATA_DIR/failures.jsonl; they never stop the run.
+
+    With --prune the manifest is the whole truth: products it does not list, and
+    images of listed products it no longer names, are removed once the run succeeded
+    (refused when that is more than --max-prune of the catalogue, unless --force).
     """
     from .progress import TqdmProgress
 
+    if dry_run:
+        from visualsearch.sync import plan_for_settings
+
+        plan = plan_for_settings(_settings(**options), manifest, prune=prune, policy=_prune_policy(max_prune, force),
+                                 manifest_format=manifest_format)
+        _print_plan(plan, as_json)
+        if plan.prune_refused or (strict and plan.problems):
+            sys.exit(1)
+        return
     vs = _open(_settings(**options))
     progress = TqdmProgress()
+    synced = None
     try:
-        report = vs.index(manifest, progress=progress, wait=wait)
+        if prune:
+            def announce(counts) -> None:
+                progress.close()
+                click.echo(f"pruning {_count(counts.products, 'product')} and {_count(counts.images, 'image')} "
+                           "not in the manifest", err=True)
+
+            synced = vs.sync(manifest, policy=_prune_policy(max_prune, force), progress=progress, wait=wait,
+                             manifest_format=manifest_format, on_prune=announce)
+            report = synced.index
+        else:
+            report = vs.index(manifest, progress=progress, wait=wait, manifest_format=manifest_format)
     finally:
         progress.close()
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(synced.to_dict() if synced else report.to_dict(), indent=2))
     else:
         click.echo(
             f"{report.products} products, {report.images} images: {report.embedded} embedded, "
@@ -116,6 +169,10 @@ def index(manifest: Path, strict: bool, as_json: bool, wait: float, **options: A
             f"{len(report.failures)} failed in {report.seconds:.1f}s "
             f"({report.images_per_second:.1f} images/s)"
         )
+        if synced:
+            pruned = synced.pruned
+            click.echo(f"pruned {_count(pruned.products, 'product')} ({_count(pruned.product_images, 'image')}) "
+                       f"and {_count(pruned.images, 'more image')} not in the manifest")
     if report.failures:
         click.echo(f"{len(report.failures)} image(s) could not be indexed "
                    f"(also in {vs.failures_path}):", err=True)
@@ -126,28 +183,70 @@ def index(manifest: Path, strict: bool, as_json: bool, wait: float, **options: A
 
 
 @main.command()
-@click.argument("skus", nargs=-1, required=True)
+@click.argument("skus", nargs=-1)
 @engine_options
+@click.option("--from-file", type=click.File("r", encoding="utf-8"), metavar="FILE",
+              help="Also remove the SKUs of FILE, one per line (blank lines and # comments skipped; - reads stdin).")
+@click.option("--image", "image_id", type=click.IntRange(min=1), metavar="ID",
+              help="Remove only this image (an id that 'show SKU' lists) of the one SKU given.")
+@click.option("--wait", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="Seconds to wait when another process holds the vector index's commit lock.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
 @library_errors
-def remove(skus: tuple[str, ...], **options: Any) -> None:
-    """Remove products (and their vectors) by SKU."""
-    result = _open(_settings(**options), create=False).remove(list(skus))
-    click.echo(f"removed {len(result.removed)} product(s)")
-    if result.unknown:
-        click.echo(f"not in the catalogue: {', '.join(result.unknown)}", err=True)
+def remove(skus: tuple[str, ...], from_file: TextIO | None, image_id: int | None, wait: float, as_json: bool,
+           **options: Any) -> None:
+    """Remove products (and their vectors) by SKU, or one image of a product.
+
+    A file of SKUs is read as a stream and removed in batches, so it may hold millions.
+    """
+    from visualsearch.sync import read_sku_lines
+
+    if image_id is not None and (len(skus) != 1 or from_file is not None):
+        raise click.UsageError("--image removes an image of exactly one SKU: give one SKU and no --from-file")
+    if not skus and from_file is None:
+        raise click.UsageError("give the SKUs to remove, or --from-file FILE")
+    vs = _open(_settings(**options), create=False)
+    if image_id is not None:
+        product = vs.remove_image(skus[0], image_id, wait=wait)
+        if as_json:
+            click.echo(json.dumps({"sku": product.sku, "removed_image": image_id,
+                                   "images": [asdict(image) for image in product.images]}, indent=2))
+        else:
+            click.echo(f"removed image {image_id} of {product.sku} ({len(product.images)} left)")
+        return
+    stream = itertools.chain(skus, read_sku_lines(from_file) if from_file is not None else ())
+    summary = vs.remove_many(stream, wait=wait)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    click.echo(f"removed {summary.removed:,} product(s)")
+    if summary.unknown:
+        more = summary.unknown - len(summary.unknown_skus)
+        click.echo(f"not in the catalogue: {', '.join(summary.unknown_skus)}"
+                   + (f" and {more:,} more" if more else ""), err=True)
+
+
+def result_options(function: Callable) -> Callable:
+    """How many results and which products: the options of search and similar."""
+    options = [
+        click.option("-k", "--top-k", type=click.IntRange(1, 100), default=10, show_default=True,
+                     help="How many products to return."),
+        click.option("--category", help="Only products of this category (several: 'Shoes|Bags')."),
+        click.option("--brand", help="Only products of this brand (several: 'A|B')."),
+        click.option("--filter", "attribute_filters", multiple=True, metavar="NAME=VALUE",
+                     help="Only products whose attribute NAME has VALUE (repeatable; 'red|blue' for either)."),
+        click.option("--min-price", type=float, help="Only products at or above this price."),
+        click.option("--max-price", type=float, help="Only products at or below this price."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 @main.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @engine_options
-@click.option("-k", "--top-k", type=click.IntRange(1, 100), default=10, show_default=True,
-              help="How many products to return.")
-@click.option("--category", help="Only products of this category (several: 'Shoes|Bags').")
-@click.option("--brand", help="Only products of this brand (several: 'A|B').")
-@click.option("--filter", "attribute_filters", multiple=True, metavar="NAME=VALUE",
-              help="Only products whose attribute NAME has VALUE (repeatable; 'red|blue' for either).")
-@click.option("--min-price", type=float, help="Only products at or above this price.")
-@click.option("--max-price", type=float, help="Only products at or below this price.")
+@result_options
 @click.option("--crop", help="Search with this region of the photo: x,y,w,h in pixels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @library_errors
@@ -168,6 +267,28 @@ def search(image: Path, top_k: int, category: str | None, brand: str | None, att
     filters = SearchFilters.build(category=category, brand=brand, attributes=_attribute_filters(attribute_filters),
                                   min_price=min_price, max_price=max_price)
     result = _open(_settings(**options), read_only=True).search(image, top_k=top_k, crop=region, filters=filters)
+    _print_hits(result, as_json)
+
+
+@main.command()
+@click.argument("sku")
+@engine_options
+@result_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@library_errors
+def similar(sku: str, top_k: int, category: str | None, brand: str | None, attribute_filters: tuple[str, ...],
+            min_price: float | None, max_price: float | None, as_json: bool, **options: Any) -> None:
+    """Find the catalogue products most similar to product SKU (without it)."""
+    from visualsearch.vectors import SearchFilters, configure_threads
+
+    configure_threads(serving=True)
+    filters = SearchFilters.build(category=category, brand=brand, attributes=_attribute_filters(attribute_filters),
+                                  min_price=min_price, max_price=max_price)
+    result = _open(_settings(**options), read_only=True).similar(sku, top_k=top_k, filters=filters)
+    _print_hits(result, as_json)
+
+
+def _print_hits(result, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"results": [hit.to_dict() for hit in result.hits],
                                "took_ms": result.took_ms}, indent=2))
@@ -177,7 +298,89 @@ def search(image: Path, top_k: int, category: str | None, brand: str | None, att
     for rank, hit in enumerate(result.hits, start=1):
         price = "" if hit.price is None else f"  {hit.price:.2f}"
         click.echo(f"{rank:>3}. {hit.score:.3f}  {hit.sku}  {hit.title or ''}{price}")
-    click.echo(f"({result.took_ms['total']:.0f} ms)", err=True)
+    if "total" in result.took_ms:
+        click.echo(f"({result.took_ms['total']:.0f} ms)", err=True)
+
+
+@main.command()
+@click.argument("sku")
+@engine_options
+@click.option("--json", "as_json", is_flag=True, help="Print the product as JSON.")
+@library_errors
+def show(sku: str, as_json: bool, **options: Any) -> None:
+    """Show product SKU: its fields, and its images with their status and errors."""
+    product = _open(_settings(**options), read_only=True).product(sku)
+    data = {**product.to_dict(), "images": [asdict(image) for image in product.images]}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key in ("sku", "title", "category", "brand", "price", "url"):
+        value = data[key]
+        click.echo(f"{key:>10}: {'-' if value is None else value}")
+    attributes = ", ".join(f"{name}={value}" for name, value in data["attributes"].items()) or "-"
+    click.echo(f"{'attributes':>10}: {attributes}")
+    click.echo(f"{'images':>10}: {len(product.images)} ({len(product.indexed_images)} indexed)")
+    for image in product.images:
+        size = f"{image.width}x{image.height}" if image.width else "-"
+        click.echo(f"  #{image.id:<8} {image.status:<8} {size:<10} {image.error or ''}".rstrip())
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@engine_options
+@click.option("--prune", is_flag=True, help="Also count what 'index --prune' would remove.")
+@_prune_options
+@click.option("--format", "manifest_format", type=click.Choice(FORMATS),
+              help="What MANIFEST is (default: detected from its header), as for 'index --format'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@library_errors
+def validate(manifest: Path, prune: bool, max_prune: float, force: bool, manifest_format: str | None,
+             as_json: bool, **options: Any) -> None:
+    """Check MANIFEST and show what indexing it would do, writing nothing.
+
+    Every row is checked, local image files must exist and be readable (URLs are
+    checked for syntax, not fetched), and each product and image is compared with
+    the catalogue. Exit status 1 when an image cannot be read or (--prune) the
+    prune would be refused.
+    """
+    from visualsearch.sync import plan_for_settings
+
+    plan = plan_for_settings(_settings(**options), manifest, prune=prune, policy=_prune_policy(max_prune, force),
+                             manifest_format=manifest_format)
+    _print_plan(plan, as_json)
+    if plan.problems or plan.prune_refused:
+        sys.exit(1)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=2))
+        return
+    products, images = plan.products, plan.images
+    click.echo(f"{plan.manifest}: {_count(plan.rows, 'row')}, {_count(products.total, 'product')}, "
+               f"{_count(images.total, 'image')}")
+    click.echo(f"  add:       {_count(products.add, 'product')}, {_count(images.add, 'image')}")
+    click.echo(f"  update:    {_count(products.update, 'product')} (fields), "
+               f"{_count(images.update, 'image')} (changed or not indexed yet)")
+    click.echo(f"  unchanged: {_count(products.unchanged, 'product')}, {_count(images.unchanged, 'image')}")
+    if plan.prune is not None:
+        prune = plan.prune
+        examples = f" (e.g. {', '.join(prune.examples)})" if prune.examples else ""
+        click.echo(f"  prune:     {_count(prune.products, 'product')} ({_count(prune.product_images, 'image')}) "
+                   f"and {_count(prune.images, 'more image')} not in the manifest{examples}")
+        if plan.prune_refused:
+            click.echo(f"prune refused: {plan.prune_refused}", err=True)
+    if plan.problems:
+        click.echo(f"{_count(plan.problems, 'image')} cannot be read:", err=True)
+        for problem in plan.problem_examples:
+            click.echo(f"  {problem.sku}: {problem.message}", err=True)
+        if plan.problems > len(plan.problem_examples):
+            click.echo(f"  ... and {plan.problems - len(plan.problem_examples):,} more", err=True)
+    click.echo("nothing was written", err=True)
 
 
 def _attribute_filters(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -210,23 +413,80 @@ def stats(as_json: bool, **options: Any) -> None:
 @engine_options
 @click.option("--force", is_flag=True, help="Rebuild the whole index even when the plan still fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_wait_option
 @library_errors
-def compact(force: bool, as_json: bool, **options: Any) -> None:
+def compact(force: bool, as_json: bool, wait: float, **options: Any) -> None:
     """Merge vector segments, drop deleted rows, and re-plan the index when the catalogue
     outgrew it (no model work). Searches go on meanwhile."""
-    outcome = _open(_settings(**options), create=False).compact(force=force)
+    outcome = _open(_settings(**options), create=False).compact(force=force, wait=wait)
     _print_outcome(outcome, as_json)
 
 
 @main.command("rebuild-index")
 @engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_wait_option
 @library_errors
-def rebuild_index(as_json: bool, **options: Any) -> None:
+def rebuild_index(as_json: bool, wait: float, **options: Any) -> None:
     """Re-plan the vector index for the catalogue's size and VISUALSEARCH_INDEX_MEMORY,
     rebuild it from the stored vectors and tune it to recall@10 >= 0.95 (no model work)."""
-    outcome = _open(_settings(**options), create=False).rebuild_index()
+    outcome = _open(_settings(**options), create=False).rebuild_index(wait=wait)
     _print_outcome(outcome, as_json)
+
+
+@main.command()
+@click.option("--backbone", help="Registered backbone to re-embed the catalogue with (required unless "
+                                 "--drop-old alone) [env: VISUALSEARCH_BACKBONE]")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="Weights file of that backbone; recorded, so servers find it too [env: VISUALSEARCH_WEIGHTS]")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help=_help("data_dir"))
+@click.option("--db", "db_url", help=_help("db_url"))
+@click.option("--device", help=_help("device"))
+@click.option("--threads", type=click.IntRange(min=1), help=_help("threads"))
+@click.option("--batch-size", type=click.IntRange(min=1), help=_help("batch_size"))
+@click.option("--workers", type=click.IntRange(min=0), help=_help("workers"))
+@click.option("--drop-old", is_flag=True, help="Afterwards delete the vectors of the replaced backbone(s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@_wait_option
+@library_errors
+def reembed(drop_old: bool, as_json: bool, wait: float, **options: Any) -> None:
+    """Re-embed the catalogue with another backbone, with no downtime.
+
+    The new vectors are built beside the current ones while servers keep answering
+    (and API writes keep landing); then one switch makes them current, and servers
+    follow within a second. The old vectors stay on disk until --drop-old. A run that
+    was interrupted resumes where it stopped when started again.
+    """
+    from .progress import TqdmProgress
+
+    settings = _settings(**options)
+    vs = _open(settings, create=False)
+    if not settings.backbone:
+        if not drop_old:
+            raise click.UsageError("name the backbone to switch to with --backbone (or only --drop-old)")
+        outcome = {"dropped": vs.drop_old_generations(wait=wait)}
+        _print_outcome(outcome, as_json)
+        return
+    progress = TqdmProgress("re-embedding")
+    try:
+        report = vs.reembed(backbone=settings.backbone, weights=settings.weights, wait=wait, drop_old=drop_old,
+                            progress=progress)
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if not report.switched:
+        click.echo(f"the vectors already come from {report.backbone}: nothing to re-embed")
+    else:
+        click.echo(f"switched from {report.previous_backbone} to {report.backbone} (dim {report.dim}): "
+                   f"{report.embedded} embedded, {report.reused} reused by content hash, {report.skipped} done "
+                   f"by an earlier run, {report.caught_up} caught up after writes, {report.deleted} deleted, "
+                   f"{len(report.failures)} failed in {report.seconds:.1f}s")
+    for failure in report.failures:
+        click.echo(f"  {failure.sku}: {failure.image}: {failure.message}", err=True)
+    if report.dropped:
+        click.echo(f"dropped old vectors: {', '.join(report.dropped)}")
 
 
 def _print_outcome(outcome: dict, as_json: bool) -> None:
@@ -261,13 +521,19 @@ def serve(host: str, port: int, debug: bool, **options: Any) -> None:
 
 
 @main.command()
-def backbones() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the backbones as JSON.")
+def backbones(as_json: bool) -> None:
     """List the registered backbones."""
     from visualsearch.backbones import get_backbone, list_backbones
 
-    for name in list_backbones():
-        spec = get_backbone(name)
-        click.echo(f"{name:<20} dim {spec.embedding_dim:<5} {spec.description}")
+    specs = [get_backbone(name) for name in list_backbones()]
+    if as_json:
+        click.echo(json.dumps([{"name": spec.name, "embedding_dim": spec.embedding_dim,
+                                "input_size": spec.preprocessing.input_size, "description": spec.description}
+                               for spec in specs], indent=2))
+        return
+    for spec in specs:
+        click.echo(f"{spec.name:<20} dim {spec.embedding_dim:<5} {spec.description}")
 
 
 if __name__ == "__main__":  # pragma: no cover

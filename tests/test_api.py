@@ -41,7 +41,8 @@ def test_search_returns_products_best_first(client, small_catalogue):
     body = response.get_json()
     assert [r["sku"] for r in body["results"]][0] == "P2" and len(body["results"]) == 4
     first = body["results"][0]
-    assert set(first) == {"sku", "title", "category", "brand", "price", "url", "image_url", "score"}
+    assert list(first) == ["sku", "title", "category", "brand", "price", "url", "image_url", "score", "attributes"]
+    assert first["attributes"] == {"colour": catalogue_rows(small_catalogue)["P2"]["colour"]}
     assert first["score"] == pytest.approx(1.0, abs=1e-4)
     assert set(body["took_ms"]) == {"decode", "embed", "search", "total"}
     with client.get(first["image_url"]) as image:

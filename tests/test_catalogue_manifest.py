@@ -220,12 +220,37 @@ def test_many_bad_rows_are_summarised(tmp_path):
     assert "and 5 more" in message
 
 
-@pytest.mark.parametrize("url", ["http://cdn.example/a.jpg", "https://cdn.example/a.jpg"])
-def test_an_image_url_is_rejected(tmp_path, url):
-    path = write(tmp_path / "c.csv", f"sku,image\nA,a.jpg\nB,{url}\n")
+def test_http_image_urls_are_kept_as_written_strings(tmp_path):
+    path = write(tmp_path / "c.csv", (
+        "sku,image\n"
+        "A,a.jpg|https://cdn.example/img//a.jpg?v=2|HTTP://cdn.example/a.jpg\n"
+        "A,https://cdn.example/img//a.jpg?v=2\n"   # the same URL again: listed once
+    ))
+    [product] = read_manifest(path)
+    # Never a Path (which would collapse "//") and never resolved against the folder.
+    assert product.images == [tmp_path.resolve() / "a.jpg", "https://cdn.example/img//a.jpg?v=2",
+                              "HTTP://cdn.example/a.jpg"]
+    assert [type(image) for image in product.images] == [type(tmp_path), str, str]
+    assert validate_manifest(path).images == 4
+
+
+@pytest.mark.parametrize("url", ["ftp://cdn.example/a.jpg", "file:///etc/passwd", "javascript:alert(1)",
+                                 "data:image/png;base64,AAAA", "https:///no-host.jpg", "http:/a.jpg"])
+def test_an_image_url_that_is_not_http_with_a_host_is_rejected(tmp_path, url):
+    path = write(tmp_path / "c.csv", f'sku,image\nA,a.jpg\nB,"{url}"\n')
     with pytest.raises(ManifestError) as caught:
         read_manifest(path)
     assert "line 3:" in problems(caught) and "URL" in problems(caught)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("https://cdn.example/a.jpg", True), ("http://10.0.0.1:8080/a", True), ("HTTPS://Cdn.Example/a", True),
+    ("img/a.jpg", False), ("/abs/a.jpg", False), ("C:\\img\\a.jpg", False), ("https://", False),
+    ("https:///a.jpg", False), ("ftp://cdn.example/a.jpg", False), ("data:image/png;base64,AA", False),
+    ("http://[::1/a.jpg", False),
+])
+def test_is_image_url(value, expected):
+    assert catalogue_manifest.is_image_url(value) is expected
 
 
 def test_unknown_extension_is_rejected(tmp_path):
@@ -329,7 +354,7 @@ def test_validate_manifest_counts_jsonl_image_lists(tmp_path):
 
 
 @pytest.mark.parametrize("text", [
-    "sku,image,price\nA,a.jpg,1\n,b.jpg,2\nC,,3\nD,d.jpg,cheap\nE,https://x/e.jpg,\n",
+    "sku,image,price\nA,a.jpg,1\n,b.jpg,2\nC,,3\nD,d.jpg,cheap\nE,ftp://x/e.jpg,\n",
     "sku,image\n" + ",x.jpg\n" * 15,
 ])
 def test_validate_manifest_reports_exactly_what_read_manifest_reports(tmp_path, text):
@@ -445,7 +470,7 @@ def test_read_manifest_is_the_same_with_tiny_chunks(tmp_path, monkeypatch):
 def test_validation_fails_before_any_record_is_yielded(tmp_path):
     # The bad row is the very last one, after many good chunks' worth of rows.
     good = "".join(f"S{n},{n}.jpg\n" for n in range(500))
-    path = write(tmp_path / "c.csv", "sku,image\n" + good + "LAST,https://cdn.example/x.jpg\n")
+    path = write(tmp_path / "c.csv", "sku,image\n" + good + "LAST,ftp://cdn.example/x.jpg\n")
     written: list[ProductRecord] = []
 
     def index(manifest: Path) -> None:  # what the indexer does: validate, then stream

@@ -1,4 +1,4 @@
-"""Read a catalogue manifest (CSV, TSV or JSON Lines) in two streaming passes.
+"""Read a catalogue manifest (CSV, TSV, JSON Lines or a shop feed) in two streaming passes.
 
 The whole file is validated before anything is written: a missing column or a row
 without a SKU is a :class:`ManifestError` naming the lines, and the catalogue is left
@@ -12,6 +12,8 @@ Catalogues have millions of rows, so nothing here holds the whole file:
    chunks of consecutive rows.
 
 :func:`read_manifest` is the old all-in-memory convenience for small manifests.
+Shop feeds (Google Merchant Center, Shopify) are read by :mod:`visualsearch.feeds`
+into the same rows.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
+from urllib.parse import urlsplit
 
+from . import feeds
 from .errors import ManifestError
 
 REQUIRED_COLUMNS = ("sku", "image")
@@ -31,6 +36,28 @@ KNOWN_COLUMNS = ("sku", "image", "title", "category", "brand", "price", "url")
 IMAGE_SEPARATOR = "|"
 MAX_REPORTED_PROBLEMS = 10
 DEFAULT_CHUNK_ROWS = 2000
+IMAGE_URL_SCHEMES = ("http", "https")
+# "scheme:" of two letters or more ("C:" is a Windows drive): a URL, not a path.
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def is_image_url(value: str) -> bool:
+    """Whether a manifest's image cell is an http(s) URL with a host (to be fetched).
+
+    Args:
+        value: the image cell's text, e.g. ``"https://cdn.example.com/a.jpg"``.
+
+    Returns:
+        True for ``http://`` and ``https://`` URLs naming a host; False for paths and
+        for every other scheme (``ftp:``, ``file:``, ``data:``...).
+    """
+    if ":" not in value:
+        return False  # a path: the usual case, decided without parsing
+    try:
+        parts = urlsplit(value.strip())
+        return parts.scheme.lower() in IMAGE_URL_SCHEMES and bool(parts.hostname)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return False
 
 
 @dataclass
@@ -44,8 +71,15 @@ class ProductRecord:
     price: float | None = None
     url: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
-    images: list[Path] = field(default_factory=list)
+    images: list[Path | str] = field(default_factory=list)  # str: an http(s) URL, as written
     line: int = 0  # first line of the manifest that names this SKU
+    # How a write treats what the record does not say (a manifest row keeps the defaults:
+    # it sets the fields it names, adds its attributes, and clears nothing). ``clear``:
+    # fields among title/category/brand/price/url to set to NULL (their value here is
+    # None). ``replace_attributes``: ``attributes`` replaces the stored dict ({}: none
+    # left) instead of being merged into it, where a None value deletes that attribute.
+    clear: frozenset[str] = frozenset()
+    replace_attributes: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,34 +101,38 @@ class _CheckedRow(NamedTuple):
     """The validated parts of one row that merging needs."""
 
     sku: str
-    images: list[str]  # non-empty, stripped, not URLs; not yet resolved
+    images: list[str]  # non-empty, stripped, paths or http(s) URLs; not yet resolved
     price: float | None
 
 
 # --- pass 1: validation ------------------------------------------------------------------
 
 
-def validate_manifest(path: str | Path) -> ManifestSummary:
+def validate_manifest(path: str | Path, *, format: str | None = None) -> ManifestSummary:
     """Check every row of the manifest at ``path`` without keeping the rows.
 
     Memory does not grow with the number of rows: only counters and the first
     :data:`MAX_REPORTED_PROBLEMS` messages are kept (no set of SKUs).
 
     Args:
-        path: a ``.csv``/``.txt``, ``.tsv`` or ``.jsonl``/``.ndjson``/``.json`` file.
+        path: a ``.csv``/``.txt``, ``.tsv`` or ``.jsonl``/``.ndjson``/``.json`` file, or
+            a shop feed (see :func:`visualsearch.feeds.resolve_format`).
+        format: one of :data:`visualsearch.feeds.FORMATS`; None detects it.
 
     Returns:
-        The row and image counts of the valid manifest.
+        The row and image counts of the valid manifest (a shop feed's rows are its
+        products: consecutive rows of one product count once).
 
     Raises:
-        ManifestError: unreadable file, unknown format, missing required column, a
-            structurally broken line (bad JSON, too many CSV fields), no rows, or rows
-            with an empty ``sku``/``image``, an image URL or a bad ``price``.
+        ManifestError: unreadable file, unknown format (or one the file contradicts),
+            missing required column, a structurally broken line (bad JSON, too many CSV
+            fields, bad XML), no rows, or rows with an empty ``sku``/``image``, an image
+            that is neither a path nor an http(s) URL, or a bad ``price``.
     """
     path = _existing_file(path)
     rows = images = 0
     problems = _Problems()
-    for line, row in _read_rows(path):
+    for line, row in _read_rows(path, format):
         rows += 1
         try:
             images += len(_check_row(row).images)
@@ -132,8 +170,8 @@ class _Problems:
 # --- pass 2: records in chunks -----------------------------------------------------------
 
 
-def iter_manifest_records(path: str | Path, *,
-                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[list[ProductRecord]]:
+def iter_manifest_records(path: str | Path, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                          format: str | None = None) -> Iterator[list[ProductRecord]]:
     """Yield the manifest's products in chunks of about ``chunk_rows`` consecutive rows.
 
     Call :func:`validate_manifest` first: this pass assumes a valid file, and on a bad
@@ -151,11 +189,12 @@ def iter_manifest_records(path: str | Path, *,
     Args:
         path: the manifest (see :func:`validate_manifest`).
         chunk_rows: rows per chunk before the chunk may end; at least 1.
+        format: as for :func:`validate_manifest`.
 
     Yields:
         Non-empty lists of records, in order of first appearance within each chunk;
         image paths are absolute (relative ones resolved against the manifest's
-        folder) and listed once per record.
+        folder), image URLs are kept as ``str``, and each is listed once per record.
 
     Raises:
         ValueError: ``chunk_rows`` is less than 1.
@@ -170,7 +209,7 @@ def iter_manifest_records(path: str | Path, *,
     chunk: dict[str, ProductRecord] = {}
     rows_in_chunk = 0
     last_sku: str | None = None
-    for line, row in _read_rows(path):
+    for line, row in _read_rows(path, format):
         checked = _check_row_or_raise(path, line, row)
         # Only end a chunk between two different SKUs, so adjacent rows stay together.
         if rows_in_chunk >= chunk_rows and checked.sku != last_sku:
@@ -197,7 +236,7 @@ def _check_row_or_raise(path: Path, line: int, row: dict[str, Any]) -> _CheckedR
 # --- the whole manifest in memory --------------------------------------------------------
 
 
-def read_manifest(path: str | Path) -> list[ProductRecord]:
+def read_manifest(path: str | Path, *, format: str | None = None) -> list[ProductRecord]:
     """Validate the manifest at ``path`` and return all its products, merged by SKU.
 
     This holds the whole manifest in memory: use it for small manifests (tests, API
@@ -206,19 +245,20 @@ def read_manifest(path: str | Path) -> list[ProductRecord]:
 
     Args:
         path: the manifest (see :func:`validate_manifest`).
+        format: as for :func:`validate_manifest`.
 
     Returns:
         Products in order of first appearance, one per SKU; each image path is
-        absolute (relative paths are resolved against the manifest's folder) and
-        listed once.
+        absolute (relative paths are resolved against the manifest's folder), each
+        image URL a ``str``, and each listed once.
 
     Raises:
         ManifestError: as :func:`validate_manifest`; nothing is returned for a bad file.
     """
-    validate_manifest(path)
+    validate_manifest(path, format=format)
     products: dict[str, ProductRecord] = {}
     # The module constant is read here, at call time, so tests can shrink the chunks.
-    for chunk in iter_manifest_records(path, chunk_rows=DEFAULT_CHUNK_ROWS):
+    for chunk in iter_manifest_records(path, chunk_rows=DEFAULT_CHUNK_ROWS, format=format):
         for record in chunk:
             earlier = products.get(record.sku)
             if earlier is None:
@@ -253,20 +293,20 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
-def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_rows(path: Path, format: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Stream ``(line number, row)`` pairs, one row in memory at a time; blank lines skipped.
 
     Raises:
-        ManifestError: unknown format, not UTF-8, broken CSV/JSON, or a missing column.
+        ManifestError: unknown format, not UTF-8, broken CSV/JSON/XML, or a missing column.
     """
-    suffix = path.suffix.lower()
     try:
-        if suffix in (".jsonl", ".ndjson", ".json"):
+        kind = feeds.resolve_format(path, format)
+        if kind == "jsonl":
             yield from _read_jsonl(path)
-        elif suffix in (".csv", ".tsv", ".txt"):
-            yield from _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+        elif kind in ("csv", "tsv"):
+            yield from _read_csv(path, delimiter="\t" if kind == "tsv" else ",")
         else:
-            raise ManifestError(f"{path}: unknown manifest format {suffix!r}; use .csv or .jsonl")
+            yield from feeds.read_feed(path, kind)
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path} is not UTF-8 text: {exc}") from None
     except csv.Error as exc:
@@ -328,7 +368,8 @@ def _check_columns(path: Path, header: list[str]) -> None:
     if missing:
         raise ManifestError(
             f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}. "
-            "A manifest needs 'sku' and 'image' (optional: title, category, brand, price, url)."
+            "A manifest needs 'sku' and 'image' (optional: title, category, brand, price, url); "
+            "shop feeds (Google Merchant Center TSV/XML, Shopify product CSV) are detected by their header."
         )
 
 
@@ -358,7 +399,7 @@ def _check_row(row: dict[str, Any]) -> _CheckedRow:
     except ValueError as exc:
         raise ValueError(f"{exc} (product {sku!r})") from None
     for text in images:
-        _check_not_url(text)
+        _check_image_text(text)
     return _CheckedRow(sku=sku, images=images, price=price)
 
 
@@ -381,12 +422,10 @@ def _image_texts(sku: str, images: Any) -> list[str]:
     return paths
 
 
-def _check_not_url(text: str) -> None:
-    """Raises: ValueError for an http(s) URL (the indexer reads local files only)."""
-    if text.startswith(("http://", "https://")):
-        raise ValueError(
-            f"image {text!r} is a URL; only local files are supported (download the images first)"
-        )
+def _check_image_text(text: str) -> None:
+    """Raises: ValueError for a URL that is not http(s) with a host (ftp:, file:, data:...)."""
+    if ":" in text and _URL_SCHEME.match(text) and not is_image_url(text):
+        raise ValueError(f"image {text!r} is a URL but not an http(s) one with a host; use a file path or http(s)")
 
 
 def _apply_row(products: dict[str, ProductRecord], row: dict[str, Any], checked: _CheckedRow,
@@ -432,13 +471,15 @@ def parse_price(value: Any) -> float | None:
     return price
 
 
-def _resolve_image(text: str, base: Path) -> Path:
-    """An absolute, normalised path for an image path (not a URL: checked before).
+def _resolve_image(text: str, base: Path) -> Path | str:
+    """An absolute, normalised path for an image path; an http(s) URL unchanged.
 
     Args:
         text: the path as the manifest gives it; relative to ``base`` unless absolute.
         base: the manifest's resolved folder.
     """
+    if is_image_url(text):
+        return text  # never a Path: it would collapse the "//" after the scheme
     if text.startswith("~"):
         text = os.path.expanduser(text)
     if ".." not in text:

@@ -72,6 +72,13 @@ class ProductNotFoundError(VisualSearchError):
     code = "product_not_found"
 
 
+class ImageNotFoundError(ProductNotFoundError):
+    """The product has no image with that id (a not-found like an unknown SKU: the API
+    answers 404 for both)."""
+
+    code = "image_not_found"
+
+
 class WriterBusyError(VisualSearchError):
     """Another process is indexing or removing in this data directory."""
 

@@ -116,6 +116,18 @@ def _open(source: ImageSource) -> Image.Image:
         raise ImageDecodeError(f"cannot read image header: {exc}") from None
 
 
+def is_image_data(data: bytes) -> bool:
+    """Whether ``data`` starts like an image in a supported format (its header only is read)."""
+    register_heif_opener()
+    try:
+        with _open(data) as image:
+            return image.format in SUPPORTED_FORMATS
+    except ImageTooLargeError:
+        return True  # an image all right; decoding it says it is too large
+    except (UnsupportedImageError, ImageDecodeError):
+        return False
+
+
 def load_image(
     source: ImageSource,
     *,

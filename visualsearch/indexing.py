@@ -9,6 +9,9 @@ decode and embed with the CNN, reusing the vector of identical content), and a
 
 Idempotent and resumable: an image whose file is unchanged since it was embedded is
 skipped without being read; a run killed mid-way loses at most one flush of work.
+Images at http(s) URLs are fetched on a thread pool instead (:mod:`.remote_images`),
+and revalidated on every run with the ETag / Last-Modified of the embedded copy: a
+304 counts as unchanged, and a download whose content hash is the embedded one too.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .catalogue import ImageStatus
 from .catalogue import store as catalogue
-from .catalogue_manifest import ProductRecord, iter_manifest_records, validate_manifest
+from .catalogue_manifest import ProductRecord, is_image_url, iter_manifest_records, validate_manifest
 from .embedder import EmbedderIdentity
 from .errors import ImageError
 from .images import load_image
+from .remote_images import FetchPolicy, RemoteFetcher
 from .writer import CatalogueWriter, EmbeddedImage, PendingWrites
 
 if TYPE_CHECKING:
@@ -100,6 +104,14 @@ class ImageTask:
     product_id: int
     sku: str
     path: str
+    # An indexed image at a URL: what the embedded copy was, to revalidate it.
+    etag: str | None = None
+    last_modified_ns: int | None = None
+    sha256: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return is_image_url(self.path)
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,8 @@ class ImageResult:
     height: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    unchanged: bool = False            # a URL whose image is the embedded one: nothing to write
+    source_etag: str | None = None     # a URL's ETag (file_mtime_ns holds its Last-Modified)
 
 
 class ImageEmbedding(Protocol):
@@ -127,7 +141,8 @@ class ImageEmbedding(Protocol):
 
 
 def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: Progress | None = None,
-                   embedding: ImageEmbedding | None = None, wait: float = 0.0) -> IndexingReport:
+                   embedding: ImageEmbedding | None = None, wait: float = 0.0,
+                   manifest_format: str | None = None) -> IndexingReport:
     """Add or update the products of a manifest and embed their new or changed images.
 
     Args:
@@ -136,6 +151,8 @@ def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: P
         progress: receives the number of images and each batch's completion.
         embedding: the embedding stage (default: the CNN of ``vs``).
         wait: seconds to wait for another ``index`` run to finish.
+        manifest_format: one of :data:`visualsearch.feeds.FORMATS` (a manifest or a
+            shop feed); None detects it from the file's header.
 
     Returns:
         The run's report. Bad images never stop the run; they are in
@@ -147,8 +164,8 @@ def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: P
         BackboneMismatchError: the catalogue holds vectors of another backbone.
         WriterBusyError: another index run holds the data directory.
     """
-    summary = validate_manifest(manifest_path)
-    chunks = iter_manifest_records(manifest_path, chunk_rows=MANIFEST_CHUNK_ROWS)
+    summary = validate_manifest(manifest_path, format=manifest_format)
+    chunks = iter_manifest_records(manifest_path, chunk_rows=MANIFEST_CHUNK_ROWS, format=manifest_format)
     return index_records(vs, chunks, total_images=summary.images, progress=progress, embedding=embedding,
                          wait=wait)
 
@@ -178,6 +195,7 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
         vs.claim_identity(embedding.identity)
         writer = CatalogueWriter(vs.session, vs.writable_store(), merge_limit=merge_limit)
         pending = PendingWrites()
+        validators: dict[int, tuple[str | None, int | None]] = {}  # URLs' ETag, Last-Modified
         failures_log = _FailureLog(vs.failures_path)
         last_flush = time.monotonic()
         for records in chunks:
@@ -186,15 +204,15 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
             pending.refresh_products |= fields_changed
             progress.advance(report.unchanged - unchanged_before)
             for results in embedding.run(tasks, report):
-                _collect(results, pending, report, failures_log)
+                _collect(results, pending, report, failures_log, validators)
                 progress.advance(len(results))
                 if len(pending) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
-                    _flush(writer, pending, report, replan=exclusive)
+                    _flush(vs, writer, pending, validators, report, replan=exclusive)
                     last_flush = time.monotonic()
             if len(pending) >= flush_rows:
-                _flush(writer, pending, report, replan=exclusive)
+                _flush(vs, writer, pending, validators, report, replan=exclusive)
                 last_flush = time.monotonic()
-        _flush(writer, pending, report, replan=False)
+        _flush(vs, writer, pending, validators, report, replan=False)
         if exclusive:
             # Re-planning happens as the catalogue grows by REPLAN_FACTOR, so its cost
             # (linear in the catalogue) adds up to a constant share of the indexing.
@@ -218,11 +236,21 @@ def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report:
     for image in images:
         if image.id in pending:
             continue  # a SKU named again further down the manifest: its images are on their way
-        if image.status == ImageStatus.INDEXED and _unchanged_on_disk(image):
+        indexed = image.status == ImageStatus.INDEXED
+        if is_image_url(image.path):
+            # Always asked again (a conditional GET: cheap), or a changed image would never be seen.
+            tasks.append(ImageTask(image.id, image.product_id, sku_of[image.product_id], image.path,
+                                   **(_revalidation(image) if indexed else {})))
+            continue
+        if indexed and _unchanged_on_disk(image):
             report.unchanged += 1
             continue
         tasks.append(ImageTask(image.id, image.product_id, sku_of[image.product_id], image.path))
     return tasks, upsert.fields_changed
+
+
+def _revalidation(image: catalogue.ImageRow) -> dict[str, Any]:
+    return {"etag": image.source_etag, "last_modified_ns": image.file_mtime_ns, "sha256": image.sha256}
 
 
 def _unchanged_on_disk(image: catalogue.ImageRow) -> bool:
@@ -234,9 +262,14 @@ def _unchanged_on_disk(image: catalogue.ImageRow) -> bool:
 
 
 def _collect(results: list[ImageResult], pending: PendingWrites, report: IndexingReport,
-             failures_log: "_FailureLog") -> None:
+             failures_log: "_FailureLog", validators: dict[int, tuple[str | None, int | None]]) -> None:
     for result in results:
         task = result.task
+        if task.remote and (result.vector is not None or result.unchanged):
+            validators[task.image_id] = (result.source_etag, result.file_mtime_ns)
+        if result.unchanged:
+            report.unchanged += 1
+            continue
         if result.vector is None:
             pending.fail(task.image_id, result.error_message or "unknown error")
             failure = ImageFailure(task.sku, task.path, result.error_code or "error", result.error_message or "")
@@ -254,9 +287,16 @@ def _collect(results: list[ImageResult], pending: PendingWrites, report: Indexin
         ))
 
 
-def _flush(writer: CatalogueWriter, pending: PendingWrites, report: IndexingReport, *, replan: bool) -> None:
+def _flush(vs: "VisualSearch", writer: CatalogueWriter, pending: PendingWrites,
+           validators: dict[int, tuple[str | None, int | None]], report: IndexingReport, *, replan: bool) -> None:
     started = time.perf_counter()
     writer.commit(pending.take())
+    if validators:
+        # After the commit (they describe embedded copies). A crash in between only
+        # costs one unconditional download of these images on the next run.
+        with vs.session() as session:
+            catalogue.set_source_validators(session, validators)
+        validators.clear()
     if replan and writer.store.maintenance() == "rebuild":
         # The catalogue outgrew its index plan mid-run (a first import of millions of
         # images starts exact): re-plan now, so searches meanwhile stay fast. Plans
@@ -304,6 +344,43 @@ class _ReadImages(Dataset):
         return item
 
 
+class _FetchImage:
+    """Fetches, hashes, decodes and preprocesses one image at a URL (runs on the fetch threads).
+
+    An indexed image is asked for conditionally: a 304, or a body whose hash is the
+    embedded copy's, comes back ``unchanged`` (with the validators to keep).
+    """
+
+    def __init__(self, fetcher: RemoteFetcher, transform: Callable, max_pixels: int, decode_size: int):
+        self.fetcher = fetcher
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.decode_size = decode_size
+
+    def __call__(self, numbered: tuple[int, ImageTask]) -> dict[str, Any]:
+        position, task = numbered
+        item: dict[str, Any] = {"position": position, "tensor": None}
+        try:
+            fetched = self.fetcher.fetch(task.path, etag=task.etag, last_modified_ns=task.last_modified_ns)
+            if fetched.not_modified:  # a 304 need not repeat the validators
+                item.update(unchanged=True, etag=fetched.etag or task.etag,
+                            mtime_ns=fetched.last_modified_ns or task.last_modified_ns)
+                return item
+            digest = fetched.sha256
+            if task.sha256 is not None and digest == task.sha256:
+                item.update(unchanged=True, etag=fetched.etag, mtime_ns=fetched.last_modified_ns)
+                return item
+            image = load_image(fetched.data, max_pixels=self.max_pixels, target_size=self.decode_size)
+            width, height = image.info["source_size"]
+            item.update(sha256=digest, size=len(fetched.data), mtime_ns=fetched.last_modified_ns,
+                        etag=fetched.etag, width=width, height=height, tensor=self.transform(image))
+        except ImageError as exc:
+            item.update(code=exc.code, message=str(exc))
+        except Exception as exc:  # one hostile server must never stop a catalogue run
+            item.update(code="undecodable_image", message=f"cannot process {task.path}: {exc!r}")
+        return item
+
+
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items  # tensors are stacked by the main process, after dropping failures
 
@@ -321,8 +398,42 @@ class CnnEmbedding:
         self.identity = self.embedder.identity
 
     def run(self, tasks: Sequence[ImageTask], report: IndexingReport) -> Iterator[list[ImageResult]]:
-        if not tasks:
-            return
+        local = [task for task in tasks if not task.remote]
+        remote = [task for task in tasks if task.remote]
+        if local:
+            yield from self._run_files(local, report)
+        if remote:
+            yield from self._run_urls(remote, report)
+
+    def _run_urls(self, tasks: Sequence[ImageTask], report: IndexingReport) -> Iterator[list[ImageResult]]:
+        """Fetch (bounded per host), hash, decode and preprocess on a thread pool, in order;
+        embed a batch at a time. Network waits overlap; decoding releases the GIL."""
+        settings = self.vs.settings
+        with RemoteFetcher(FetchPolicy.from_settings(settings)) as fetcher:
+            reader = _FetchImage(fetcher, self.embedder.transform, settings.max_image_pixels,
+                                 self.embedder.decode_size)
+            batch: list[dict[str, Any]] = []
+            fetch_started = time.perf_counter()
+            for item in fetcher.map(reader, enumerate(tasks)):
+                batch.append(item)
+                if len(batch) < settings.batch_size:
+                    continue
+                report.stage_seconds["read"] += time.perf_counter() - fetch_started
+                yield self._embed_fetched(batch, tasks, report)
+                batch = []
+                fetch_started = time.perf_counter()
+            if batch:
+                report.stage_seconds["read"] += time.perf_counter() - fetch_started
+                yield self._embed_fetched(batch, tasks, report)
+
+    def _embed_fetched(self, batch: list[dict[str, Any]], tasks: Sequence[ImageTask],
+                       report: IndexingReport) -> list[ImageResult]:
+        unchanged = [ImageResult(tasks[item["position"]], unchanged=True, source_etag=item["etag"],
+                                 file_mtime_ns=item["mtime_ns"]) for item in batch if item.get("unchanged")]
+        changed = [item for item in batch if not item.get("unchanged")]
+        return unchanged + (self._embed(changed, tasks, report) if changed else [])
+
+    def _run_files(self, tasks: Sequence[ImageTask], report: IndexingReport) -> Iterator[list[ImageResult]]:
         settings = self.vs.settings
         dataset = _ReadImages(tasks, self.embedder.transform, settings.max_image_pixels, self.embedder.decode_size)
         workers = settings.workers if len(tasks) > settings.batch_size else 0
@@ -358,7 +469,8 @@ class CnnEmbedding:
                 vector = reusable[item["sha256"]]
             results.append(ImageResult(task, vector=vector, reused=reused, sha256=item["sha256"],
                                        file_size=item["size"], file_mtime_ns=item["mtime_ns"],
-                                       width=item["width"], height=item["height"]))
+                                       width=item["width"], height=item["height"],
+                                       source_etag=item.get("etag")))
         return results
 
 

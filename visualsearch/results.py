@@ -22,12 +22,16 @@ class SearchHit:
     url: str | None
     image_id: int
     score: float
+    attributes: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, image_url: str | None = None) -> dict[str, Any]:
+        """The documented key order: sku, title, category, brand, price, url, image_id (or
+        ``image_url`` when one is given: the API's link to the image), score, attributes."""
+        image = {"image_url": image_url} if image_url is not None else {"image_id": self.image_id}
         return {
             "sku": self.sku, "title": self.title, "category": self.category, "brand": self.brand,
-            "price": self.price, "url": self.url, "image_id": self.image_id,
-            "score": round(self.score, 6),
+            "price": self.price, "url": self.url, **image, "score": round(self.score, 6),
+            "attributes": dict(self.attributes),
         }
 
 

@@ -24,9 +24,13 @@ if TYPE_CHECKING:
     from .service import VisualSearch
 
 MAX_TOP_K = 100
-# First ask the store for this many images per wanted product (products have several
-# images); more when too few distinct, still-indexed products come back.
-OVERFETCH = 4
+# Pages reach at most this deep into the ranking (a deeper page asks the store for more
+# candidates than any search should scan).
+MAX_OFFSET = 1000
+# Images asked of the store by the first search of a query: the store's default
+# re-ranking depth, which its ANN search scans anyway (see VectorStore.search). More,
+# DEEPEN_FACTOR times as many each time, while too few distinct products came back.
+FIRST_POOL = 100
 DEEPEN_FACTOR = 4
 
 
@@ -36,7 +40,13 @@ def validate_top_k(top_k: int) -> int:
     return top_k
 
 
-def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10,
+def validate_offset(offset: int) -> int:
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
+        raise InvalidRequestError(f"offset must be a whole number from 0 to {MAX_OFFSET}, got {offset!r}")
+    return offset
+
+
+def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10, offset: int = 0,
                  filters: SearchFilters | None = None, crop: Crop | None = None) -> SearchResult:
     """Find the products most similar to a photo.
 
@@ -44,6 +54,8 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10,
         vs: an open data directory.
         image: path, bytes or binary file of the query photo.
         top_k: products wanted, 1..100.
+        offset: products of the ranking to skip first, 0..1000 (the page ``offset`` /
+            ``top_k`` + 1 of ``top_k`` products; pages of one query never repeat a product).
         filters: category / brand / attribute / price restrictions.
         crop: region of the photo to search with, in its pixels.
 
@@ -53,10 +65,11 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10,
 
     Raises:
         ImageError: the upload is not a readable image.
-        InvalidRequestError: bad ``top_k``, crop or filters.
+        InvalidRequestError: bad ``top_k``, ``offset``, crop or filters.
         BackboneMismatchError: the index was built with another backbone.
     """
     validate_top_k(top_k)
+    validate_offset(offset)
     started = time.perf_counter()
     embedder = vs.embedder
     picture = load_image(image, max_pixels=vs.settings.max_image_pixels, target_size=embedder.decode_size,
@@ -64,7 +77,7 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10,
     decoded = time.perf_counter()
     query = embedder.embed_images([picture])
     embedded = time.perf_counter()
-    hits = find_products(vs, query, top_k=top_k, filters=filters or SearchFilters())
+    hits = find_products(vs, query, top_k=top_k, offset=offset, filters=filters or SearchFilters())
     done = time.perf_counter()
     return SearchResult(hits, took_ms={
         "decode": _ms(decoded - started), "embed": _ms(embedded - decoded),
@@ -72,15 +85,18 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10,
     })
 
 
-def similar_products(vs: "VisualSearch", sku: str, *, top_k: int = 10,
+def similar_products(vs: "VisualSearch", sku: str, *, top_k: int = 10, offset: int = 0,
                      filters: SearchFilters | None = None) -> SearchResult:
     """Products most similar to catalogue product ``sku`` (itself excluded), from its stored vectors.
 
+    ``offset`` pages through the ranking as in :func:`search_image`.
+
     Raises:
         ProductNotFoundError: unknown SKU.
-        InvalidRequestError: bad ``top_k``, or the product has no indexed image yet.
+        InvalidRequestError: bad ``top_k`` or ``offset``, or the product has no indexed image yet.
     """
     validate_top_k(top_k)
+    validate_offset(offset)
     started = time.perf_counter()
     with vs.sessions() as session:
         product = catalogue.get_product(session, sku)
@@ -90,26 +106,41 @@ def similar_products(vs: "VisualSearch", sku: str, *, top_k: int = 10,
     vectors = store.get_vectors(image_ids)[1] if store is not None and image_ids else np.zeros((0, 0))
     if len(vectors) == 0:
         raise InvalidRequestError(f"product {sku!r} has no indexed image yet")
-    hits = find_products(vs, vectors, top_k=top_k, filters=filters or SearchFilters(), exclude_product=product_id)
+    hits = find_products(vs, vectors, top_k=top_k, offset=offset, filters=filters or SearchFilters(),
+                         exclude_product=product_id)
     done = time.perf_counter()
     return SearchResult(hits, took_ms={"decode": 0.0, "embed": 0.0, "search": _ms(done - started),
                                        "total": _ms(done - started)})
 
 
 def find_products(vs: "VisualSearch", queries: np.ndarray, *, top_k: int, filters: SearchFilters,
-                  exclude_product: int | None = None) -> list[SearchHit]:
-    """The ``top_k`` best products for the query vectors (an image's best score counts)."""
+                  offset: int = 0, exclude_product: int | None = None) -> list[SearchHit]:
+    """Products ``offset`` to ``offset + top_k`` of the ranking for the query vectors (a
+    product counts with its best image's score).
+
+    The ranking never depends on the page asked for, so pages never repeat or skip a
+    product: the store is searched FIRST_POOL, then DEEPEN_FACTOR times more images
+    deep, always the same sequence, and each search only appends the products it is
+    the first to find. (An exact search ranks them best first throughout; with an ANN
+    index a deeper search can find a product that scores above some found before, and
+    it still comes after them.)
+    """
     store = vs.store()
     if store is None:
         return []
-    want = top_k * OVERFETCH + (OVERFETCH if exclude_product is not None else 0)
+    wanted = offset + top_k
+    found: list[SearchHit] = []
+    ranked: set[int] = set()  # products placed (or refused by the catalogue) by shallower searches
+    pool = FIRST_POOL
     while True:
-        hits = store.search(queries, want, filters)
-        candidates = _best_image_per_product(hits, exclude_product)
-        found = _with_catalogue_fields(vs, candidates)
-        if len(found) >= top_k or len(hits) < want:
-            return found[:top_k]
-        want *= DEEPEN_FACTOR
+        hits = store.search(queries, pool, filters)
+        fresh = [candidate for candidate in _best_image_per_product(hits, exclude_product)
+                 if candidate[1] not in ranked]
+        ranked.update(product_id for _, product_id, _ in fresh)
+        found += _with_catalogue_fields(vs, fresh, wanted - len(found))
+        if len(found) >= wanted or len(hits) < pool:
+            return found[offset:wanted]
+        pool *= DEEPEN_FACTOR
 
 
 def _best_image_per_product(hits, exclude_product: int | None) -> list[tuple[int, int, float]]:
@@ -123,20 +154,25 @@ def _best_image_per_product(hits, exclude_product: int | None) -> list[tuple[int
     return chosen
 
 
-def _with_catalogue_fields(vs: "VisualSearch", candidates: list[tuple[int, int, float]]) -> list[SearchHit]:
-    """Candidates still indexed in the catalogue (a crash can leave vectors of images the
-    catalogue no longer holds as indexed), with their product's display fields."""
-    if not candidates:
-        return []
+def _with_catalogue_fields(vs: "VisualSearch", candidates: list[tuple[int, int, float]],
+                           limit: int) -> list[SearchHit]:
+    """The first ``limit`` candidates still indexed in the catalogue (a crash can leave
+    vectors of images the catalogue no longer holds as indexed), with their product's
+    fields. Only as many candidates as still needed are looked up at a time."""
+    hits: list[SearchHit] = []
+    start = 0
     with vs.sessions() as session:
-        rows = catalogue.hit_rows(session, [image_id for image_id, _, _ in candidates])
-    hits = []
-    for image_id, product_id, score in candidates:
-        row = rows.get(image_id)
-        if row is None or row.product_id != product_id or ImageStatus(row.status) != ImageStatus.INDEXED:
-            continue
-        hits.append(SearchHit(sku=row.sku, title=row.title, category=row.category, brand=row.brand,
-                              price=row.price, url=row.url, image_id=image_id, score=score))
+        while len(hits) < limit and start < len(candidates):
+            chunk = candidates[start:start + limit - len(hits)]
+            start += len(chunk)
+            rows = catalogue.hit_rows(session, [image_id for image_id, _, _ in chunk])
+            for image_id, product_id, score in chunk:
+                row = rows.get(image_id)
+                if row is None or row.product_id != product_id or ImageStatus(row.status) != ImageStatus.INDEXED:
+                    continue
+                hits.append(SearchHit(sku=row.sku, title=row.title, category=row.category, brand=row.brand,
+                                      price=row.price, url=row.url, image_id=image_id, score=score,
+                                      attributes=catalogue.decode_attributes(row.attributes)))
     return hits
 
 

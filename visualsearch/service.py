@@ -9,12 +9,13 @@ hands out ORM rows or asks callers for SQL.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,21 +23,46 @@ from sqlalchemy.orm import Session, sessionmaker
 from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import ImageStatus, open_catalogue, sqlite_path
 from .catalogue import store as catalogue
-from .catalogue_manifest import ProductRecord
+from .catalogue_manifest import ProductRecord, is_image_url
 from .durable import writer_gone
 from .embedder import Embedder, EmbedderIdentity
 from .errors import ConfigurationError, StorageError, WriterBusyError
+from .generations import (
+    Generation,
+    GenerationChangedError,
+    GenerationRef,
+    GenerationStore,
+    GenerationTracker,
+    generation_root,
+    matching_weights,
+    read_generation,
+)
 from .images import Crop, ImageSource
 from .indexing import ImageEmbedding, IndexingReport, Progress, index_manifest, index_records
+from .reembed import ReembedReport, drop_old_generations, reembed
 from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
 from .search import search_image, similar_products
 from .settings import Settings
 from .storage_errors import check_writable, storage_errors, translates_storage_errors
+from .sync import (
+    REMOVE_BATCH,
+    ManifestKeys,
+    PruneCounts,
+    PrunePolicy,
+    PruneResult,
+    RemoveSummary,
+    SyncPlan,
+    SyncReport,
+    batched,
+    plan_manifest,
+)
 from .uploads import UPLOADS_DIR, is_upload, keep_upload
 from .vectors import IndexPlan, SearchFilters, VectorStore, configure_threads
+from .vectors.store import DEFAULT_LOCK_TIMEOUT
 from .writer import CatalogueWriter
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FAILURES_FILE = "failures.jsonl"
 INDEX_LOCK_FILE = ".index.lock"
@@ -83,9 +109,12 @@ class VisualSearch:
         # Why writes are refused while the catalogue is open read-only as a fallback.
         self.write_blocked: StorageError | None = None
         self.sessions: sessionmaker[Session] = self._open_catalogue()
-        self._embedder = embedder
-        self._store: VectorStore | None = None
         self._lock = threading.RLock()
+        # The CNN and vector store answering now: those of the catalogue's current vector
+        # generation, followed when a re-embedding switches it (see visualsearch.generations).
+        self._tracker: GenerationTracker = GenerationTracker(self._read_generation, self._make_generation,
+                                                             embedder=embedder)
+        self._root = self
         configure_threads()
 
     # --- resources -------------------------------------------------------------------
@@ -110,13 +139,16 @@ class VisualSearch:
         (the disk may have been fixed since), or raise why it still cannot be written."""
         if self.read_only:
             raise ConfigurationError("this VisualSearch was opened read-only")
+        root = self._root  # a pinned view shares its parent's catalogue
         with self._lock:
-            if self.write_blocked is None:
-                return
-            check_writable(self.data_dir)  # these raise StorageError again while the disk refuses
-            self.sessions = open_catalogue(self.settings.catalogue_url)
-            self.write_blocked = None
-            logger.warning("catalogue writable again")
+            if root.write_blocked is not None:
+                check_writable(self.data_dir)  # these raise StorageError again while the disk refuses
+                root.sessions = open_catalogue(self.settings.catalogue_url)
+                root.write_blocked = None
+                logger.warning("catalogue writable again")
+            self.sessions, self.write_blocked = root.sessions, None
+        # Writes go to the current vector generation (a re-embedding may have switched it).
+        self._tracker.follow(0)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -137,20 +169,75 @@ class VisualSearch:
             BackboneMismatchError: the catalogue holds vectors of another backbone or weights.
             WeightsUnavailableError, ConfigurationError: the backbone cannot be loaded.
         """
-        with self._lock:
-            if self._embedder is None:
-                stored = self.stored_identity()
-                if stored is not None and self.settings.backbone:
-                    # Refuse before loading a network whose vectors could never be compared.
-                    catalogue.check_backbone_name(stored, self.settings.backbone)
-                name = self.settings.backbone or (stored.backbone if stored else DEFAULT_BACKBONE)
-                embedder = Embedder(name, weights_path=self.settings.weights, device=self.settings.device,
-                                    threads=self.settings.threads, allow_download=self.settings.allow_download)
-                if stored is not None:
-                    with self.session() as session:
-                        catalogue.claim_identity(session, **_identity_kwargs(embedder.identity))
-                self._embedder = embedder
-            return self._embedder
+        return self._tracker.current().embedder()
+
+    def _load_embedder(self, ref: GenerationRef) -> Embedder:
+        stored = ref.identity
+        if stored is not None and self.settings.backbone:
+            # Refuse before loading a network whose vectors could never be compared.
+            catalogue.check_backbone_name(stored, self.settings.backbone)
+        name = self.settings.backbone or (stored.backbone if stored else DEFAULT_BACKBONE)
+        weights = self.settings.weights
+        if stored is not None:
+            # After a re-embedding, the weights file it was given (recorded in the catalogue).
+            weights = matching_weights(stored, [self.settings.weights, ref.weights_path]) or weights
+        embedder = Embedder(name, weights_path=weights, device=self.settings.device,
+                            threads=self.settings.threads, allow_download=self.settings.allow_download)
+        if stored is not None:
+            catalogue.check_identity(stored, **_identity_kwargs(embedder.identity))
+        return embedder
+
+    def _open_store(self, ref: GenerationRef) -> VectorStore:
+        stored = ref.identity
+        return GenerationStore(generation_root(self.data_dir, ref.location),
+                               is_current=lambda: self._read_generation().location == ref.location,
+                               backbone=stored.backbone, weights_sha256=stored.weights_sha256, dim=stored.dim,
+                               memory_budget=self.settings.index_memory, read_only=self.read_only)
+
+    def _make_generation(self, ref: GenerationRef, *, embedder: Embedder | None = None,
+                         store: VectorStore | None = None) -> Generation:
+        return Generation(ref, load_embedder=self._load_embedder, open_store=self._open_store,
+                          embedder=embedder, store=store)
+
+    @translates_storage_errors
+    def _read_generation(self) -> GenerationRef:
+        with self.sessions() as session:
+            return read_generation(session)
+
+    def follow_generation(self, max_age: float = 1.0, *, wait: bool = False) -> bool:
+        """Answer from the catalogue's current vector generation if a re-embedding switched
+        it (the catalogue is read at most once per ``max_age`` seconds; with ``wait``
+        False the new CNN and store load in the background while the old pair answers).
+
+        Returns:
+            Whether the generation in use changed.
+        """
+        return self._tracker.follow(max_age, wait=wait)
+
+    def pinned(self) -> "VisualSearch":
+        """A view of this data directory fixed to the vector generation in use now, for one
+        request: its searches never mix one generation's CNN with another's vectors (its
+        writes still move to the current generation)."""
+        view = copy.copy(self)
+        view._tracker = self._tracker.pinned()
+        return view
+
+    def generation(self) -> Generation:
+        """The vector generation answering now (its identity, CNN and store)."""
+        return self._tracker.current()
+
+    def adopt_generation(self, ref: GenerationRef, embedder: Embedder) -> None:
+        """Answer from the generation ``ref`` with ``embedder`` from now on (the process that
+        switched to it has the CNN loaded already)."""
+        self._tracker.adopt(self._make_generation(ref, embedder=embedder))
+
+    def _on_current_generation(self, write: Callable[[], T]) -> T:
+        """Run a write; once more if a re-embedding switched generations under it."""
+        try:
+            return write()
+        except GenerationChangedError:
+            self._tracker.follow(0)
+            return write()
 
     @translates_storage_errors
     def stored_identity(self) -> catalogue.StoredIdentity | None:
@@ -159,21 +246,21 @@ class VisualSearch:
 
     @translates_storage_errors
     def claim_identity(self, identity: EmbedderIdentity) -> None:
-        """Record (or check) the network whose vectors this catalogue holds."""
+        """Record (or check) the network whose vectors this catalogue holds.
+
+        Raises:
+            GenerationChangedError: a re-embedding switched generations since this write began.
+            BackboneMismatchError: the catalogue holds vectors of another network.
+        """
+        location = self._tracker.current().ref.location
         with self.session() as session:
+            if read_generation(session).location != location:
+                raise GenerationChangedError("a re-embedding switched the vectors during this write; try again")
             catalogue.claim_identity(session, **_identity_kwargs(identity))
 
     def store(self) -> VectorStore | None:
-        """The vector store, or None while nothing was ever indexed here."""
-        with self._lock:
-            if self._store is None:
-                stored = self.stored_identity()
-                if stored is None:
-                    return None
-                self._store = VectorStore(self.data_dir, backbone=stored.backbone,
-                                          weights_sha256=stored.weights_sha256, dim=stored.dim,
-                                          memory_budget=self.settings.index_memory, read_only=self.read_only)
-            return self._store
+        """The vector store of the generation in use, or None while nothing was ever indexed here."""
+        return self._tracker.current().store()
 
     def writable_store(self) -> VectorStore:
         """The store, for writers (after :meth:`claim_identity`)."""
@@ -203,6 +290,8 @@ class VisualSearch:
                             "finish, or pass --wait SECONDS") from None
                     time.sleep(0.2)
             try:
+                # A re-embedding (which holds this lock to switch) may have switched meanwhile.
+                self._tracker.follow(0)
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
@@ -227,11 +316,12 @@ class VisualSearch:
 
     @translates_storage_errors
     def index(self, manifest: str | Path, *, progress: Progress | None = None, wait: float = 0.0,
-              embedding: ImageEmbedding | None = None) -> IndexingReport:
-        """Index a manifest (see :func:`visualsearch.indexing.index_manifest`)."""
+              embedding: ImageEmbedding | None = None, manifest_format: str | None = None) -> IndexingReport:
+        """Index a manifest or shop feed (see :func:`visualsearch.indexing.index_manifest`)."""
         self._require_writable()
         self.collect_leftovers()  # what a crashed run left, before this one adds to it
-        report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding)
+        report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding,
+                                manifest_format=manifest_format)
         self.collect_leftovers()
         return report
 
@@ -255,8 +345,8 @@ class VisualSearch:
             for data, image_format in uploads:
                 kept.append(str(keep_upload(self.data_dir, data, image_format)))
             record.images = [*record.images, *kept]
-            report = index_records(self, [[record]], exclusive=False, merge_limit=API_MERGE_LIMIT,
-                                   flush_rows=1 << 30)
+            report = self._on_current_generation(lambda: index_records(
+                self, [[record]], exclusive=False, merge_limit=API_MERGE_LIMIT, flush_rows=1 << 30))
         except BaseException:
             self._remove_owned_files(kept)  # the write failed: keep no file nothing names
             raise
@@ -266,14 +356,134 @@ class VisualSearch:
     def remove(self, skus: Sequence[str]) -> RemoveResult:
         """Delete products, their vectors and the files of theirs this data directory owns."""
         self._require_writable()
-        store = self.store()
-        if store is None:
+        if self.store() is None:
             return RemoveResult([], list(skus))
-        writer = CatalogueWriter(self.session, store, merge_limit=API_MERGE_LIMIT)
-        deleted, paths = writer.delete_products(list(skus))
+        deleted, paths = self._on_current_generation(lambda: CatalogueWriter(
+            self.session, self.writable_store(), merge_limit=API_MERGE_LIMIT).delete_products(list(skus)))
         self._remove_owned_files(paths)
         removed = set(deleted)
         return RemoveResult(deleted, [sku for sku in skus if sku not in removed])
+
+    @translates_storage_errors
+    def remove_image(self, sku: str, image_id: int, *, wait: float = DEFAULT_LOCK_TIMEOUT) -> ProductView:
+        """Delete one image of a product: its catalogue row, its vector, and its upload file
+        once no image names that file any more. The product itself stays (even with no image).
+
+        Returns:
+            The product as now stored.
+
+        Raises:
+            ProductNotFoundError: unknown SKU.
+            ImageNotFoundError: ``image_id`` is not an image of that product.
+        """
+        self._require_writable()
+        if self.store() is None:  # nothing was ever embedded here: no vector to delete
+            with self.session() as session:
+                path = catalogue.delete_image(session, sku, image_id)
+        else:
+            path = self._on_current_generation(lambda: CatalogueWriter(
+                self.session, self.writable_store(), merge_limit=API_MERGE_LIMIT,
+                lock_timeout=wait).delete_image(sku, image_id))
+        self._remove_owned_files([path])
+        return self.product(sku)
+
+    @translates_storage_errors
+    def remove_many(self, skus: Iterable[str], *, wait: float = DEFAULT_LOCK_TIMEOUT,
+                    batch_size: int = REMOVE_BATCH) -> RemoveSummary:
+        """Delete products by SKU from a stream of any length (a file of millions of SKUs),
+        one commit per batch, with their vectors and the files of theirs this data directory owns.
+
+        Args:
+            wait: seconds to wait for another writer's commit lock.
+
+        Raises:
+            WriterBusyError: another writer kept the commit lock for ``wait`` seconds (the
+                batches before stay removed).
+        """
+        self._require_writable()
+        summary = RemoveSummary()
+        for batch in batched(skus, batch_size):
+            deleted, paths = [], []
+            if self.store() is not None:
+                deleted, paths = self._on_current_generation(lambda: CatalogueWriter(
+                    self.session, self.writable_store(), lock_timeout=wait).delete_products(batch))
+            self._remove_owned_files(paths)
+            summary.add(batch, deleted)
+        return summary
+
+    # --- keeping the catalogue in sync with a manifest (see visualsearch.sync) ---------
+
+    @translates_storage_errors
+    def plan(self, manifest: str | Path, *, prune: bool = False, policy: PrunePolicy | None = None,
+             check_files: bool = True, manifest_format: str | None = None) -> SyncPlan:
+        """What indexing ``manifest`` would do; writes nothing (see :func:`visualsearch.sync.plan_manifest`)."""
+        return plan_manifest(manifest, sessions=self.sessions, prune=prune, policy=policy, check_files=check_files,
+                             manifest_format=manifest_format)
+
+    @translates_storage_errors
+    def sync(self, manifest: str | Path, *, policy: PrunePolicy | None = None, progress: Progress | None = None,
+             wait: float = 0.0, embedding: ImageEmbedding | None = None, manifest_format: str | None = None,
+             on_prune: Callable[[PruneCounts], None] | None = None) -> SyncReport:
+        """Index ``manifest``, then prune what it does not name: the products it does not
+        list and the images of listed products it no longer names.
+
+        The prune is checked against ``policy`` before the index run (so a refused prune
+        writes nothing at all) and again, on the catalogue the run left, before deleting.
+
+        Args:
+            policy: how much the prune may remove (default :class:`~visualsearch.sync.PrunePolicy`).
+            on_prune: called with the counts just before anything is deleted.
+            progress, wait, embedding, manifest_format: as for :meth:`index`.
+
+        Raises:
+            PruneRefusedError: the policy refuses the prune, or the manifest file changed
+                during the run (what the index run wrote stays).
+            Everything :meth:`index` raises.
+        """
+        self._require_writable()
+        policy = policy or PrunePolicy()
+        with ManifestKeys() as keys:
+            keys.load(manifest, manifest_format=manifest_format)
+            policy.check(keys.find_prunable(self.sessions))
+            report = self.index(manifest, progress=progress, wait=wait, embedding=embedding,
+                                manifest_format=manifest_format)
+            keys.check_manifest_unchanged()
+            pruned = self.prune(keys, policy=policy, wait=wait, on_prune=on_prune)
+        return SyncReport(report, pruned)
+
+    @translates_storage_errors
+    def prune(self, keys: ManifestKeys, *, policy: PrunePolicy | None = None, wait: float = 0.0,
+              on_prune: Callable[[PruneCounts], None] | None = None) -> PruneResult:
+        """Delete what the manifest loaded into ``keys`` does not name (holding the run lock).
+
+        Raises:
+            PruneRefusedError: ``policy`` refuses it (nothing is deleted).
+            WriterBusyError: another batch run kept the run lock for ``wait`` seconds.
+        """
+        self._require_writable()
+        with self.index_lock(wait):
+            counts = keys.find_prunable(self.sessions)
+            (policy or PrunePolicy()).check(counts)
+            if on_prune is not None:
+                on_prune(counts)
+            if not counts.products and not counts.images:
+                return PruneResult()
+
+            def writer() -> CatalogueWriter:
+                return CatalogueWriter(self.session, self.writable_store())
+
+            products = product_images = images = 0
+            for skus in keys.prunable_skus():
+                deleted, paths = self._on_current_generation(lambda: writer().delete_products(skus))
+                self._remove_owned_files(paths)
+                products, product_images = products + len(deleted), product_images + len(paths)
+            for image_ids in keys.prunable_images():
+                paths = self._on_current_generation(lambda: writer().delete_images(image_ids))
+                self._remove_owned_files(paths)
+                images += len(paths)
+            self.writable_store().maintain()
+        logger.info("pruned %d products (%d images) and %d images", products, product_images, images)
+        return PruneResult(products=products, product_images=product_images, images=images)
 
     def _remove_owned_files(self, paths: Sequence[str]) -> None:
         """Uploads kept by the API live in DATA_DIR/uploads: delete those no image names
@@ -287,13 +497,16 @@ class VisualSearch:
             Path(path).unlink(missing_ok=True)
 
     @translates_storage_errors
-    def search(self, image: ImageSource, *, top_k: int = 10, filters: SearchFilters | None = None,
+    def search(self, image: ImageSource, *, top_k: int = 10, offset: int = 0, filters: SearchFilters | None = None,
                crop: Crop | None = None) -> SearchResult:
-        return search_image(self, image, top_k=top_k, filters=filters, crop=crop)
+        """See :func:`visualsearch.search.search_image`."""
+        return search_image(self, image, top_k=top_k, offset=offset, filters=filters, crop=crop)
 
     @translates_storage_errors
-    def similar(self, sku: str, *, top_k: int = 10, filters: SearchFilters | None = None) -> SearchResult:
-        return similar_products(self, sku, top_k=top_k, filters=filters)
+    def similar(self, sku: str, *, top_k: int = 10, offset: int = 0,
+                filters: SearchFilters | None = None) -> SearchResult:
+        """See :func:`visualsearch.search.similar_products`."""
+        return similar_products(self, sku, top_k=top_k, offset=offset, filters=filters)
 
     @translates_storage_errors
     def product(self, sku: str) -> ProductView:
@@ -318,6 +531,16 @@ class VisualSearch:
         return path if path.is_file() else None
 
     @translates_storage_errors
+    def image_url(self, image_id: int) -> str | None:
+        """The http(s) URL of an indexed image that was fetched from one (else None)."""
+        with self.sessions() as session:
+            row = catalogue.get_image(session, image_id)
+            if row is None or ImageStatus(row.status) != ImageStatus.INDEXED:
+                return None
+            path = row.path
+        return path if is_image_url(path) and path == path.strip() else None
+
+    @translates_storage_errors
     def facets(self) -> Facets:
         with self.sessions() as session:
             counts = catalogue.catalogue_counts(session)
@@ -328,8 +551,8 @@ class VisualSearch:
     def stats(self) -> dict:
         with self.sessions() as session:
             counts = catalogue.catalogue_counts(session)
-            identity = catalogue.stored_identity(session)
-        store = self.store()
+        generation = self._tracker.current()  # the identity of the vectors answering
+        identity, store = generation.ref.identity, generation.store()
         index = None
         if store is not None and store.manifest is not None:
             numbers = store.stats()
@@ -355,8 +578,8 @@ class VisualSearch:
         """Cheap figures for load balancers (counters and the manifest; nothing is counted)."""
         with self.sessions() as session:
             counts = catalogue.catalogue_counts(session)
-            identity = catalogue.stored_identity(session)
-        store = self.store()
+        generation = self._tracker.current()  # the identity of the vectors answering
+        identity, store = generation.ref.identity, generation.store()
         manifest = store.manifest if store is not None else None
         return {
             "products": counts.products,
@@ -369,9 +592,20 @@ class VisualSearch:
         }
 
     @translates_storage_errors
-    def compact(self, *, force: bool = False) -> dict:
-        """Merge segments, drop dead rows, re-plan the index when the catalogue outgrew it."""
+    def compact(self, *, force: bool = False, wait: float = 0.0) -> dict:
+        """Merge segments, drop dead rows, re-plan the index when the catalogue outgrew it.
+
+        Args:
+            wait: seconds to wait for a batch run (index, prune, compact, rebuild) to finish.
+
+        Raises:
+            WriterBusyError: another batch run kept the data directory's run lock.
+        """
         self._require_writable()
+        with self.index_lock(wait):
+            return self._compact(force=force)
+
+    def _compact(self, *, force: bool) -> dict:
         store = self.store()
         if store is None:
             return {"rebuilt": False, "removed_files": [], "orphan_vectors_dropped": 0}
@@ -388,14 +622,40 @@ class VisualSearch:
                 **self._index_summary(store)}
 
     @translates_storage_errors
-    def rebuild_index(self, *, plan: IndexPlan | None = None) -> dict:
-        """Re-plan and rebuild the ANN index from the stored vectors (no model work)."""
+    def rebuild_index(self, *, plan: IndexPlan | None = None, wait: float = 0.0) -> dict:
+        """Re-plan and rebuild the ANN index from the stored vectors (no model work).
+
+        Args:
+            wait: seconds to wait for a batch run (index, prune, compact, rebuild) to finish.
+
+        Raises:
+            WriterBusyError: another batch run kept the data directory's run lock.
+        """
         self._require_writable()
+        with self.index_lock(wait):
+            return self._rebuild_index(plan)
+
+    def _rebuild_index(self, plan: IndexPlan | None) -> dict:
         store = self.store()
         if store is None:
             return {"rebuilt": False}
         store.rebuild(plan=plan)
         return {"rebuilt": True, **self._index_summary(store)}
+
+    @translates_storage_errors
+    def reembed(self, *, backbone: str, weights: str | None = None, wait: float = 0.0, drop_old: bool = False,
+                progress: Progress | None = None) -> ReembedReport:
+        """Build the vectors of another backbone beside the current ones, then switch to them
+        (see :func:`visualsearch.reembed.reembed`); searches and API writes go on meanwhile."""
+        self._require_writable()
+        return reembed(self, backbone=backbone, weights=weights, wait=wait, drop_old=drop_old, progress=progress)
+
+    @translates_storage_errors
+    def drop_old_generations(self, *, wait: float = 0.0) -> list[str]:
+        """Delete the vectors of the generations a re-embedding replaced (see
+        :func:`visualsearch.reembed.drop_old_generations`)."""
+        self._require_writable()
+        return drop_old_generations(self, wait=wait)
 
     @translates_storage_errors
     def collect_leftovers(self) -> list[str]:

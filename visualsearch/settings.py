@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigurationError
 from .images import DEFAULT_MAX_PIXELS
+from .remote_images import IPNetwork, parse_allowed_networks
 
 ENV_PREFIX = "VISUALSEARCH_"
 
@@ -36,6 +37,23 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+_TIME_UNITS = {"": 1.0, "S": 1.0, "MS": 0.001, "M": 60.0, "MIN": 60.0}
+
+
+def parse_seconds(text: str | float) -> float:
+    """``"250ms"``, ``"5s"``, ``"2m"`` or a plain number of seconds -> seconds.
+
+    Raises:
+        ConfigurationError: not a duration.
+    """
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _TIME_UNITS:
+        raise ConfigurationError(f"not a duration: {text!r} (examples: 5s, 250ms, 2m)")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2).upper()]
+
+
 def _opt(default: Any, help: str, parse=None) -> Any:
     return field(default=default, metadata={"help": help, "parse": parse})
 
@@ -49,6 +67,29 @@ def _parse_bool(text: str | bool) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ConfigurationError(f"not a yes/no value: {text!r}")
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _parse_origins(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"https://shop.example, http://localhost:3000"`` -> exact origins as browsers send them
+    in ``Origin`` (lower case, no default port, no path); ``"*"`` stands for any origin."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    origins = []
+    for item in (item.strip() for item in items):
+        if not item:
+            continue
+        if item == "*":
+            origins.append(item)
+            continue
+        match = re.fullmatch(r"(https?)://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?/?", item.lower())
+        if not match:
+            raise ConfigurationError(f"not an origin: {item!r} (examples: https://shop.example.com, "
+                                     "http://localhost:3000, or * for any)")
+        scheme, host, port = match.groups()
+        origins.append(f"{scheme}://{host}" + (f":{port}" if port and port != _DEFAULT_PORTS[scheme] else ""))
+    return tuple(dict.fromkeys(origins))
 
 
 def _parse_optional_int(text: str | int | None) -> int | None:
@@ -114,6 +155,23 @@ class Settings:
                                           "index planner picks the index type to fit it.", _at_least(1, parse_size))
     api_key: str | None = _opt(None, "Bearer key for the API's write endpoints (PUT/DELETE a product); "
                                      "unset: they answer 403.")
+    # Image URLs (manifests, API image_url): limits of each fetch; the body is capped
+    # at max_upload_size like an upload.
+    remote_timeout: float = _opt(5.0, "Seconds to wait for an image URL's server to accept the connection, "
+                                      "and for each read, e.g. 5s or 500ms.", _at_least(0.001, parse_seconds))
+    remote_deadline: float = _opt(15.0, "Seconds one image URL's fetch may take in all, redirects included.",
+                                  _at_least(0.001, parse_seconds))
+    remote_concurrency: int = _opt(16, "Image URLs fetched at once while indexing.", _at_least(1))
+    remote_per_host: int = _opt(4, "Image URLs fetched at once from one host while indexing.", _at_least(1))
+    allow_private_urls: tuple[IPNetwork, ...] = _opt(
+        (), "Image URLs may reach non-public addresses: true for any private, loopback or link-local one, "
+            "or a comma-separated list of addresses and networks (127.0.0.1,10.0.0.0/8). Default: public "
+            "addresses only. Cloud metadata addresses are always refused.", parse_allowed_networks)
+    cors_origins: tuple[str, ...] = _opt((), "Comma-separated origins (https://shop.example.com) whose pages may "
+                                             "call the read API (search, similar, product, health, openapi) "
+                                             "from the browser, as the storefront widget does; * for any; "
+                                             "empty: none (CORS off). Never the write endpoints.",
+                                         _parse_origins)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -161,6 +161,42 @@ class CatalogueWriter:
         self.store.merge(self.merge_limit)
         return deleted, paths
 
+    def delete_image(self, sku: str, image_id: int) -> str:
+        """Delete one image of a product and its vector. Returns the image's path.
+
+        Raises:
+            ProductNotFoundError, ImageNotFoundError: unknown SKU, or not an image of it.
+        """
+        with self.store.writing(self.lock_timeout):
+            with self._session() as session:
+                path = catalogue.delete_image(session, sku, image_id)
+            try:
+                self.store.commit(deletes=[image_id], merge_limit=self.merge_limit, lock_timeout=self.lock_timeout)
+            except OSError as exc:
+                # As in delete_products: the catalogue decides; compact drops the orphan.
+                logger.warning("deleted image %d; its vector stays until 'visualsearch compact' (%s)", image_id, exc)
+                return path
+        self.store.merge(self.merge_limit)
+        return path
+
+    def delete_images(self, image_ids: Sequence[int]) -> list[str]:
+        """Delete images by id (whatever their product) and their vectors, in one commit.
+        Returns the paths of the images that existed."""
+        with self.store.writing(self.lock_timeout):
+            with self._session() as session:
+                deleted = catalogue.delete_images(session, image_ids)
+            if deleted:
+                try:
+                    self.store.commit(deletes=[image_id for image_id, _ in deleted], merge_limit=self.merge_limit,
+                                      lock_timeout=self.lock_timeout)
+                except OSError as exc:
+                    # As in delete_products: the catalogue decides; compact drops the orphans.
+                    logger.warning("deleted %d images; their vectors stay until 'visualsearch compact' (%s)",
+                                   len(deleted), exc)
+                    return [path for _, path in deleted]
+        self.store.merge(self.merge_limit)
+        return [path for _, path in deleted]
+
     def drop_orphan_vectors(self) -> int:
         """Delete the vectors of images the catalogue no longer holds (left by a crash, or
         a full disk, between a delete's catalogue and store steps). Returns how many."""

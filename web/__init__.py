@@ -26,19 +26,22 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
         # one is a product PUT's attributes JSON. Werkzeug reads 64 KiB at a time and also
         # applies this to its read buffer, so the limit must stay well above 64 KiB.
         MAX_FORM_MEMORY_SIZE=128 * 1024,
-        JSON_SORT_KEYS=False,
     )
+    # Responses keep the documented key order (sku, title, ..., score, attributes); Flask 3
+    # ignores the old JSON_SORT_KEYS setting.
+    app.json.sort_keys = False
     if test_config:
         app.config.update(test_config)
 
     from visualsearch.vectors import configure_threads
 
-    from . import api, errors, metrics, pages, security, writes
+    from . import api, cors, errors, metrics, pages, security, writes
 
     configure_threads(serving=True)
 
     errors.register(app)
     security.register(app)
+    cors.register(app)
     metrics.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(writes.bp)

@@ -2,38 +2,54 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 from flask import Blueprint, jsonify, request, url_for
 
+from visualsearch.remote_images import FetchPolicy, fetch_image
 from visualsearch.results import SearchResult
 
 from .errors import ApiError
 from .library import get_search
 from .metrics import observe_search
 from .openapi import spec as openapi_spec
-from .requests import parse_filters, parse_search_request, parse_top_k
+from .requests import parse_filters, parse_offset, parse_search_request, parse_top_k
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
 def results_json(result: SearchResult) -> dict:
-    results = []
-    for hit in result.hits:
-        entry = hit.to_dict()
-        entry["image_url"] = url_for("pages.image", image_id=entry.pop("image_id"))
-        results.append(entry)
+    """Hits in the documented key order: sku, title, category, brand, price, url, image_url,
+    score, attributes."""
+    results = [hit.to_dict(image_url=url_for("pages.image", image_id=hit.image_id)) for hit in result.hits]
     return {"results": results, "took_ms": result.took_ms}
 
 
 @bp.post("/search")
 def search():
     upload = request.files.get("image")
-    if upload is None or not upload.filename and not upload.content_length:
-        raise ApiError(400, "missing_image", "send the photo as multipart/form-data file field 'image'")
+    if upload is not None and not upload.filename and not upload.content_length:
+        upload = None
     params = parse_search_request(request.form)
-    data = upload.read()
-    if not data:
-        raise ApiError(400, "missing_image", "the uploaded file 'image' is empty")
-    result = get_search().search(data, top_k=params.top_k, filters=params.filters, crop=params.crop)
+    if (upload is None) == (params.image_url is None):
+        raise ApiError(400, "missing_image", "send the photo as multipart/form-data file field 'image', "
+                                             "or its http(s) URL as field 'image_url' (one of the two)")
+    vs = get_search()
+    fetch_ms = 0.0
+    if upload is not None:
+        data = upload.read()
+        if not data:
+            raise ApiError(400, "missing_image", "the uploaded file 'image' is empty")
+    else:
+        started = time.perf_counter()
+        # Errors map like an upload's; the server there failing is a 502 (504: too slow).
+        data = fetch_image(params.image_url, FetchPolicy.from_settings(vs.settings)).data
+        fetch_ms = round((time.perf_counter() - started) * 1000, 2)
+    result = vs.search(data, top_k=params.top_k, offset=params.offset, filters=params.filters, crop=params.crop)
+    if params.image_url is not None:
+        took = result.took_ms
+        result = replace(result, took_ms={"fetch": fetch_ms, **took, "total": took.get("total", 0) + fetch_ms})
     observe_search(result.took_ms)
     return jsonify(results_json(result))
 
@@ -41,7 +57,8 @@ def search():
 @bp.get("/products/<path:sku>/similar")
 def similar(sku: str):
     result = get_search().similar(sku, top_k=parse_top_k(request.args.get("top_k")),
-                                  filters=parse_filters(request.args, reserved={"top_k"}))
+                                  offset=parse_offset(request.args.get("offset")),
+                                  filters=parse_filters(request.args, reserved={"top_k", "offset"}))
     return jsonify(results_json(result))
 
 
@@ -53,7 +70,7 @@ def product(sku: str):
 def product_json(item) -> dict:
     body = item.to_dict()
     body["images"] = [
-        {"image_url": url_for("pages.image", image_id=image.id), "status": image.status,
+        {"id": image.id, "image_url": url_for("pages.image", image_id=image.id), "status": image.status,
          "width": image.width, "height": image.height}
         for image in item.images
     ]

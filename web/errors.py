@@ -26,11 +26,15 @@ from visualsearch.errors import (
     VisualSearchError,
     WriterBusyError,
 )
+from visualsearch.remote_images import RemoteTimeoutError, RemoteUpstreamError
 
 logger = logging.getLogger(__name__)
 
 # Most specific first: the first matching class decides the status.
 STATUS_BY_ERROR: list[tuple[type[VisualSearchError], int]] = [
+    # An image URL's server failed (or was too slow): the request was fine, upstream was not.
+    (RemoteTimeoutError, 504),
+    (RemoteUpstreamError, 502),
     (InvalidRequestError, 400),
     (ManifestError, 400),
     (ProductNotFoundError, 404),

@@ -6,7 +6,7 @@ A test checks that every API route is described here and vice versa.
 from __future__ import annotations
 
 from visualsearch import __version__
-from visualsearch.search import MAX_TOP_K
+from visualsearch.search import MAX_OFFSET, MAX_TOP_K
 
 from .requests import DEFAULT_TOP_K
 
@@ -17,6 +17,9 @@ def _error(description: str) -> dict:
 
 
 _TOP_K = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K}
+_OFFSET = {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0,
+           "description": f"Products of the ranking to skip: results offset..offset+top_k (at most {MAX_OFFSET}). "
+                          "Pages of one query never repeat or skip a product."}
 _FILTERS = {
     "category": {"type": "string", "description": "Only products of this category; several accepted values "
                                                   "separated by '|' (Unicode case-insensitive)."},
@@ -39,28 +42,44 @@ def spec() -> dict:
     return {
         "openapi": "3.0.3",
         "info": {"title": "visualsearch API", "version": __version__,
-                 "description": "Find the catalogue products that look most like a photo."},
+                 "description": "Find the catalogue products that look most like a photo. Browsers on "
+                                "the origins listed in VISUALSEARCH_CORS_ORIGINS may call the read "
+                                "endpoints cross-origin (CORS); the write endpoints, never."},
         "paths": {
             "/api/v1/search": {"post": {
                 "summary": "Search by photo",
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                    "type": "object", "required": ["image"],
+                    "type": "object",
+                    "description": "The photo: the file 'image', or its http(s) URL 'image_url' (one of the two).",
                     "properties": {
                         "image": {"type": "string", "format": "binary",
                                   "description": "JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF."},
-                        "top_k": _TOP_K, **_FILTERS,
+                        "image_url": {"type": "string", "format": "uri",
+                                      "description": "Fetch the photo from this http(s) URL instead (the upload "
+                                                     "size limit, VISUALSEARCH_REMOTE_TIMEOUT/_DEADLINE; private "
+                                                     "and metadata addresses refused). took_ms then has 'fetch'."},
+                        "top_k": _TOP_K, "offset": _OFFSET, **_FILTERS,
                         "crop": {"type": "string", "pattern": r"^\d+,\d+,\d+,\d+$",
                                  "description": "x,y,w,h in pixels of the uploaded image."},
                     },
                     "additionalProperties": _ATTRIBUTE_FILTERS}}}},
-                "responses": {"200": _RESULTS, "400": _error("Bad parameters."),
-                              "413": _TOO_LARGE, "415": _error("Not a supported image."),
-                              "422": _error("The image cannot be decoded."), **_UNAVAILABLE},
+                "responses": {"200": _RESULTS,
+                              "400": _error("Bad parameters (top_k over 100, offset over 1000...); no photo "
+                                            "or both; image_url not http(s) "
+                                            "(remote_bad_url) or leading to a private address (remote_refused)."),
+                              "413": _TOO_LARGE, "415": _error("Not a supported image (remote_not_image: the "
+                                                               "image_url's server sent no image)."),
+                              "422": _error("The image cannot be decoded, or the image_url's server answered "
+                                            "404/410 (remote_not_found)."),
+                              "502": _error("image_url: the server cannot be reached or answered an error "
+                                            "(remote_unreachable, remote_http_error)."),
+                              "504": _error("image_url: the server was too slow (remote_timeout)."),
+                              **_UNAVAILABLE},
             }},
             "/api/v1/products/{sku}/similar": {"get": {
                 "summary": "Products similar to a catalogue product",
                 "parameters": [_SKU, *[{"name": name, "in": "query", "schema": schema}
-                                       for name, schema in {"top_k": _TOP_K, **_FILTERS}.items()],
+                                       for name, schema in {"top_k": _TOP_K, "offset": _OFFSET, **_FILTERS}.items()],
                                {"name": "attributes", "in": "query", "style": "form", "explode": True,
                                 "description": "Attribute filters as plain query fields: ?colour=red&size=M|L.",
                                 "schema": {"type": "object", "additionalProperties": {"type": "string"}}}],
@@ -74,20 +93,29 @@ def spec() -> dict:
                     "responses": {"200": _PRODUCT, "404": _error("Unknown product."), **_UNAVAILABLE},
                 },
                 "put": {
-                    "summary": "Create or update a product (fields given replace, others are kept; "
-                               "uploaded images are added and indexed)",
+                    "summary": "Create or update a product",
+                    "description": "A field left out is kept; null (or an empty string) clears it. 'attributes' "
+                                   "REPLACES the stored attributes ({} or null: none left). Uploaded images are "
+                                   "added and indexed.",
                     "security": [{"bearer": []}],
                     "parameters": [_SKU],
-                    "requestBody": {"required": True, "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ProductFields"}},
-                        "multipart/form-data": {"schema": {"allOf": [
-                            {"$ref": "#/components/schemas/ProductFields"},
-                            {"type": "object", "properties": {
-                                "attributes": {"type": "string", "description": "A JSON object."},
-                                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            }}]}},
-                    }},
+                    "requestBody": _PRODUCT_BODY,
                     "responses": {"200": _PRODUCT, "201": _PRODUCT, **_WRITE_ERRORS,
+                                  "413": _TOO_LARGE, "415": _error("Not a supported image."),
+                                  "422": _error("An image cannot be decoded.")},
+                },
+                "patch": {
+                    "summary": "Update an existing product",
+                    "description": "A field left out is kept; null (or an empty string) clears it. 'attributes' "
+                                   "is MERGED into the stored attributes as a JSON Merge Patch (RFC 7386): a "
+                                   "null value deletes that attribute ('attributes': null deletes them all). "
+                                   "Uploaded images are added and indexed.",
+                    "security": [{"bearer": []}],
+                    "parameters": [_SKU],
+                    "requestBody": {**_PRODUCT_BODY, "content": {
+                        **_PRODUCT_BODY["content"],
+                        "application/merge-patch+json": _PRODUCT_BODY["content"]["application/json"]}},
+                    "responses": {"200": _PRODUCT, "404": _error("Unknown product."), **_WRITE_ERRORS,
                                   "413": _TOO_LARGE, "415": _error("Not a supported image."),
                                   "422": _error("An image cannot be decoded.")},
                 },
@@ -100,6 +128,18 @@ def spec() -> dict:
                         "404": _error("Unknown product."), **_WRITE_ERRORS},
                 },
             },
+            "/api/v1/products/{sku}/images/{image_id}": {"delete": {
+                "summary": "Remove one image of a product",
+                "description": "Deletes the image and its vector (and its uploaded file once no image names it); "
+                               "the product stays, with its other images.",
+                "security": [{"bearer": []}],
+                "parameters": [_SKU, {"name": "image_id", "in": "path", "required": True,
+                                      "schema": {"type": "integer", "minimum": 0},
+                                      "description": "The image's id (Product.images[].id)."}],
+                "responses": {"200": {**_PRODUCT, "description": "The product as now stored."},
+                              "404": _error("Unknown product (product_not_found), or not an image of it "
+                                            "(image_not_found)."), **_WRITE_ERRORS},
+            }},
             "/api/v1/health": {"get": {
                 "summary": "Liveness and index state",
                 "responses": {"200": {"description": "Counts, backbone and index state.",
@@ -130,16 +170,32 @@ _WRITE_ERRORS = {**_UNAVAILABLE, "400": _error("Bad fields."), "401": _error("Mi
                  "403": _error("Write endpoints disabled: no VISUALSEARCH_API_KEY configured."),
                  "409": _error("Another process is writing; retry later."),
                  "507": _error("The disk is full (storage_full): nothing was changed, searches go on.")}
+_PRODUCT_BODY = {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ProductFields"}},
+    "multipart/form-data": {"schema": {"allOf": [
+        {"$ref": "#/components/schemas/ProductFields"},
+        {"type": "object", "properties": {
+            "attributes": {"type": "string", "description": "A JSON object (an empty field: none)."},
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        }}]}},
+}}
 _SCHEMAS = {
-    "ProductFields": {"type": "object", "additionalProperties": False, "properties": {
-        "title": {"type": "string"}, "category": {"type": "string"}, "brand": {"type": "string"},
-        "url": {"type": "string"}, "price": {"type": "number", "minimum": 0},
-        "attributes": {"type": "object"}}},
+    "ProductFields": {
+        "type": "object", "additionalProperties": False,
+        "description": "Left out: kept. null or an empty string: cleared. attributes: see the operation.",
+        "properties": {
+            "title": {"type": "string", "nullable": True}, "category": {"type": "string", "nullable": True},
+            "brand": {"type": "string", "nullable": True},
+            "url": {"type": "string", "nullable": True, "description": "An http(s) address."},
+            "price": {"type": "number", "minimum": 0, "nullable": True},
+            "attributes": {"type": "object", "nullable": True}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
     "SearchHit": {"type": "object",
-                  "required": ["sku", "title", "category", "brand", "price", "url", "image_url", "score"],
+                  "description": "Keys come in this order.",
+                  "required": ["sku", "title", "category", "brand", "price", "url", "image_url", "score",
+                               "attributes"],
                   "properties": {
                       "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
                       "category": {"type": "string", "nullable": True},
@@ -147,18 +203,19 @@ _SCHEMAS = {
                       "price": {"type": "number", "nullable": True},
                       "url": {"type": "string", "nullable": True},
                       "image_url": {"type": "string"},
-                      "score": {"type": "number", "description": "Cosine similarity, -1..1."}}},
+                      "score": {"type": "number", "description": "Cosine similarity, -1..1."},
+                      "attributes": {"type": "object", "description": "The product's other fields."}}},
     "SearchResponse": {"type": "object", "required": ["results", "took_ms"], "properties": {
         "results": {"type": "array", "items": {"$ref": "#/components/schemas/SearchHit"}},
         "took_ms": {"type": "object", "properties": {
-            stage: {"type": "number"} for stage in ("decode", "embed", "search", "total")}}}},
+            stage: {"type": "number"} for stage in ("fetch", "decode", "embed", "search", "total")}}}},
     "Product": {"type": "object", "properties": {
         "sku": {"type": "string"}, "title": {"type": "string", "nullable": True},
         "category": {"type": "string", "nullable": True}, "brand": {"type": "string", "nullable": True},
         "price": {"type": "number", "nullable": True}, "url": {"type": "string", "nullable": True},
         "attributes": {"type": "object"},
         "images": {"type": "array", "items": {"type": "object", "properties": {
-            "image_url": {"type": "string"}, "status": {"type": "string"},
+            "id": {"type": "integer"}, "image_url": {"type": "string"}, "status": {"type": "string"},
             "width": {"type": "integer", "nullable": True},
             "height": {"type": "integer", "nullable": True}}}}}},
 }

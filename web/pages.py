@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, render_template, send_file
+from flask import Blueprint, abort, current_app, redirect, render_template, request, send_file, send_from_directory
 
 from visualsearch.errors import InvalidRequestError, ProductNotFoundError
 
 from .library import get_search
+from .security import is_web_link
 
 bp = Blueprint("pages", __name__)
 
@@ -18,6 +19,25 @@ MAX_IMAGE_ID = 2**63 - 1  # SQL integers; a larger id cannot exist
 def index():
     facets = get_search().facets()
     return render_template("index.html", categories=facets.categories, brands=facets.brands)
+
+
+WIDGET_MAX_AGE = 3600  # shops pick up a new widget within the hour; the ETag makes rechecks cheap
+
+
+@bp.get("/widget.js")
+def widget_script():
+    """The storefront widget, at a fixed address for shops to include."""
+    response = send_from_directory(current_app.static_folder, "widget.js", mimetype="text/javascript",
+                                   max_age=WIDGET_MAX_AGE)
+    # Public code: a shop may pin it with Subresource Integrity, which needs CORS.
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    return response
+
+
+@bp.get("/widget-demo")
+def widget_demo():
+    """The widget on a page of this app (same origin: no CORS needed), with its snippet."""
+    return render_template("widget_demo.html", sku=request.args.get("sku", "").strip())
 
 
 @bp.get("/products/<path:sku>")
@@ -38,9 +58,15 @@ def product(sku: str):
 def image(image_id: int):
     if image_id > MAX_IMAGE_ID:
         abort(404)
+    vs = get_search()
+    # An image fetched from an http(s) URL when it was indexed: the browser gets it there
+    # (the CSP's img-src allows http(s) images; a redirect never makes it a page of ours).
+    remote = vs.image_url(image_id)
+    if remote is not None and is_web_link(remote):
+        return redirect(remote, code=302)
     # The id, not a path, comes from the URL, and only files that were decoded and
     # indexed as images are served: a manifest row naming /etc/passwd stays "failed".
-    path = get_search().image_file(image_id)
+    path = vs.image_file(image_id)
     mimetype = raster_type(path) if path is not None else None
     if mimetype is None:
         abort(404)

@@ -7,13 +7,14 @@ from typing import Iterable, Mapping
 
 from visualsearch.errors import InvalidRequestError
 from visualsearch.images import Crop
-from visualsearch.search import validate_top_k
+from visualsearch.search import validate_offset, validate_top_k
 from visualsearch.vectors import SearchFilters
 
 DEFAULT_TOP_K = 10
 # Search parameters with a meaning of their own; every other field filters on the
 # product attribute of that name (colour=red, in_stock=true).
-SEARCH_FIELDS = frozenset({"image", "top_k", "category", "brand", "min_price", "max_price", "crop"})
+SEARCH_FIELDS = frozenset({"image", "image_url", "top_k", "offset", "category", "brand", "min_price", "max_price",
+                           "crop"})
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class SearchRequest:
     top_k: int
     filters: SearchFilters
     crop: Crop | None
+    image_url: str | None = None  # the photo is fetched from here instead of uploaded
+    offset: int = 0               # results start after this many (pagination)
 
 
 def _blank_to_none(value: str | None) -> str | None:
@@ -72,4 +75,17 @@ def parse_search_request(form: Mapping[str, str]) -> SearchRequest:
         crop = Crop.parse(crop_text) if crop_text else None
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
-    return SearchRequest(top_k=parse_top_k(form.get("top_k")), filters=parse_filters(form), crop=crop)
+    return SearchRequest(top_k=parse_top_k(form.get("top_k")), filters=parse_filters(form), crop=crop,
+                         image_url=_blank_to_none(form.get("image_url")), offset=parse_offset(form.get("offset")))
+
+
+def parse_offset(value: str | None) -> int:
+    """The ``offset`` field or query argument (0 when absent). Raises InvalidRequestError."""
+    value = (value or "").strip()
+    if not value:
+        return 0
+    try:
+        offset = int(value)
+    except ValueError:
+        raise InvalidRequestError(f"offset must be a whole number, got {value!r}") from None
+    return validate_offset(offset)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from flask import Flask
 
 # No inline script or style anywhere in the pages: scripts and styles come from
-# /static only. Photos the shopper picks are previewed through blob: URLs.
+# /static only. Photos the shopper picks are previewed through blob: URLs. Catalogue
+# images indexed from http(s) URLs are shown from there (/images/<id> redirects), so
+# img-src allows http(s) images; an image can run no script.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data: https: http:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 HEADERS = {

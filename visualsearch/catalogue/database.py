@@ -7,8 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -69,11 +69,31 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 def _create_schema(engine: Engine) -> None:
     with engine.begin() as connection:
         Base.metadata.create_all(connection)
+        _add_missing_columns(connection)
         for table in Base.metadata.sorted_tables:  # indexes added since a catalogue was created
             for index in table.indexes:
                 index.create(connection, checkfirst=True)
         if engine.dialect.name == "sqlite":
             install_sqlite_triggers(connection)
+
+
+def _add_missing_columns(connection: Connection) -> None:
+    """Add the nullable columns added to the models since a catalogue was created
+    (e.g. ``product_images.source_etag``); create_all only creates missing tables."""
+    inspector = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable or column.server_default is not None:
+                raise ConfigurationError(f"catalogue table {table.name} lacks column {column.name}, which "
+                                         "cannot be added in place: rebuild the catalogue")
+            kind = column.type.compile(dialect=connection.dialect)
+            preparer = connection.dialect.identifier_preparer
+            connection.execute(text(f"ALTER TABLE {preparer.quote(table.name)} "
+                                    f"ADD COLUMN {preparer.quote(column.name)} {kind}"))
+            logger.info("catalogue: added column %s.%s", table.name, column.name)
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -94,6 +94,10 @@ class ProductImage(Base):
     # Size and mtime let a re-run skip unchanged files without reading them again.
     file_size: Mapped[int | None] = mapped_column(BigInteger)
     file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    # An image at an http(s) URL: the ETag of the copy embedded (file_mtime_ns holds its
+    # Last-Modified), sent back so that an unchanged image answers 304. Deferred: a
+    # catalogue opened read-only before its schema gained the column still loads rows.
+    source_etag: Mapped[str | None] = mapped_column(Text, deferred=True)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[ImageStatus] = mapped_column(

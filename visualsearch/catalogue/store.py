@@ -7,16 +7,17 @@ of products or a flush of images, and no query ever loads every row.
 from __future__ import annotations
 
 import fnmatch
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import bindparam, delete, insert, literal_column, select, update
+from sqlalchemy import Text, bindparam, delete, insert, literal_column, select, type_coerce, update
 from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
-from ..errors import BackboneMismatchError, ProductNotFoundError
+from ..errors import BackboneMismatchError, ImageNotFoundError, ProductNotFoundError
 from .counters import read_counts
 from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, ProductImage
 
@@ -24,6 +25,7 @@ from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, Pr
 IN_CHUNK = 500
 FIELD_NAMES = ("title", "category", "brand", "price", "url")
 FILTER_FIELDS = ("category", "brand", "price", "attributes")
+MAX_ID = 2**63 - 1  # the largest integer key SQLite and PostgreSQL's BIGINT hold
 
 
 # --- embedding identity ---------------------------------------------------------
@@ -78,12 +80,21 @@ def claim_identity(session: Session, *, backbone: str, weights_sha256: str, dim:
         set_meta(session, "weights_sha256", weights_sha256)
         set_meta(session, "dim", str(dim))
         return
-    check_backbone_name(current, backbone)
-    if current.weights_sha256 != weights_sha256 or current.dim != dim:
+    check_identity(current, backbone=backbone, weights_sha256=weights_sha256, dim=dim)
+
+
+def check_identity(stored: StoredIdentity, *, backbone: str, weights_sha256: str, dim: int) -> None:
+    """Raises BackboneMismatchError unless ``stored`` names that network and weights."""
+    check_backbone_name(stored, backbone)
+    if stored.weights_sha256 != weights_sha256 or stored.dim != dim:
         raise BackboneMismatchError(
             f"this catalogue was indexed with other weights for {backbone!r} "
-            f"(sha256 {current.weights_sha256[:12]}...): use the same weights file or a new --data-dir"
+            f"(sha256 {stored.weights_sha256[:12]}...): use the same weights file or a new --data-dir"
         )
+
+
+def delete_meta(session: Session, key: str) -> None:
+    session.execute(delete(CatalogueMeta).where(CatalogueMeta.key == key))
 
 
 # --- products -------------------------------------------------------------------
@@ -99,7 +110,9 @@ class UpsertResult:
 
 
 def upsert_products(session: Session, records: Sequence[ProductRecord]) -> UpsertResult:
-    """Insert new products, update the fields the records give, add their new images as pending.
+    """Insert new products, update the fields the records give (and clear those in their
+    ``clear``; attributes merge, or replace with ``replace_attributes``), add their new
+    images as pending.
 
     Images the catalogue has but a record does not name are kept (a manifest adds, it
     never deletes). A product whose fields are all unchanged is not written. Bulk
@@ -119,7 +132,7 @@ def upsert_products(session: Session, records: Sequence[ProductRecord]) -> Upser
         current = existing.get(sku)
         if current is None:
             inserts.append({"sku": sku, **{name: getattr(record, name) for name in FIELD_NAMES},
-                            "attributes": dict(record.attributes)})
+                            "attributes": apply_attributes({}, record.attributes)})
             continue
         update_row, filter_changed = _field_changes(current, record)
         if filter_changed:
@@ -143,20 +156,34 @@ def upsert_products(session: Session, records: Sequence[ProductRecord]) -> Upser
 
 
 def _merge_duplicates(records: Sequence[ProductRecord]) -> dict[str, ProductRecord]:
-    """One record per SKU (a chunk may name a SKU twice): later fields win, images add up."""
+    """One record per SKU (a chunk may name a SKU twice): later fields (and clears) win,
+    attributes merge (or a later replacement wins), images add up."""
     merged: dict[str, ProductRecord] = {}
     for record in records:
         first = merged.get(record.sku)
         if first is None:
             merged[record.sku] = ProductRecord(sku=record.sku, **{name: getattr(record, name) for name in FIELD_NAMES},
-                                               attributes=dict(record.attributes), images=list(record.images))
+                                               attributes=dict(record.attributes), images=list(record.images),
+                                               clear=record.clear, replace_attributes=record.replace_attributes)
             continue
         for name in FIELD_NAMES:
-            if getattr(record, name) is not None:
+            if getattr(record, name) is not None or name in record.clear:
                 setattr(first, name, getattr(record, name))
-        first.attributes.update(record.attributes)
+        first.clear = (first.clear - {name for name in FIELD_NAMES if getattr(record, name) is not None}) | record.clear
+        if record.replace_attributes:
+            first.attributes, first.replace_attributes = dict(record.attributes), True
+        elif first.replace_attributes:
+            first.attributes = apply_attributes(first.attributes, record.attributes)
+        else:
+            first.attributes.update(record.attributes)  # None values still delete, at the update
         first.images += [path for path in record.images if path not in first.images]
     return merged
+
+
+def apply_attributes(stored: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` updated with ``changes``, where a None value deletes that attribute."""
+    merged = {**stored, **changes}
+    return {name: value for name, value in merged.items() if value is not None}
 
 
 def _field_changes(current: dict[str, Any], record: ProductRecord) -> tuple[dict[str, Any], bool]:
@@ -164,12 +191,13 @@ def _field_changes(current: dict[str, Any], record: ProductRecord) -> tuple[dict
     changes: dict[str, Any] = {}
     for name in FIELD_NAMES:
         value = getattr(record, name)
-        if value is not None and current[name] != value:
+        if (value is not None or name in record.clear) and current[name] != value:
             changes[name] = value
-    if record.attributes:
-        merged = {**(current["attributes"] or {}), **record.attributes}
-        if merged != (current["attributes"] or {}):
-            changes["attributes"] = merged
+    stored = current["attributes"] or {}
+    if record.replace_attributes or record.attributes:
+        wanted = apply_attributes({} if record.replace_attributes else stored, record.attributes)
+        if wanted != stored:
+            changes["attributes"] = wanted
     if changes:
         changes["updated_at"] = datetime.now(timezone.utc)
     return changes, any(name in FILTER_FIELDS for name in changes)
@@ -284,6 +312,27 @@ def delete_products(session: Session, skus: Iterable[str]) -> tuple[list[str], l
     return deleted, vector_ids, paths
 
 
+def delete_image(session: Session, sku: str, image_id: int) -> str:
+    """Delete one image of product ``sku``; returns its path. Its vector must then leave
+    the store (under the image id, whatever its status: see :func:`delete_products`).
+
+    Raises:
+        ProductNotFoundError: unknown SKU.
+        ImageNotFoundError: the product has no image ``image_id``.
+    """
+    product_id = session.scalar(select(Product.id).where(Product.sku == sku))
+    if product_id is None:
+        raise ProductNotFoundError(f"no product with sku {sku!r}")
+    if not 0 < image_id <= MAX_ID:  # an id the database could not even hold is just unknown
+        raise ImageNotFoundError(f"product {sku!r} has no image {image_id}")
+    path = session.scalar(select(ProductImage.path).where(ProductImage.id == image_id,
+                                                          ProductImage.product_id == product_id))
+    if path is None:
+        raise ImageNotFoundError(f"product {sku!r} has no image {image_id}")
+    session.execute(delete(ProductImage).where(ProductImage.id == image_id))
+    return path
+
+
 def path_is_referenced(session: Session, path: str) -> bool:
     """Whether an image names ``path``: an index lookup for uploads (the partial index
     ix_product_images_upload_path), a full scan for other paths."""
@@ -308,6 +357,8 @@ class ImageRow:
     status: ImageStatus
     file_size: int | None
     file_mtime_ns: int | None
+    source_etag: str | None = None  # images at URLs: the ETag to revalidate with
+    sha256: str | None = None
 
 
 def images_of_products(session: Session, product_ids: Sequence[int]) -> list[ImageRow]:
@@ -315,11 +366,12 @@ def images_of_products(session: Session, product_ids: Sequence[int]) -> list[Ima
     for chunk in _chunks(list(product_ids), IN_CHUNK):
         for row in session.execute(
             select(ProductImage.id, ProductImage.product_id, ProductImage.path, ProductImage.status,
-                   ProductImage.file_size, ProductImage.file_mtime_ns)
+                   ProductImage.file_size, ProductImage.file_mtime_ns, ProductImage.source_etag,
+                   ProductImage.sha256)
             .where(ProductImage.product_id.in_(chunk)).order_by(ProductImage.id)
         ):
             rows.append(ImageRow(row.id, row.product_id, row.path, ImageStatus(row.status), row.file_size,
-                                 row.file_mtime_ns))
+                                 row.file_mtime_ns, row.source_etag, row.sha256))
     return rows
 
 
@@ -368,6 +420,20 @@ def mark_indexed(session: Session, images: Sequence[dict[str, Any]]) -> None:
     ])
 
 
+def set_source_validators(session: Session, validators: dict[int, tuple[str | None, int | None]]) -> None:
+    """Record the ETag and Last-Modified (ns) of images fetched from URLs (image id -> both).
+
+    Only images still indexed are touched: a validator must describe the embedded copy.
+    """
+    if validators:
+        table = ProductImage.__table__
+        session.execute(
+            update(table).where(table.c.id == bindparam("image"), table.c.status == ImageStatus.INDEXED)
+            .values(source_etag=bindparam("etag"), file_mtime_ns=bindparam("modified")),
+            [{"image": image, "etag": etag, "modified": modified}
+             for image, (etag, modified) in validators.items()])
+
+
 def mark_failed(session: Session, failures: Sequence[tuple[int, str]]) -> None:
     """Bulk-update images to failed with their error message."""
     if failures:
@@ -377,17 +443,29 @@ def mark_failed(session: Session, failures: Sequence[tuple[int, str]]) -> None:
 
 
 # Built once: constructing and coercing the statement per search cost ~1.5 ms, most of
-# the catalogue's share of a query.
+# the catalogue's share of a query. The attributes come as their stored JSON text, decoded
+# (decode_attributes) only for the hits a page shows: decoding every candidate's cost
+# ~3 us a row (+1 ms for 400 candidates), as much as the rest of the lookup.
 _HIT_ROWS = (
     select(ProductImage.id, ProductImage.product_id, ProductImage.status, Product.sku, Product.title,
-           Product.category, Product.brand, Product.price, Product.url)
+           Product.category, Product.brand, Product.price, Product.url,
+           type_coerce(Product.attributes, Text).label("attributes"))
     .join(Product, Product.id == ProductImage.product_id)
     .where(ProductImage.id.in_(bindparam("ids", expanding=True)))
 )
 
 
+def decode_attributes(value: Any) -> dict[str, Any]:
+    """A hit row's ``attributes``: JSON text (SQLite), or already decoded where the driver
+    decodes JSON columns itself (psycopg)."""
+    if isinstance(value, (str, bytes)):
+        value = json.loads(value)
+    return dict(value or {})
+
+
 def hit_rows(session: Session, image_ids: Sequence[int]) -> dict[int, Any]:
-    """Image id -> (id, product_id, status, sku, title, category, brand, price, url) of search hits."""
+    """Image id -> (id, product_id, status, sku, title, category, brand, price, url, attributes
+    as JSON text: see :func:`decode_attributes`) of search hits."""
     found: dict[int, Any] = {}
     for chunk in _chunks(list(image_ids), IN_CHUNK):
         for row in session.execute(_HIT_ROWS, {"ids": chunk}):
@@ -436,6 +514,102 @@ def image_ids(session: Session, batch: int = 50_000, *, status: ImageStatus | No
             return
         yield list(ids)
         last = ids[-1]
+
+
+# --- comparing with a manifest, pruning (visualsearch.sync) -----------------------
+
+
+def product_rows_by_sku(session: Session, skus: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The stored fields (id, sku, title, category, brand, price, url, attributes) of the
+    products with these SKUs that exist."""
+    rows: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(list(skus), IN_CHUNK):
+        for row in session.execute(
+            select(Product.id, Product.sku, *[getattr(Product, name) for name in FIELD_NAMES], Product.attributes)
+            .where(Product.sku.in_(chunk))
+        ):
+            rows[row.sku] = dict(row._mapping)
+    return rows
+
+
+def record_changes_fields(current: dict[str, Any], record: ProductRecord) -> bool:
+    """Whether upserting ``record`` would change the stored product ``current`` (a row of
+    :func:`product_rows_by_sku`)."""
+    return bool(_field_changes(current, record)[0])
+
+
+def product_keys(session: Session, *, after: int = 0, limit: int = 5000) -> list[tuple[int, str]]:
+    """(id, sku) of the products with ids above ``after``, ascending: one keyset page."""
+    return [(row.id, row.sku) for row in session.execute(
+        select(Product.id, Product.sku).where(Product.id > after).order_by(Product.id).limit(limit))]
+
+
+def image_keys(session: Session, *, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str]]:
+    """(image id, its product's sku, path) of the images with ids above ``after``,
+    ascending: one keyset page."""
+    return [(row.id, row.sku, row.path) for row in session.execute(
+        select(ProductImage.id, Product.sku, ProductImage.path).join(Product, Product.id == ProductImage.product_id)
+        .where(ProductImage.id > after).order_by(ProductImage.id).limit(limit))]
+
+
+def delete_images(session: Session, image_ids: Sequence[int]) -> list[tuple[int, str]]:
+    """Delete images by id, whatever their product. Their vectors must then leave the
+    store (see :func:`delete_products`).
+
+    Returns:
+        (id, path) of the images that existed.
+    """
+    deleted: list[tuple[int, str]] = []
+    for chunk in _chunks(list(image_ids), IN_CHUNK):
+        rows = [(row.id, row.path) for row in session.execute(
+            select(ProductImage.id, ProductImage.path).where(ProductImage.id.in_(chunk)))]
+        if rows:
+            session.execute(delete(ProductImage).where(ProductImage.id.in_([image_id for image_id, _ in rows])))
+            deleted += rows
+    return deleted
+
+
+@dataclass(frozen=True)
+class IndexedImage:
+    """An indexed image as re-embedding needs it (no ORM)."""
+
+    id: int
+    product_id: int
+    sku: str
+    path: str
+
+
+_INDEXED_IMAGES = (
+    select(ProductImage.id, ProductImage.product_id, Product.sku, ProductImage.path)
+    .join(Product, Product.id == ProductImage.product_id)
+    .where(ProductImage.status == ImageStatus.INDEXED)
+)
+
+
+def indexed_images_after(session: Session, after: int, limit: int, *,
+                         indexed_since: datetime | None = None) -> list[IndexedImage]:
+    """Up to ``limit`` indexed images with ids above ``after``, ascending (a keyset page:
+    callers walk a catalogue of any size in bounded batches); only those indexed at or
+    after ``indexed_since`` when given (a scan: indexed_at has no index)."""
+    query = _INDEXED_IMAGES.where(ProductImage.id > after)
+    if indexed_since is not None:
+        query = query.where(ProductImage.indexed_at >= indexed_since)
+    return [IndexedImage(*row) for row in session.execute(query.order_by(ProductImage.id).limit(limit))]
+
+
+def indexed_images_by_id(session: Session, image_ids: Sequence[int]) -> list[IndexedImage]:
+    """The images among ``image_ids`` that are indexed."""
+    found: list[IndexedImage] = []
+    for chunk in _chunks(list(image_ids), IN_CHUNK):
+        found += [IndexedImage(*row) for row in session.execute(_INDEXED_IMAGES.where(ProductImage.id.in_(chunk)))]
+    return found
+
+
+def products_changed_since(session: Session, since: datetime) -> list[int]:
+    """Products whose fields changed at or after ``since``, or whose stored vectors may
+    still carry older fields (a scan of the products: updated_at has no index)."""
+    return list(session.scalars(
+        select(Product.id).where((Product.updated_at >= since) | (Product.vectors_stale != 0))))
 
 
 # --- counts ----------------------------------------------------------------------

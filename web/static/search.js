@@ -2,7 +2,8 @@
 (() => {
   const form = document.getElementById("search-form");
   const drop = document.getElementById("drop");
-  const fileInput = document.getElementById("file");
+  // "Take a photo" (camera) and "Choose a photo" (gallery, or any file on a desktop).
+  const pickers = [document.getElementById("camera"), document.getElementById("file")];
   const preview = document.getElementById("preview");
   const previewWrap = document.getElementById("preview-wrap");
   const cropBox = document.getElementById("crop-box");
@@ -33,7 +34,13 @@
     form.requestSubmit();
   }
 
-  fileInput.addEventListener("change", () => usePhoto(fileInput.files[0]));
+  for (const input of pickers) {
+    input.addEventListener("change", () => {
+      const file = input.files[0];
+      input.value = "";  // picking the same photo again searches again
+      usePhoto(file);
+    });
+  }
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => {
@@ -95,7 +102,7 @@
     return a;
   }
 
-  form.addEventListener("change", (e) => { if (photo && e.target !== fileInput) form.requestSubmit(); });
+  form.addEventListener("change", (e) => { if (photo && !pickers.includes(e.target)) form.requestSubmit(); });
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     if (!photo) return;

@@ -1,0 +1,313 @@
+"""Re-embedding with another backbone beside the current vectors, then one switch, with no downtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from click.testing import CliRunner
+from torch import nn
+from werkzeug.serving import make_server
+
+from indexer.cli import main
+from visualsearch.backbones import (
+    BackboneNetwork,
+    BackboneSpec,
+    Preprocessing,
+    WeightsSource,
+    load_weights_strictly,
+    register_backbone,
+)
+from visualsearch.catalogue_manifest import ProductRecord
+from visualsearch.errors import BackboneMismatchError
+from visualsearch.generations import GenerationChangedError
+from visualsearch.reembed import reembed
+from visualsearch.service import VisualSearch
+from visualsearch.vectors import SearchFilters, VectorRows
+from visualsearch.vectors.manifest import read_store_manifest
+from web import create_app
+
+from .conftest import TINY, Crash, make_image
+
+TINY24 = "test_tiny24"
+
+
+class _Tiny24Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 12, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(12, 24, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(24, 1000)
+
+
+def _build_tiny24(weights: Path) -> BackboneNetwork:
+    model = _Tiny24Net()
+    load_weights_strictly(model, weights, TINY24)
+    return BackboneNetwork(model.trunk, lambda f: model.fc(f.mean(dim=(2, 3))))
+
+
+register_backbone(BackboneSpec(
+    name=TINY24, embedding_dim=24, build=_build_tiny24,
+    weights=WeightsSource(filename="test_tiny24.pth"),
+    preprocessing=Preprocessing(input_size=32, resize_size=32, interpolation="bilinear"),
+    description="a second two-layer CNN, to re-embed with", hidden=True,
+))
+
+
+@pytest.fixture(scope="module")
+def tiny24_weights(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights24") / "test_tiny24.pth"
+    torch.save(_Tiny24Net().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def settings(tiny_settings, small_catalogue):
+    """A catalogue indexed with the tiny backbone; the settings of a server that follows
+    the catalogue's backbone (no pinned --backbone; its --weights are the old backbone's)."""
+    VisualSearch(tiny_settings).index(small_catalogue)
+    return dataclasses.replace(tiny_settings, backbone=None)
+
+
+def _query(small_catalogue: Path, number: int) -> Path:
+    return small_catalogue.parent / "img" / f"p{number}-0.png"
+
+
+def test_searches_come_from_the_new_vectors_and_the_old_stay_until_dropped(settings, small_catalogue,
+                                                                           tiny24_weights):
+    reader = VisualSearch(settings)  # a server opened before: it has the old pair loaded
+    assert reader.search(_query(small_catalogue, 3), top_k=1).hits[0].sku == "P3"
+
+    vs = VisualSearch(settings)
+    report = vs.reembed(backbone=TINY24, weights=str(tiny24_weights))
+    assert report.switched and report.previous_backbone == TINY and report.backbone == TINY24
+    assert report.embedded == 24 and report.failures == [] and report.generation.startswith("generations/1-")
+    stats = vs.stats()
+    assert stats["backbone"] == TINY24 and stats["dim"] == 24
+    assert stats["index"]["vectors"] == 24 and stats["index"]["up_to_date"]
+    top = vs.search(_query(small_catalogue, 5), top_k=3).hits
+    assert top[0].sku == "P5" and top[0].score == pytest.approx(1.0, abs=1e-4)
+    assert vs.store().dim == 24 and vs.embedder.dim == 24
+
+    # Another process finds the new backbone's weights where the catalogue recorded them.
+    fresh = VisualSearch(settings)
+    assert fresh.health()["backbone"] == TINY24
+    assert fresh.search(_query(small_catalogue, 7), top_k=1).hits[0].sku == "P7"
+    # The server that was running follows the switch.
+    assert reader.health()["backbone"] == TINY
+    assert reader.follow_generation(0, wait=True)
+    assert reader.health()["backbone"] == TINY24 and reader.store().dim == 24
+    assert reader.search(_query(small_catalogue, 3), top_k=1).hits[0].sku == "P3"
+
+    # A process pinning the old backbone is refused (the existing mismatch rule).
+    with pytest.raises(BackboneMismatchError):
+        VisualSearch(dataclasses.replace(settings, backbone=TINY)).search(_query(small_catalogue, 3))
+
+    # The old vectors stay, readable, until --drop-old.
+    old = read_store_manifest(settings.data_dir)
+    assert old is not None and old.backbone == TINY and old.vectors == 24
+    assert vs.drop_old_generations() == ["."]
+    assert read_store_manifest(settings.data_dir) is None and not (settings.data_dir / "vectors").exists()
+    assert (settings.data_dir / report.generation / "manifest.json").is_file()
+    assert VisualSearch(settings).search(_query(small_catalogue, 9), top_k=1).hits[0].sku == "P9"
+    assert vs.drop_old_generations() == []
+
+    again = vs.reembed(backbone=TINY24, weights=str(tiny24_weights))
+    assert not again.switched and again.embedded == 0
+
+    # And back to the first backbone: a third generation; the second stays until dropped.
+    back = vs.reembed(backbone=TINY, weights=str(settings.weights), drop_old=True)
+    assert back.switched and back.generation.startswith("generations/2-") and back.dropped == [report.generation]
+    assert VisualSearch(settings).search(_query(small_catalogue, 4), top_k=1).hits[0].sku == "P4"
+
+
+class _CrashOnSecondBatch:
+    def __init__(self):
+        self.done = 0
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.done > 8:
+            raise Crash()
+
+
+def test_a_killed_reembed_resumes_where_it_stopped(settings, small_catalogue, tiny24_weights, tmp_path):
+    vs = VisualSearch(settings)
+    with pytest.raises(Crash):
+        reembed(vs, backbone=TINY24, weights=str(tiny24_weights), batch_images=8, progress=_CrashOnSecondBatch())
+    # Nothing switched: searches still answer from the old vectors.
+    assert VisualSearch(settings).stats()["backbone"] == TINY
+    assert VisualSearch(settings).search(_query(small_catalogue, 2), top_k=1).hits[0].sku == "P2"
+
+    resumed = reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights), batch_images=8)
+    assert resumed.resumed and resumed.switched
+    assert resumed.skipped == 8 and resumed.embedded == 16
+    assert resumed.generation == "generations/1-test_tiny24"
+    stats = VisualSearch(settings).stats()
+    assert stats["backbone"] == TINY24 and stats["index"]["vectors"] == 24
+
+    # A run for another identity abandons an unfinished one (its folder goes).
+    with pytest.raises(Crash):
+        reembed(VisualSearch(settings), backbone=TINY, weights=str(settings.weights), batch_images=8,
+                progress=_CrashOnSecondBatch())
+    assert (settings.data_dir / "generations" / "2-test_tiny").is_dir()
+    torch.manual_seed(2)
+    other_weights = tmp_path / "other24.pth"
+    torch.save(_Tiny24Net().state_dict(), other_weights)
+    done = reembed(VisualSearch(settings), backbone=TINY24, weights=str(other_weights), batch_images=8)
+    assert done.switched and not done.resumed and done.skipped == 0 and done.embedded == 24
+    assert not (settings.data_dir / "generations" / "2-test_tiny").exists()
+    assert done.generation == "generations/2-test_tiny24"
+    assert VisualSearch(settings).search(_query(small_catalogue, 2), top_k=1).hits[0].sku == "P2"
+
+
+class _WritesMidRun:
+    """Stands for API writes landing in the current generation while the reembed runs."""
+
+    def __init__(self, server: VisualSearch, folder: Path):
+        self.server = server
+        self.folder = folder
+        self.calls = 0
+        self.done = 0
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def advance(self, count: int) -> None:
+        self.calls += 1
+        if count == 0 and self.done == 8:  # the second batch starts: P0..P3 are in the new generation
+            image = make_image(self.folder / "new.png", seed=999)
+            self.server.put_product(ProductRecord(sku="NEW", title="New", category="shoes", images=[str(image)]))
+            self.server.put_product(ProductRecord(sku="P6", category="scarves"))
+            self.server.remove(["P0"])
+        self.done += count
+
+
+def test_writes_during_the_reembed_are_in_the_new_generation(settings, small_catalogue, tiny24_weights, tmp_path):
+    server = VisualSearch(settings)
+    server.search(_query(small_catalogue, 1))  # loaded: the old pair
+    writes = _WritesMidRun(server, tmp_path)
+    report = reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights), batch_images=8,
+                     progress=writes)
+    assert report.switched and writes.done == 25  # the 24 images, and NEW's (walked by the bulk phase)
+    assert report.caught_up >= 1 and report.deleted == 2 and report.refreshed >= 1
+
+    after = VisualSearch(settings)
+    ids = set(after.store().alive_ids().tolist())
+    new = after.product("NEW")
+    assert {image.id for image in new.images} <= ids
+    assert after.search(tmp_path / "new.png", top_k=1).hits[0].sku == "NEW"
+    assert after.search(_query(small_catalogue, 6), top_k=1).hits[0].sku == "P6"
+    scarves = after.search(_query(small_catalogue, 6), filters=SearchFilters.build(category="scarves")).hits
+    assert [hit.sku for hit in scarves] == ["P6"]
+    assert "P0" not in {hit.sku for hit in after.search(_query(small_catalogue, 0), top_k=20).hits}
+    stats = after.stats()
+    assert stats["index"]["vectors"] == stats["indexed_images"] == 23 and stats["index"]["up_to_date"]
+
+    # The server (old pair loaded) writes into the new generation after the switch.
+    later = make_image(tmp_path / "later.png", seed=1234)
+    server.put_product(ProductRecord(sku="LATER", category="bags", images=[str(later)]))
+    assert server.store().dim == 24
+    assert after.search(later, top_k=1).hits[0].sku == "LATER"
+    server.remove(["P1"])
+    assert not {image.id for image in after.product("P2").images} - set(after.store().alive_ids().tolist())
+    assert after.stats()["index"]["vectors"] == 22
+
+
+def test_a_write_to_a_replaced_generation_is_refused_and_retried(settings, small_catalogue, tiny24_weights,
+                                                                  tmp_path):
+    stale = VisualSearch(settings)
+    old_store = stale.store()
+    pinned = stale.pinned()  # a request that began before the switch
+    reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights))
+    with pytest.raises(GenerationChangedError):
+        old_store.commit(VectorRows.build(ids=[999], product_ids=[1], vectors=np.ones((1, 32)), prices=[None],
+                                          tokens=[[]], dim=32))
+    # Its write goes to the new generation anyway (a retry on the current one).
+    image = make_image(tmp_path / "pinned.png", seed=77)
+    view, _report, created = pinned.put_product(ProductRecord(sku="PINNED", images=[str(image)]))
+    assert created and view.images[0].status == "indexed"
+    assert VisualSearch(settings).search(image, top_k=1).hits[0].sku == "PINNED"
+
+
+def test_a_live_server_answers_every_search_through_the_switch(settings, small_catalogue, tiny24_weights):
+    app = create_app(settings=settings)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    photo = _query(small_catalogue, 8).read_bytes()
+    outcomes: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def client():
+        with requests.Session() as http:
+            while not stop.is_set():
+                answer = http.post(url + "/api/v1/search", files={"image": ("q.png", photo, "image/png")},
+                                   data={"top_k": "3"}, timeout=30)
+                body = answer.json()
+                outcomes.append((answer.status_code, body["results"][0]["sku"] if answer.ok else str(body)))
+
+    class Slow:  # keeps the run going long enough for many searches meanwhile
+        def set_total(self, total: int) -> None:
+            pass
+
+        def advance(self, count: int) -> None:
+            time.sleep(0.1)
+
+    try:
+        assert requests.get(url + "/api/v1/health", timeout=30).json()["backbone"] == TINY
+        searcher = threading.Thread(target=client)
+        searcher.start()
+        while not outcomes:
+            time.sleep(0.01)
+        report = reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights), batch_images=8,
+                         progress=Slow())
+        during = len(outcomes)
+        deadline = time.monotonic() + 30
+        while requests.get(url + "/api/v1/health", timeout=30).json()["backbone"] != TINY24:
+            assert time.monotonic() < deadline, "the server never followed the switch"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stop.set()
+        searcher.join()
+    finally:
+        stop.set()
+        server.shutdown()
+        thread.join()
+    assert report.switched and during >= 5
+    assert [outcome for outcome in outcomes if outcome != (200, "P8")] == []
+    assert len(outcomes) > during
+
+
+def test_cli_reembed_json_and_drop_old(settings, tiny24_weights, monkeypatch):
+    for name in ("BACKBONE", "WEIGHTS"):
+        monkeypatch.delenv(f"VISUALSEARCH_{name}", raising=False)
+    runner = CliRunner()
+    data = ["--data-dir", str(settings.data_dir)]
+    result = runner.invoke(main, ["reembed", "--backbone", TINY24, "--weights", str(tiny24_weights),
+                                  "--workers", "0", "--json", *data], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["switched"] and report["backbone"] == TINY24 and report["dim"] == 24 and report["embedded"] == 24
+    stats = json.loads(runner.invoke(main, ["stats", "--json", *data]).stdout)
+    assert stats["backbone"] == TINY24 and stats["index"]["vectors"] == 24
+    dropped = runner.invoke(main, ["reembed", "--drop-old", "--json", *data])
+    assert dropped.exit_code == 0 and json.loads(dropped.stdout) == {"dropped": ["."]}
+    missing = runner.invoke(main, ["reembed", *data])
+    assert missing.exit_code == 2 and "--backbone" in missing.output
+    unknown = runner.invoke(main, ["reembed", "--backbone", "nope", *data])
+    assert unknown.exit_code == 1 and "unknown backbone" in unknown.output
