@@ -6,7 +6,7 @@ DATA_DIR ?= visualsearch-data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: demo test install install-dev bench bench-scale loadtest clean
+.PHONY: demo test install install-dev bench bench-scale bench-quality loadtest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,18 @@ SIZE ?= 100k
 SCALE_DIR ?= bench-data/scale-$(SIZE)
 bench-scale: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.scale --size $(SIZE) --data-dir $(SCALE_DIR)
+
+## bench-quality: build the quality benchmarks (benchmarks/quality), score each with `visualsearch eval` (OUT/X/eval.json)
+## (needs: apt-get install -y dataset-fashion-mnist papirus-icon-theme breeze-icon-theme librsvg2-bin)
+QUALITY_OUT ?= benchmarks/quality/out
+QUALITY_BENCHMARKS ?= multiview shopper fashion crossstyle
+bench-quality: $(VENV)/.installed-dev
+	set -e; for name in $(QUALITY_BENCHMARKS); do \
+		$(BIN)/python -m benchmarks.quality.build $$name --out $(QUALITY_OUT); \
+		$(BIN)/visualsearch eval $(QUALITY_OUT)/$$name/queries.csv --manifest $(QUALITY_OUT)/$$name/catalogue.csv \
+			--data-dir $(QUALITY_OUT)/$$name/data --json > $(QUALITY_OUT)/$$name/eval.json; \
+		cat $(QUALITY_OUT)/$$name/eval.json; \
+	done
 
 ## loadtest: gunicorn under 16 readers + a writer for 60 s, exact final catalogue (docs/reliability.md)
 loadtest: $(VENV)/.installed-dev

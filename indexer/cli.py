@@ -115,13 +115,16 @@ def main(verbose: int) -> None:
               help="After indexing, remove the products and images the manifest does not name.")
 @_prune_options
 @click.option("--dry-run", is_flag=True, help="Only show what the run would add, update and prune.")
+@click.option("--recheck-urls", is_flag=True,
+              help="Ask again for every indexed image URL now, however recently it was checked "
+                   "(VISUALSEARCH_REMOTE_RECHECK).")
 @click.option("--format", "manifest_format", type=click.Choice(FORMATS),
               help="What MANIFEST is (default: detected from its header): a manifest (csv, tsv, jsonl) or a "
                    "shop feed (merchant-tsv, merchant-xml: Google Merchant Center; shopify-csv: product export).")
 @_wait_option
 @library_errors
 def index(manifest: Path, strict: bool, as_json: bool, wait: float, prune: bool, max_prune: float, force: bool,
-          dry_run: bool, manifest_format: str | None, **options: Any) -> None:
+          dry_run: bool, recheck_urls: bool, manifest_format: str | None, **options: Any) -> None:
     """Add or update the products of MANIFEST (CSV, JSON Lines or a shop feed).
 
     Images already indexed and unchanged are skipped, so an interrupted run can
@@ -154,10 +157,11 @@ def index(manifest: Path, strict: bool, as_json: bool, wait: float, prune: bool,
                            "not in the manifest", err=True)
 
             synced = vs.sync(manifest, policy=_prune_policy(max_prune, force), progress=progress, wait=wait,
-                             manifest_format=manifest_format, on_prune=announce)
+                             manifest_format=manifest_format, on_prune=announce, recheck_urls=recheck_urls)
             report = synced.index
         else:
-            report = vs.index(manifest, progress=progress, wait=wait, manifest_format=manifest_format)
+            report = vs.index(manifest, progress=progress, wait=wait, manifest_format=manifest_format,
+                              recheck_urls=recheck_urls)
     finally:
         progress.close()
     if as_json:
@@ -244,16 +248,18 @@ def result_options(function: Callable) -> Callable:
 
 
 @main.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("image")
 @engine_options
 @result_options
 @click.option("--crop", help="Search with this region of the photo: x,y,w,h in pixels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @library_errors
-def search(image: Path, top_k: int, category: str | None, brand: str | None, attribute_filters: tuple[str, ...],
+def search(image: str, top_k: int, category: str | None, brand: str | None, attribute_filters: tuple[str, ...],
            min_price: float | None, max_price: float | None, crop: str | None, as_json: bool,
            **options: Any) -> None:
-    """Find the catalogue products most similar to the photo IMAGE."""
+    """Find the catalogue products most similar to the photo IMAGE (a file, or an
+    http(s) URL fetched under the same rules as image URLs in manifests)."""
+    from visualsearch.catalogue_manifest import is_image_url
     from visualsearch.images import Crop
     from visualsearch.vectors import SearchFilters
 
@@ -266,7 +272,16 @@ def search(image: Path, top_k: int, category: str | None, brand: str | None, att
     configure_threads(serving=True)
     filters = SearchFilters.build(category=category, brand=brand, attributes=_attribute_filters(attribute_filters),
                                   min_price=min_price, max_price=max_price)
-    result = _open(_settings(**options), read_only=True).search(image, top_k=top_k, crop=region, filters=filters)
+    settings = _settings(**options)
+    if is_image_url(image):
+        from visualsearch.remote_images import FetchPolicy, fetch_image
+
+        photo: Path | bytes = fetch_image(image, FetchPolicy.from_settings(settings)).data
+    elif Path(image).is_file():
+        photo = Path(image)
+    else:
+        raise click.BadParameter(f"{image!r} is neither a file nor an http(s) URL", param_hint="IMAGE")
+    result = _open(settings, read_only=True).search(photo, top_k=top_k, crop=region, filters=filters)
     _print_hits(result, as_json)
 
 
@@ -445,18 +460,27 @@ def rebuild_index(as_json: bool, wait: float, **options: Any) -> None:
 @click.option("--threads", type=click.IntRange(min=1), help=_help("threads"))
 @click.option("--batch-size", type=click.IntRange(min=1), help=_help("batch_size"))
 @click.option("--workers", type=click.IntRange(min=0), help=_help("workers"))
-@click.option("--drop-old", is_flag=True, help="Afterwards delete the vectors of the replaced backbone(s).")
+@click.option("--drop-old", is_flag=True,
+              help="Delete the vectors of the replaced backbone(s); alone, once the servers answer with the new "
+                   "one (refused within 10 minutes of the switch; never in the run that switches).")
+@click.option("--force", is_flag=True,
+              help="Switch even if more than 1% of the images could not be embedded; --drop-old even within "
+                   "10 minutes of the switch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
 @_wait_option
 @library_errors
-def reembed(drop_old: bool, as_json: bool, wait: float, **options: Any) -> None:
+def reembed(drop_old: bool, force: bool, as_json: bool, wait: float, **options: Any) -> None:
     """Re-embed the catalogue with another backbone, with no downtime.
 
     The new vectors are built beside the current ones while servers keep answering
     (and API writes keep landing); then one switch makes them current, and servers
-    follow within a second. The old vectors stay on disk until --drop-old. A run that
-    was interrupted resumes where it stopped when started again.
+    follow within a second, loading the new vectors while still answering from the old.
+    The old vectors stay on disk until a later `reembed --drop-old`, once the servers
+    answer with the new backbone. A run that was interrupted, or refused because too
+    many images failed, resumes where it stopped when started again.
     """
+    from visualsearch.reembed import ReembedRefusedError
+
     from .progress import TqdmProgress
 
     settings = _settings(**options)
@@ -464,13 +488,20 @@ def reembed(drop_old: bool, as_json: bool, wait: float, **options: Any) -> None:
     if not settings.backbone:
         if not drop_old:
             raise click.UsageError("name the backbone to switch to with --backbone (or only --drop-old)")
-        outcome = {"dropped": vs.drop_old_generations(wait=wait)}
+        outcome = {"dropped": vs.drop_old_generations(wait=wait, force=force)}
         _print_outcome(outcome, as_json)
         return
     progress = TqdmProgress("re-embedding")
     try:
         report = vs.reembed(backbone=settings.backbone, weights=settings.weights, wait=wait, drop_old=drop_old,
-                            progress=progress)
+                            force=force, progress=progress)
+    except ReembedRefusedError as exc:
+        if as_json:
+            click.echo(json.dumps(exc.report.to_dict(), indent=2))
+        else:
+            for failure in exc.report.failures:
+                click.echo(f"  {failure.sku}: {failure.image}: {failure.message}", err=True)
+        raise
     finally:
         progress.close()
     if as_json:
@@ -487,6 +518,8 @@ def reembed(drop_old: bool, as_json: bool, wait: float, **options: Any) -> None:
         click.echo(f"  {failure.sku}: {failure.image}: {failure.message}", err=True)
     if report.dropped:
         click.echo(f"dropped old vectors: {', '.join(report.dropped)}")
+    for note in report.notes:
+        click.echo(note)
 
 
 def _print_outcome(outcome: dict, as_json: bool) -> None:
@@ -500,6 +533,115 @@ def _print_outcome(outcome: dict, as_json: bool) -> None:
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
         click.echo(f"{key:>{width}}: {value}")
+
+
+@main.command("eval")
+@click.argument("queries", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@engine_options
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Index this catalogue manifest into the data directory first (what is indexed already is "
+                   "skipped).")
+@click.option("-k", "--top-k", type=click.IntRange(10, 100), default=10, show_default=True,
+              help="Products asked of each search (the metrics look 10 deep; more adds Recall@K).")
+@click.option("--limit", type=click.IntRange(min=1), help="Run only the first N queries.")
+@click.option("--compare", nargs=2, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              metavar="DIR_A DIR_B",
+              help="Run the queries against two data directories, each with the backbone it was indexed with, "
+                   "and show them side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@_wait_option
+@library_errors
+def evaluate_command(queries: Path, manifest: Path | None, top_k: int, limit: int | None,
+                     compare: tuple[Path, Path] | None, as_json: bool, wait: float, **options: Any) -> None:
+    """Measure retrieval quality with the labelled query photos of QUERIES.
+
+    QUERIES is a CSV or JSON Lines file with the columns image, expected_sku ('A|B' for
+    several), expected_category and exclude_image (see the README). Each query runs
+    through the real search (decode, embed, search); the result is Recall@1/5/10,
+    mAP@10, category precision@10 and the query latency p50/p95.
+    """
+    from dataclasses import replace
+
+    from visualsearch.evaluation import compare_reports, read_queries
+    from visualsearch.vectors import configure_threads
+
+    labelled = read_queries(queries, limit=limit)  # the whole file is checked before anything runs
+    if compare:
+        if manifest is not None or options["data_dir"] is not None or options["backbone"] is not None:
+            raise click.UsageError("--compare names both data directories and searches each with the backbone it "
+                                   "was indexed with: leave out --manifest, --data-dir and --backbone")
+        settings = _settings(**options)
+        configure_threads(serving=True)  # measure latency as a serving process searches
+        # Each directory's own stored backbone (not one pinned by VISUALSEARCH_BACKBONE).
+        reports = [_run_eval(_open(replace(settings, data_dir=folder, backbone=None), read_only=True), labelled,
+                             top_k, label) for folder, label in zip(compare, ("A", "B"))]
+        outcome = compare_reports(*reports)
+        click.echo(json.dumps(outcome, indent=2) if as_json else _eval_table(outcome))
+        return
+    settings = _settings(**options)
+    if manifest is not None:
+        from .progress import TqdmProgress
+
+        vs = _open(settings)
+        progress = TqdmProgress()
+        try:
+            indexed = vs.index(manifest, progress=progress, wait=wait)
+        finally:
+            progress.close()
+        click.echo(f"indexed {manifest}: {indexed.embedded} embedded, {indexed.unchanged} unchanged, "
+                   f"{len(indexed.failures)} failed", err=True)
+    else:
+        vs = _open(settings, read_only=True)
+    configure_threads(serving=True)  # measure latency as a serving process searches
+    report = _run_eval(vs, labelled, top_k, "")
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else _eval_table({"a": report.to_dict()}))
+
+
+def _run_eval(vs, queries: list, top_k: int, label: str):
+    from visualsearch.evaluation import evaluate
+
+    from .progress import TqdmProgress
+
+    progress = TqdmProgress(f"evaluating {label}".strip())
+    try:
+        return evaluate(vs, queries, top_k=top_k, progress=progress)
+    finally:
+        progress.close()
+
+
+def _eval_table(outcome: dict) -> str:
+    """The metrics as a table: one column per data directory (and their difference)."""
+    runs = [outcome[key] for key in ("a", "b") if key in outcome]
+    difference = outcome.get("difference")
+    names = [name for name in runs[0] if name.startswith(("recall_at_", "map_at_", "category_precision_", "latency_"))]
+    header = ["metric", *(["A", "B", "B - A"] if difference else ["value"])]
+    rows = [["data dir", *(run["data_dir"] for run in runs)], ["backbone", *(str(run["backbone"]) for run in runs)],
+            ["queries", *(f"{run['queries']} ({run['sku_queries']} sku, {run['category_queries']} category)"
+                          for run in runs)]]
+    for name in names:
+        row = [_metric_label(name), *(_metric(name, run[name]) for run in runs)]
+        if difference:
+            row.append(_metric(name, difference[name], signed=True))
+        rows.append(row)
+    widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+
+
+def _metric_label(name: str) -> str:
+    """recall_at_5 -> Recall@5, map_at_10 -> mAP@10, latency_p50_ms -> latency p50."""
+    if name.startswith("recall_at_"):
+        return "Recall@" + name.removeprefix("recall_at_")
+    return {"map_at_10": "mAP@10", "category_precision_at_10": "category precision@10"}.get(
+        name, name.removesuffix("_ms").replace("_", " "))
+
+
+def _metric(name: str, value: float | None, *, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    sign = "+" if signed else ""
+    return f"{value:{sign}.1f} ms" if name.startswith("latency_") else f"{value:{sign}.3f}"
 
 
 @main.command()

@@ -265,3 +265,37 @@ def test_remove_waits_for_the_commit_lock(run, indexed, tiny_settings):
         assert time.monotonic() - held_at >= 1.0
     finally:
         timer.join()
+
+
+def test_search_takes_a_file_or_an_image_url(run, indexed, monkeypatch):
+    """`visualsearch search URL` fetches the photo under the manifest's URL rules."""
+    import http.server
+
+    photo = (indexed.parent / "img" / "p3-0.png").read_bytes()
+
+    class Photo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(photo)))
+            self.end_headers()
+            self.wfile.write(photo)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Photo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/p3.png"
+    try:
+        refused = run("search", url)  # loopback: refused unless a private deployment allows it
+        assert refused.exit_code == 1 and "remote_refused" in refused.output
+        monkeypatch.setenv("VISUALSEARCH_ALLOW_PRIVATE_URLS", "127.0.0.1")
+        by_url = json.loads(run("search", url, "-k", "1", "--json").stdout)["results"]
+        by_file = json.loads(run("search", str(indexed.parent / "img" / "p3-0.png"), "-k", "1", "--json").stdout)
+        assert by_url[0]["sku"] == "P3" and by_url == by_file["results"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    missing = run("search", "no-such-photo.jpg")
+    assert missing.exit_code == 2 and "neither a file nor an http(s) URL" in missing.output

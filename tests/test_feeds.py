@@ -49,9 +49,9 @@ TEE_ROWS = [
 ]
 MUG_ROWS = [
     {"Handle": "mug", "Title": "Mug", "Vendor": "Globex",
-     "Product Category": "Home & Garden > Kitchen & Dining > Tableware > Drinkware > Mugs", "Published": "false",
+     "Product Category": "Home & Garden > Kitchen & Dining > Tableware > Drinkware > Mugs", "Published": "true",
      "Option1 Name": "Title", "Option1 Value": "Default Title", "Variant SKU": "MUG-1", "Variant Price": "8.50",
-     "Image Src": "https://cdn.shopify.com/s/files/1/mug.png?v=1", "Image Position": "1", "Status": "draft"},
+     "Image Src": "https://cdn.shopify.com/s/files/1/mug.png?v=1", "Image Position": "1", "Status": "active"},
 ]
 
 
@@ -84,7 +84,7 @@ def expected_mug(line: int = 6) -> ProductRecord:
     return ProductRecord(
         sku="mug", title="Mug", category="Mugs", brand="Globex", price=8.5, url=None,
         attributes={"product_category": "Home & Garden > Kitchen & Dining > Tableware > Drinkware > Mugs",
-                    "published": "false", "status": "draft", "variant_sku": "MUG-1"},
+                    "published": "true", "status": "active", "variant_sku": "MUG-1"},
         images=["https://cdn.shopify.com/s/files/1/mug.png?v=1"], line=line,
     )
 
@@ -96,6 +96,20 @@ def test_shopify_export_gives_one_record_per_handle(tmp_path):
     # goods (Cost per item) are not kept, since product attributes are public.
     assert read_manifest(path) == [expected_tee(tmp_path.resolve()), expected_mug()]
     assert read_manifest(path, format="shopify-csv") == read_manifest(path)
+
+
+def test_shopify_products_not_on_the_shop_are_left_out(tmp_path):
+    """Drafts, archived and unpublished products are not on the shop: a search must not
+    show them, and a sync with --prune removes them once they are unpublished."""
+    hidden = [
+        {**MUG_ROWS[0], "Handle": "draft-mug", "Status": "draft"},
+        {**MUG_ROWS[0], "Handle": "archived-mug", "Status": "archived"},
+        {**MUG_ROWS[0], "Handle": "unpublished-mug", "Published": "false"},
+        {**MUG_ROWS[0], "Handle": "old-export-mug", "Status": "", "Published": "FALSE"},
+    ]
+    path = write_shopify(tmp_path / "p.csv", TEE_ROWS + hidden + MUG_ROWS)
+    assert validate_manifest(path).rows == 2
+    assert [record.sku for record in read_manifest(path)] == ["classic-tee", "mug"]
 
 
 def test_a_shopify_handle_that_reappears_later_is_merged(tmp_path):
@@ -190,6 +204,16 @@ def test_merchant_tsv_maps_items_and_groups_variants(tmp_path):
     summary = validate_manifest(path)
     assert (summary.rows, summary.images) == (2, 5)  # tee-red.png named twice, counted once
     assert read_manifest(path) == expected_merchant(tmp_path.resolve())
+
+
+def test_merchant_fields_a_shop_does_not_publish_are_not_kept(tmp_path):
+    """Attributes are public (search hits, the product API): costs and margin labels stay out."""
+    columns = [*MERCHANT_COLUMNS, "cost_of_goods_sold", "custom_label_0", "custom_label_4",
+               "sell_on_google_quantity", "excluded_destination", "material"]
+    items = [[*item, "4.10 USD", "high-margin", "q4", "7", "Shopping_ads", "cotton"] for item in MERCHANT_ITEMS]
+    tee, mug = read_manifest(write_merchant_tsv(tmp_path / "feed.tsv", items, columns))
+    assert tee.attributes == {**expected_merchant(tmp_path.resolve())[0].attributes, "material": "cotton"}
+    assert mug.attributes == {**expected_merchant(tmp_path.resolve())[1].attributes, "material": "cotton"}
 
 
 def test_merchant_tsv_header_spellings(tmp_path):

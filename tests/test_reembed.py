@@ -6,6 +6,7 @@ import dataclasses
 import json
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,17 @@ from visualsearch.backbones import (
     load_weights_strictly,
     register_backbone,
 )
+from visualsearch.catalogue import store as catalogue
 from visualsearch.catalogue_manifest import ProductRecord
 from visualsearch.errors import BackboneMismatchError
-from visualsearch.generations import GenerationChangedError
-from visualsearch.reembed import reembed
+from visualsearch.generations import Generation, GenerationChangedError, GenerationRef, GenerationTracker
+from visualsearch.reembed import (
+    DROP_GRACE,
+    SWITCHED_AT_KEY,
+    DropRefusedError,
+    ReembedRefusedError,
+    reembed,
+)
 from visualsearch.service import VisualSearch
 from visualsearch.vectors import SearchFilters, VectorRows
 from visualsearch.vectors.manifest import read_store_manifest
@@ -113,9 +121,14 @@ def test_searches_come_from_the_new_vectors_and_the_old_stay_until_dropped(setti
     with pytest.raises(BackboneMismatchError):
         VisualSearch(dataclasses.replace(settings, backbone=TINY)).search(_query(small_catalogue, 3))
 
-    # The old vectors stay, readable, until --drop-old.
+    # The old vectors stay, readable, until --drop-old: refused right after the switch
+    # (servers may still be loading the new vectors), allowed once the grace period passed.
     old = read_store_manifest(settings.data_dir)
     assert old is not None and old.backbone == TINY and old.vectors == 24
+    with pytest.raises(DropRefusedError, match="servers answer with test_tiny24"):
+        vs.drop_old_generations()
+    assert read_store_manifest(settings.data_dir) is not None
+    _age_the_switch(settings)
     assert vs.drop_old_generations() == ["."]
     assert read_store_manifest(settings.data_dir) is None and not (settings.data_dir / "vectors").exists()
     assert (settings.data_dir / report.generation / "manifest.json").is_file()
@@ -125,10 +138,103 @@ def test_searches_come_from_the_new_vectors_and_the_old_stay_until_dropped(setti
     again = vs.reembed(backbone=TINY24, weights=str(tiny24_weights))
     assert not again.switched and again.embedded == 0
 
-    # And back to the first backbone: a third generation; the second stays until dropped.
+    # And back to the first backbone: a third generation. The run that switches never drops
+    # the second (servers answer from it until they loaded the third), even when asked to.
     back = vs.reembed(backbone=TINY, weights=str(settings.weights), drop_old=True)
-    assert back.switched and back.generation.startswith("generations/2-") and back.dropped == [report.generation]
+    assert back.switched and back.generation.startswith("generations/2-") and back.dropped == []
+    assert back.notes and "old vectors kept" in back.notes[0] and "reembed --drop-old" in back.notes[0]
+    assert (settings.data_dir / report.generation / "manifest.json").is_file()
     assert VisualSearch(settings).search(_query(small_catalogue, 4), top_k=1).hits[0].sku == "P4"
+    # A run that does not switch may drop, within the grace period only when forced.
+    with pytest.raises(DropRefusedError):
+        vs.reembed(backbone=TINY, weights=str(settings.weights), drop_old=True)
+    forced = vs.reembed(backbone=TINY, weights=str(settings.weights), drop_old=True, force=True)
+    assert not forced.switched and forced.dropped == [report.generation]
+    assert VisualSearch(settings).search(_query(small_catalogue, 4), top_k=1).hits[0].sku == "P4"
+
+
+def _age_the_switch(settings, by: timedelta = DROP_GRACE + timedelta(seconds=1)) -> None:
+    """Pretend the last switch happened ``by`` ago."""
+    vs = VisualSearch(settings)
+    with vs.session() as session:
+        switched = datetime.fromisoformat(catalogue.get_meta(session, SWITCHED_AT_KEY))
+        catalogue.set_meta(session, SWITCHED_AT_KEY, (switched - by).isoformat())
+
+
+def test_a_drop_waits_out_the_grace_period_after_the_switch(settings, small_catalogue, tiny24_weights):
+    vs = VisualSearch(settings)
+    vs.reembed(backbone=TINY24, weights=str(tiny24_weights))
+    _age_the_switch(settings, by=DROP_GRACE - timedelta(minutes=1))
+    with pytest.raises(DropRefusedError, match="--force") as refused:
+        vs.drop_old_generations()
+    assert refused.value.code == "drop_refused"
+    # A server that has not followed yet still answers from the old vectors meanwhile.
+    assert read_store_manifest(settings.data_dir).vectors == 24
+    _age_the_switch(settings, by=timedelta(minutes=2))
+    assert vs.drop_old_generations() == ["."]
+    # Nothing to drop: never refused.
+    assert vs.drop_old_generations() == []
+
+
+def _hide(files: list[Path], folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    for path in files:
+        path.rename(folder / path.name)
+
+
+class _RestoreAfterBulk:
+    """Puts one removed file back once the bulk phase went through every image (before
+    the catch-up rounds, which retry failed images once)."""
+
+    def __init__(self, hidden: Path, original: Path, total: int):
+        self.hidden, self.original, self.total, self.done = hidden, original, total, 0
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.done >= self.total and self.hidden.exists():
+            self.hidden.rename(self.original)
+
+
+def test_a_reembed_with_many_failures_refuses_to_switch(settings, small_catalogue, tiny24_weights, tmp_path):
+    photos = small_catalogue.parent / "img"
+    gone = [photos / f"p{number}-{view}.png" for number in (0, 1, 2) for view in (0, 1)]
+    _hide(gone, tmp_path / "hidden")
+    restore = _RestoreAfterBulk(tmp_path / "hidden" / "p0-0.png", photos / "p0-0.png", 24)
+
+    with pytest.raises(ReembedRefusedError, match="5 of the catalogue's 24 images") as refused:
+        reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights), batch_images=8,
+                progress=restore)
+    report = refused.value.report
+    # p0-0.png failed in the bulk phase and was retried (and embedded) in a catch-up round.
+    assert not report.switched and report.embedded == 19 and report.caught_up >= 1
+    assert sorted(Path(failure.image).name for failure in report.failures) == sorted(p.name for p in gone[1:])
+    assert "--force" in report.refused and "p1-0.png" in str(refused.value)
+    # Nothing switched: the old vectors answer, every image still indexed.
+    after = VisualSearch(settings)
+    assert after.stats()["backbone"] == TINY and after.stats()["index"]["vectors"] == 24
+    assert after.search(tmp_path / "hidden" / "p1-0.png", top_k=1).hits[0].sku == "P1"
+    assert all(image.status == "indexed" for image in after.product("P1").images)
+
+    # Forced, the run resumes and switches; the images it could not read are failed.
+    forced = reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights), batch_images=8,
+                     force=True)
+    assert forced.switched and forced.resumed and forced.skipped == 19 and len(forced.failures) == 5
+    assert forced.refused is None
+    after = VisualSearch(settings)
+    assert after.stats()["backbone"] == TINY24 and after.stats()["index"]["vectors"] == 19
+    assert {image.status for image in after.product("P1").images} == {"failed"}
+
+
+def test_a_few_failures_do_not_stop_the_switch(settings, small_catalogue, tiny24_weights, tmp_path):
+    photos = small_catalogue.parent / "img"
+    _hide([photos / "p4-0.png", photos / "p4-1.png"], tmp_path / "hidden")
+    report = reembed(VisualSearch(settings), backbone=TINY24, weights=str(tiny24_weights))
+    assert report.switched and report.refused is None
+    assert sorted(Path(failure.image).name for failure in report.failures) == ["p4-0.png", "p4-1.png"]
+    assert VisualSearch(settings).stats()["index"]["vectors"] == 22
 
 
 class _CrashOnSecondBatch:
@@ -305,9 +411,48 @@ def test_cli_reembed_json_and_drop_old(settings, tiny24_weights, monkeypatch):
     assert report["switched"] and report["backbone"] == TINY24 and report["dim"] == 24 and report["embedded"] == 24
     stats = json.loads(runner.invoke(main, ["stats", "--json", *data]).stdout)
     assert stats["backbone"] == TINY24 and stats["index"]["vectors"] == 24
-    dropped = runner.invoke(main, ["reembed", "--drop-old", "--json", *data])
+    too_soon = runner.invoke(main, ["reembed", "--drop-old", "--json", *data])
+    assert too_soon.exit_code == 1 and "drop_refused" in too_soon.output and "--force" in too_soon.output
+    dropped = runner.invoke(main, ["reembed", "--drop-old", "--force", "--json", *data])
     assert dropped.exit_code == 0 and json.loads(dropped.stdout) == {"dropped": ["."]}
     missing = runner.invoke(main, ["reembed", *data])
     assert missing.exit_code == 2 and "--backbone" in missing.output
     unknown = runner.invoke(main, ["reembed", "--backbone", "nope", *data])
     assert unknown.exit_code == 1 and "unknown backbone" in unknown.output
+
+
+def test_a_load_that_crashes_is_recorded_and_retried_only_after_its_back_off(caplog):
+    """A RuntimeError (corrupt weights, CUDA out of memory) while following a switch is a
+    failure like a missing backbone: logged with its traceback, not retried at once."""
+    calls = []
+
+    def load(ref: GenerationRef):
+        calls.append(ref)
+        raise RuntimeError("CUDA out of memory")
+
+    def make(ref: GenerationRef, *, embedder=None) -> Generation:
+        return Generation(ref, load_embedder=load, open_store=lambda _ref: None, embedder=embedder)
+
+    old = GenerationRef("", catalogue.StoredIdentity(TINY, "a" * 64, 32))
+    new = GenerationRef("generations/1-x", catalogue.StoredIdentity(TINY24, "b" * 64, 24))
+    refs = [old]
+    tracker = GenerationTracker(lambda: refs[0], make, embedder=object())  # the old CNN is loaded
+    assert tracker.current().ref == old
+    refs[0] = new
+    with caplog.at_level("ERROR", logger="visualsearch.generations"):
+        tracker.follow(0, wait=False)  # in the background
+        deadline = time.monotonic() + 10
+        while new not in tracker._failed or tracker._loading.locked():
+            assert time.monotonic() < deadline, "the failed load was never recorded"
+            time.sleep(0.01)
+    assert calls == [new] and tracker.current().ref == old  # still answering from the old pair
+    record = next(r for r in caplog.records if "cannot load" in r.getMessage())
+    assert record.exc_info and record.exc_info[0] is RuntimeError
+    for _ in range(3):  # requests within the back-off start no other load
+        tracker.follow(0, wait=False)
+    time.sleep(0.1)
+    assert calls == [new]
+    tracker._failed[new] = 0.0  # the back-off is over
+    with pytest.raises(RuntimeError):
+        tracker.follow(0, wait=True)
+    assert calls == [new, new] and tracker._failed[new] > time.monotonic()

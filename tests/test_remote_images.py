@@ -7,6 +7,7 @@ import email.utils
 import io
 import ipaddress
 import json
+import logging
 import shutil
 import socket
 import ssl
@@ -22,7 +23,8 @@ from typing import Callable
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from visualsearch import remote_images
+from visualsearch import indexing, remote_images, url_recheck
+from visualsearch.errors import ConfigurationError
 from visualsearch.remote_images import (
     ALL_NETWORKS,
     FetchPolicy,
@@ -38,8 +40,10 @@ from visualsearch.remote_images import (
     address_refusal,
     fetch_image,
     parse_allowed_networks,
+    parse_ports,
 )
 from visualsearch.service import VisualSearch
+from visualsearch.settings import Settings
 from web import create_app
 
 from .conftest import make_image, write_catalogue
@@ -319,19 +323,25 @@ def test_bad_and_private_urls_are_refused_before_connecting(url, error):
 
 def test_loopback_is_refused_unless_allowed(server):
     server.image("/a.png", png(1))
-    with pytest.raises(RemoteRefusedError, match="loopback address.*VISUALSEARCH_ALLOW_PRIVATE_URLS"):
+    with pytest.raises(RemoteRefusedError,
+                       match="127.0.0.1 resolves to a non-public address.*VISUALSEARCH_ALLOW_PRIVATE_URLS"):
         fetch_image(server.url("/a.png"), FetchPolicy())
-    with pytest.raises(RemoteRefusedError, match="localhost resolves to"):
+    with pytest.raises(RemoteRefusedError, match="localhost resolves to a non-public address"):
         fetch_image(server.url("/a.png", host="localhost"),
                     replace(POLICY, allowed_networks=parse_allowed_networks("10.0.0.0/8")))
     assert server.count("/a.png") == 0
+    # An allowed address may use any port (the server's is random).
     assert fetch_image(server.url("/a.png"), POLICY).data == png(1)
 
 
-def test_a_name_resolving_to_a_private_address_is_refused(monkeypatch):
+def test_a_refusal_names_no_address_but_the_log_does(monkeypatch, caplog):
+    """Which address an internal name has, and what kind it is, stays in the server's log."""
     fake_dns(monkeypatch, {"images.shop.test": "10.1.2.3"})
-    with pytest.raises(RemoteRefusedError, match="images.shop.test resolves to 10.1.2.3, a private address"):
-        fetch_image("http://images.shop.test/a.png", FetchPolicy(allowed_networks=LOOPBACK))
+    with caplog.at_level(logging.INFO, logger="visualsearch.remote_images"):
+        with pytest.raises(RemoteRefusedError, match="images.shop.test resolves to a non-public address") as caught:
+            fetch_image("http://images.shop.test/a.png", FetchPolicy(allowed_networks=LOOPBACK))
+    assert "10.1.2.3" not in str(caught.value) and "private" not in str(caught.value).split(";")[0]
+    assert "images.shop.test resolves to 10.1.2.3, a private address" in caplog.text
 
 
 @pytest.mark.parametrize("target, allowed", [
@@ -415,9 +425,125 @@ def test_https_sends_the_host_name_for_sni_and_checks_the_certificate(tmp_path, 
     ("::", "a multicast or unspecified address"), ("240.0.0.1", "a reserved address"),
     ("::ffff:127.0.0.1", "a loopback address"), ("::ffff:169.254.169.254", "a cloud metadata address"),
     ("2002:a00:1::", "a private address"),  # 6to4 of 10.0.0.1
+    ("192.0.0.192", "a cloud metadata address"),  # Oracle: global to Python 3.11
+    ("168.63.129.16", "a cloud metadata address"),  # Azure WireServer: a public address
+    ("192.0.0.8", "a special-purpose address (192.0.0.0/24)"),
+    ("169.254.170.2", "a link-local address"),  # ECS task credentials
+    ("64:ff9b::a9fe:a9fe", "a cloud metadata address"),  # NAT64 of 169.254.169.254
+    ("64:ff9b::a00:1", "a private address"), ("64:ff9b::7f00:1", "a loopback address"),
+    ("64:ff9b::5db8:d822", None),  # NAT64 of a public address
+    ("64:ff9b:1::a9fe:aa02", "a link-local address"),  # local-use NAT64 (/96) of 169.254.170.2
+    ("64:ff9b:1:a9fe:a9:fe00:5db8:d822", "a cloud metadata address"),  # its /48 reading
+    ("64:ff9b:1::a00:1", "a private address"),
 ])
 def test_address_rules(address, refused):
     assert address_refusal(ipaddress.ip_address(address)) == refused
+
+
+@pytest.mark.parametrize("address, refused", [
+    ("169.254.169.254", "a cloud metadata address"), ("fd00:ec2::254", "a cloud metadata address"),
+    ("100.100.100.200", "a cloud metadata address"), ("192.0.0.192", "a cloud metadata address"),
+    ("168.63.129.16", "a cloud metadata address"), ("169.254.170.2", "a link-local address"),
+    ("169.254.1.1", "a link-local address"), ("fe80::1", "a link-local address"),
+    ("192.0.0.1", "a special-purpose address (192.0.0.0/24)"),
+    ("::ffff:169.254.170.2", "a link-local address"), ("2002:a9fe:aa02::", "a link-local address"),
+    ("64:ff9b::a9fe:a9fe", "a cloud metadata address"), ("64:ff9b::a9fe:aa02", "a link-local address"),
+    ("64:ff9b:1::a9fe:a9fe", "a cloud metadata address"), ("64:ff9b::c000:c0", "a cloud metadata address"),
+    ("224.0.0.1", "a multicast or unspecified address"), ("0.0.0.0", "a multicast or unspecified address"),
+    # What VISUALSEARCH_ALLOW_PRIVATE_URLS=true is for:
+    ("10.0.0.1", None), ("127.0.0.1", None), ("fc00::1", None), ("100.64.0.1", None),
+    ("64:ff9b::a00:1", None),
+])
+def test_address_rules_when_every_private_address_is_allowed(address, refused):
+    assert address_refusal(ipaddress.ip_address(address), ALL_NETWORKS) == refused
+
+
+def test_nat64_is_checked_as_the_ipv4_address_it_reaches():
+    ten = parse_allowed_networks("10.0.0.0/8")
+    assert address_refusal(ipaddress.ip_address("64:ff9b::a00:1"), ten) is None
+    nat64 = parse_allowed_networks("64:ff9b::/96")  # allowing the prefix does not allow what it reaches
+    assert address_refusal(ipaddress.ip_address("64:ff9b::7f00:1"), nat64) == "a loopback address"
+
+
+def no_connections(monkeypatch) -> list:
+    """Make every outgoing connection fail the test's expectations: returns the attempts."""
+    attempts: list = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise AssertionError(f"connected to {address}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+@pytest.mark.parametrize("allowed", [(), LOOPBACK, ALL_NETWORKS])
+def test_public_addresses_only_on_the_listed_ports(monkeypatch, allowed):
+    fake_dns(monkeypatch, {"images.shop.test": "93.184.216.34", "mixed.shop.test": "127.0.0.1"})
+    attempts = no_connections(monkeypatch)
+    policy = FetchPolicy(allowed_networks=allowed)
+    for url in ("http://images.shop.test:8080/a.png", "https://images.shop.test:22/a.png",
+                "http://93.184.216.34:6379/", "https://[64:ff9b::5db8:d822]:8443/a.png"):
+        with pytest.raises(RemoteRefusedError, match=r"port \d+ is not fetched.*80, 443.*VISUALSEARCH_REMOTE_PORTS"):
+            fetch_image(url, policy)
+    assert attempts == []
+
+
+def test_allowed_private_addresses_may_use_any_port(server, monkeypatch):
+    server.image("/a.png", png(1))
+    fake_dns(monkeypatch, {"cdn.shop.test": "127.0.0.1", "public.shop.test": "93.184.216.34"})
+    assert fetch_image(server.url("/a.png", host="cdn.shop.test"), POLICY).data == png(1)
+    # A redirect from the allowed server to a public address on another port is refused.
+    server.redirect("/out", "http://public.shop.test:8080/a.png")
+    with pytest.raises(RemoteRefusedError, match="redirected to.*port 8080 is not fetched"):
+        fetch_image(server.url("/out"), POLICY)
+
+
+def test_more_ports_can_be_listed(monkeypatch):
+    fake_dns(monkeypatch, {"images.shop.test": "93.184.216.34"})
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(RemoteUpstreamError, match="cannot connect to images.shop.test"):
+        fetch_image("http://images.shop.test:8080/a.png", FetchPolicy(ports=parse_ports("80,443,8080")))
+    assert attempts == [("93.184.216.34", 8080)]
+
+
+def test_refused_and_timed_out_connections_read_alike(monkeypatch, caplog):
+    """Which ports answer and which drop the connection stays in the server's log."""
+    fake_dns(monkeypatch, {"images.shop.test": "93.184.216.34"})
+    errors = []
+    for failure in (ConnectionRefusedError(111, "Connection refused"), TimeoutError("timed out"),
+                    OSError(113, "No route to host")):
+        def fail(address, *args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(socket, "create_connection", fail)
+        with caplog.at_level(logging.INFO, logger="visualsearch.remote_images"):
+            with pytest.raises(RemoteUpstreamError) as caught:
+                fetch_image("http://images.shop.test/a.png", FetchPolicy())
+        errors.append((type(caught.value), caught.value.code, str(caught.value)))
+    assert len(set(errors)) == 1 and errors[0][1] == "remote_unreachable"
+    assert "Connection refused" in caplog.text and "No route to host" in caplog.text
+
+
+def test_port_and_concurrency_settings():
+    assert parse_ports("80, 443,8080") == (80, 443, 8080) and parse_ports([443]) == (443,)
+    for bad in ("", "http", "0", "65536", "80;443"):
+        with pytest.raises(ConfigurationError):
+            parse_ports(bad)
+    defaults = Settings()
+    assert defaults.remote_ports == (80, 443) and defaults.remote_api_concurrency == 4
+    configured = Settings.from_env({"VISUALSEARCH_REMOTE_PORTS": "443,8443",
+                                    "VISUALSEARCH_REMOTE_API_CONCURRENCY": "2"})
+    assert configured.remote_ports == (443, 8443) and configured.remote_api_concurrency == 2
+    assert FetchPolicy.from_settings(configured).ports == (443, 8443)
+    with pytest.raises(ConfigurationError, match="VISUALSEARCH_REMOTE_API_CONCURRENCY"):
+        Settings.from_env({"VISUALSEARCH_REMOTE_API_CONCURRENCY": "0"})
 
 
 def test_allowed_networks_setting():
@@ -487,7 +613,7 @@ def remote_catalogue(tmp_path: Path, server: ImageServer) -> Path:
 
 def test_index_images_at_urls_and_skip_unchanged_ones(remote_settings, tmp_path, server):
     manifest = remote_catalogue(tmp_path / "cat", server)
-    vs = VisualSearch(remote_settings)
+    vs = VisualSearch(replace(remote_settings, remote_recheck=0))  # every run revalidates (see the recheck tests)
     first = vs.index(manifest)
     assert first.failures == [] and first.embedded == 4 and first.unchanged == 0
     second = vs.index(manifest)
@@ -590,6 +716,65 @@ def test_api_refuses_bad_and_private_urls(client, url, code):
     assert response.status_code == 400 and response.get_json()["error"]["code"] == code
 
 
+def test_api_refusal_hides_the_address(client, monkeypatch):
+    fake_dns(monkeypatch, {"db.internal.test": "10.1.2.3"})
+    response = client.post("/api/v1/search", data={"image_url": "http://db.internal.test/a.png"})
+    message = response.get_json()["error"]["message"]
+    assert response.status_code == 400 and "non-public address" in message and "10.1.2.3" not in message
+    port = client.post("/api/v1/search", data={"image_url": "http://93.184.216.34:22/"})
+    assert port.status_code == 400 and "VISUALSEARCH_REMOTE_PORTS" in port.get_json()["error"]["message"]
+
+
+def test_api_url_fetches_at_once_are_bounded(remote_settings, small_catalogue, server):
+    settings = replace(remote_settings, remote_api_concurrency=2, remote_timeout=5.0, remote_deadline=10.0)
+    VisualSearch(settings).index(small_catalogue)
+    app = create_app({"TESTING": True}, settings=settings)
+    photo = (small_catalogue.parent / "img" / "p2-1.png").read_bytes()
+    release = threading.Event()
+
+    def slow(handler):  # sleeps until the test has seen the third request turned away
+        release.wait(5)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(len(photo)))
+        handler.end_headers()
+        handler.wfile.write(photo)
+
+    server.routes["/slow.png"] = slow
+    statuses: list[int] = []
+
+    def search():
+        statuses.append(app.test_client().post("/api/v1/search", data={"image_url": server.url("/slow.png")})
+                        .status_code)
+
+    holders = [threading.Thread(target=search) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    try:
+        waited = time.monotonic()
+        while server.count("/slow.png") < 2 and time.monotonic() - waited < 5:
+            time.sleep(0.02)
+        assert server.count("/slow.png") == 2
+        busy = app.test_client().post("/api/v1/search", data={"image_url": server.url("/slow.png")})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        error = busy.get_json()["error"]
+        assert error["code"] == "remote_fetch_busy"
+        assert "VISUALSEARCH_REMOTE_API_CONCURRENCY" in error["message"] and "'image'" in error["message"]
+        assert server.count("/slow.png") == 2  # turned away without fetching
+        upload = app.test_client().post("/api/v1/search", data={"image": (io.BytesIO(photo), "q.png")})
+        assert upload.status_code == 200  # uploads take no slot
+    finally:
+        release.set()
+        for thread in holders:
+            thread.join(10)
+    assert statuses == [200, 200]
+    # The slots are given back, failed fetches' included.
+    assert app.test_client().post("/api/v1/search", data={"image_url": server.url("/gone.png")}).status_code == 422
+    server.image("/now.png", photo)
+    for _ in range(3):
+        assert app.test_client().post("/api/v1/search", data={"image_url": server.url("/now.png")}).status_code == 200
+
+
 def test_api_wants_exactly_one_photo(client, small_catalogue, server):
     photo = (small_catalogue.parent / "img" / "p2-1.png").read_bytes()
     both = client.post("/api/v1/search", data={"image": (io.BytesIO(photo), "q.png"),
@@ -613,3 +798,195 @@ def test_remote_images_are_served_by_redirect(remote_settings, tmp_path, server)
     local.close()
     page = client.get("/products/ETAG").get_data(as_text=True)
     assert f'src="/images/{remote_id}"' in page
+
+
+# --- re-checking indexed image URLs (VISUALSEARCH_REMOTE_RECHECK, index --recheck-urls) ---
+
+
+DAY = 86400
+
+
+def checked_at(settings, image_id: int) -> int | None:
+    engine = create_engine(settings.catalogue_url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT source_checked_at FROM product_images WHERE id = :id"),
+                                      {"id": image_id}).scalar()
+    finally:
+        engine.dispose()
+
+
+def age_checks(settings, seconds: int) -> None:
+    """Move every recorded URL check ``seconds`` into the past."""
+    engine = create_engine(settings.catalogue_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE product_images SET source_checked_at = source_checked_at - :s "
+                                "WHERE source_checked_at IS NOT NULL"), {"s": seconds})
+    engine.dispose()
+
+
+@pytest.mark.parametrize("checked, age, max_age, due", [
+    (None, 0, 7 * DAY, True),          # never recorded (indexed before the column existed)
+    (1000, 0, 7 * DAY, False),
+    (1000, 7 * DAY - 1, 7 * DAY, False),  # within the setting: never asked
+    (1000, 14 * DAY, 7 * DAY, True),   # waits at most twice the setting
+    (1000, 0, 0, True),                # 0 / --recheck-urls: every run
+    (1000, -DAY, 7 * DAY, True),       # recorded in the future: a clock set back
+])
+@pytest.mark.parametrize("image_id", [0, 1, 7, 123_456_789])
+def test_url_check_due(image_id, checked, age, max_age, due):
+    now = (checked or 0) + age
+    assert url_recheck.url_check_due(image_id, checked, now=now, max_age=max_age) is due
+
+
+def test_url_checks_spread_over_the_nights():
+    """4,000 URLs fetched by one import on night 0, then a run every night: the week
+    after the first 7 days each night asks about a seventh of them, never more; the
+    waves then blur into an even share (about 1/11: the mean wait is 10.5 days)."""
+    images = range(1, 4001)
+    last = dict.fromkeys(images, 0)
+    per_night = []
+    for night in range(1, 91):
+        due = [image for image in images
+               if url_recheck.url_check_due(image, last[image], now=night * DAY, max_age=7 * DAY)]
+        last.update(dict.fromkeys(due, night * DAY))
+        per_night.append(len(due))
+    assert per_night[:7] == [0] * 7
+    assert all(500 <= count <= 650 for count in per_night[7:14]), per_night
+    assert max(per_night) <= 650
+    settled = per_night[60:]
+    assert all(280 <= count <= 450 for count in settled) and 330 <= sum(settled) / len(settled) <= 400
+
+
+def test_recheck_setting_takes_durations():
+    assert Settings().remote_recheck == 7 * DAY
+    assert Settings.from_env({"VISUALSEARCH_REMOTE_RECHECK": "24h"}).remote_recheck == DAY
+    assert Settings.from_env({"VISUALSEARCH_REMOTE_RECHECK": "0"}).remote_recheck == 0
+    with pytest.raises(ConfigurationError, match="VISUALSEARCH_REMOTE_RECHECK"):
+        Settings.from_env({"VISUALSEARCH_REMOTE_RECHECK": "a week"})
+
+
+def test_recently_checked_urls_are_not_asked_again(remote_settings, tmp_path, server):
+    assert remote_settings.remote_recheck == 7 * DAY  # the default
+    manifest = remote_catalogue(tmp_path / "cat", server)
+    vs = VisualSearch(remote_settings)
+    before = time.time()
+    assert vs.index(manifest).embedded == 4
+    assert len(server.requests) == 3
+    remote = vs.product("ETAG").images[0].id
+    assert before - 1 <= checked_at(remote_settings, remote) <= time.time() + 1
+    assert checked_at(remote_settings, vs.product("LOCAL").images[0].id) is None
+
+    second = vs.index(manifest)
+    assert second.failures == [] and second.unchanged == 4 and second.embedded == second.reused == 0
+    assert len(server.requests) == 3  # not one request
+
+    # The shop changes an image: its CDN gives it a new URL (Shopify's ?v=), always fetched.
+    server.image("/etag.png", png(20), etag='"e2"')
+    rows = [{"sku": "ETAG", "image": server.url("/etag.png?v=2")}, {"sku": "DATED", "image": server.url("/dated.png")},
+            {"sku": "PLAIN", "image": server.url("/plain.png")}, {"sku": "LOCAL", "image": "local.png"}]
+    third = vs.index(write_catalogue(tmp_path / "cat", rows, name="next.csv"))
+    assert third.embedded == 1 and third.failures == []
+    assert [path for path, _ in server.requests[3:]] == ["/etag.png?v=2"]
+    assert "If-None-Match" not in server.requests[-1][1]  # a new image: a plain GET
+    assert vs.search(png(20), top_k=1).hits[0].sku == "ETAG"
+
+
+@pytest.mark.parametrize("how", ["recheck_urls", "recheck_0", "expired"])
+def test_urls_are_revalidated_when_asked_or_when_the_check_expired(remote_settings, tmp_path, server, how):
+    manifest = remote_catalogue(tmp_path / "cat", server)
+    settings = replace(remote_settings, remote_recheck=0) if how == "recheck_0" else remote_settings
+    vs = VisualSearch(settings)
+    vs.index(manifest)
+    # "expired": past every image's wait (7 to 14 days); otherwise a little, so that a new check shows.
+    age_checks(settings, 14 * DAY if how == "expired" else 10)
+    first_check = checked_at(settings, vs.product("ETAG").images[0].id)
+    report = vs.index(manifest, recheck_urls=how == "recheck_urls")
+    assert report.unchanged == 4 and report.embedded == report.reused == 0
+    # Conditional GETs: 304 where there are validators, a download recognised by its hash where not.
+    assert server.count("/etag.png", 304) == 1 and server.count("/dated.png", 304) == 1
+    assert server.count("/plain.png", 200) == 2
+    assert [h for p, h in server.requests if p == "/etag.png"][-1]["If-None-Match"] == '"e1"'
+    assert checked_at(settings, vs.product("ETAG").images[0].id) > first_check  # recorded again
+    assert len(server.requests) == 6
+    # Checked just now: the next plain run (unless the setting is 0) asks nothing.
+    vs.index(manifest)
+    assert len(server.requests) == (9 if how == "recheck_0" else 6)
+
+
+def test_cli_recheck_urls(remote_settings, tmp_path, server, monkeypatch):
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+
+    manifest = remote_catalogue(tmp_path / "cat", server)
+    for name, value in {"DATA_DIR": remote_settings.data_dir, "BACKBONE": remote_settings.backbone,
+                        "WEIGHTS": remote_settings.weights, "WORKERS": "0",
+                        "ALLOW_PRIVATE_URLS": "127.0.0.1"}.items():
+        monkeypatch.setenv(f"VISUALSEARCH_{name}", str(value))
+    runner = CliRunner()
+
+    def index(*args: str) -> dict:
+        result = runner.invoke(main, ["index", str(manifest), "--json", *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert index()["embedded"] == 4 and len(server.requests) == 3
+    assert index("--prune")["unchanged"] == 4 and len(server.requests) == 3
+    assert index("--recheck-urls")["unchanged"] == 4 and len(server.requests) == 6
+    assert index("--prune", "--recheck-urls")["unchanged"] == 4 and len(server.requests) == 9
+    assert server.count("/etag.png", 304) == 2
+
+
+def test_existing_catalogue_gains_the_check_time_column(remote_settings, tmp_path, server):
+    manifest = remote_catalogue(tmp_path / "cat", server)
+    vs = VisualSearch(remote_settings)
+    vs.index(manifest)
+    engine = create_engine(remote_settings.catalogue_url)
+    with engine.begin() as connection:  # a catalogue made before the column existed
+        connection.execute(text("ALTER TABLE product_images DROP COLUMN source_checked_at"))
+    reader = VisualSearch(remote_settings, read_only=True)  # read-only: unchanged, still serves
+    assert reader.product("ETAG").images[0].status == "indexed"
+    assert "source_checked_at" not in {c["name"] for c in inspect(engine).get_columns("product_images")}
+    engine.dispose()
+    vs = VisualSearch(remote_settings)  # a writer adds it, empty: the next run checks every URL once
+    report = vs.index(manifest)
+    assert report.unchanged == 4 and len(server.requests) == 6 and server.count("/etag.png", 304) == 1
+    assert checked_at(remote_settings, vs.product("ETAG").images[0].id) is not None
+    vs.index(manifest)
+    assert len(server.requests) == 6
+
+
+def test_one_fetch_pool_serves_every_chunk_and_is_closed(remote_settings, tmp_path, server, monkeypatch):
+    made: list[RemoteFetcher] = []
+    closed: list[RemoteFetcher] = []
+
+    class CountingFetcher(RemoteFetcher):
+        def __init__(self, policy):
+            super().__init__(policy)
+            made.append(self)
+
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    monkeypatch.setattr(indexing, "RemoteFetcher", CountingFetcher)
+    monkeypatch.setattr(indexing, "MANIFEST_CHUNK_ROWS", 1)  # a chunk per product
+    manifest = remote_catalogue(tmp_path / "cat", server)
+    vs = VisualSearch(remote_settings)
+    assert vs.index(manifest).embedded == 4
+    assert len(made) == 1 and closed == made
+
+    upsert = indexing.catalogue.upsert_products
+    calls = []
+
+    def failing_upsert(session, records):
+        calls.append(records)
+        if len(calls) == 2:
+            raise RuntimeError("the disk went away")
+        return upsert(session, records)
+
+    monkeypatch.setattr(indexing.catalogue, "upsert_products", failing_upsert)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        vs.index(manifest, recheck_urls=True)
+    assert len(made) == 2 and closed == made  # closed on the error too

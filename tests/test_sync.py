@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from visualsearch import sync
+from visualsearch.catalogue import store as catalogue
+from visualsearch.catalogue_manifest import ProductRecord
 from visualsearch.errors import ManifestError, ProductNotFoundError
 from visualsearch.service import VisualSearch
 from visualsearch.sync import (
@@ -202,3 +204,50 @@ def test_urls_are_checked_for_syntax_only_and_feeds_are_manifests_too(small_cata
     feed.write_text("id\ttitle\timage_link\nA\tT\timg/p0-0.png\nB\tU\timg/nope.png\n")
     plan = plan_manifest(feed, manifest_format="merchant-tsv")
     assert plan.products.add == 2 and plan.problems == 1 and plan.problem_examples[0].sku == "B"
+
+
+def test_prune_deletes_only_images_unchanged_since_it_found_them(indexed, small_catalogue):
+    """An image found prunable, then deleted by the API, and a new image of another product
+    given the same id (SQLite reuses the highest id) before the delete: the new one stays."""
+    photos = small_catalogue.parent / "img"
+    extra = make_image(photos / "extra.png", seed=4321)
+    indexed.put_product(ProductRecord(sku="P5", title="Product 5", category="hats",
+                                      images=[str(photos / "p5-0.png"), str(photos / "p5-1.png"), str(extra)]))
+    extra_id = max(image.id for image in indexed.product("P5").images)
+    newcomer = make_image(photos / "newcomer.png", seed=8765)
+    swapped = []
+
+    def meanwhile(counts):  # after the prune found what to delete, before it deletes
+        assert counts.images == 1
+        indexed.remove_image("P5", extra_id)
+        view, _report, _created = indexed.put_product(ProductRecord(sku="NEWCOMER", images=[str(newcomer)]))
+        swapped.append(view.images[0].id)
+
+    with ManifestKeys() as keys:
+        keys.load(small_catalogue)
+        assert keys.find_prunable(indexed.sessions).images == 1
+        assert list(keys.prunable_images()) == [[_key(indexed, extra_id)]]
+        result = indexed.prune(keys, on_prune=meanwhile)
+    assert swapped == [extra_id]  # the id was reused
+    assert result.images == 0
+    assert [image.id for image in indexed.product("NEWCOMER").images] == [extra_id]
+    assert extra_id in set(indexed.store().alive_ids().tolist())
+    assert indexed.search(newcomer, top_k=1).hits[0].sku == "NEWCOMER"
+
+
+def _key(vs: VisualSearch, image_id: int) -> tuple[int, int, str]:
+    with vs.sessions() as session:
+        image, product, _sku, path = sync._image_keys(session, after=image_id - 1, limit=1)[0]
+    assert image == image_id
+    return image, product, path
+
+
+def test_delete_images_by_id_product_and_path(indexed):
+    image_id = indexed.product("P3").images[0].id
+    image, product, path = _key(indexed, image_id)
+    with indexed.session() as session:
+        assert catalogue.delete_images(session, [(image, product + 1, path), (image, product, path + "x")]) == []
+    assert image_id in {other.id for other in indexed.product("P3").images}
+    with indexed.session() as session:
+        assert catalogue.delete_images(session, [(image, product, path)]) == [(image, path)]
+    assert image_id not in {other.id for other in indexed.product("P3").images}

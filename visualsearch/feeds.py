@@ -51,6 +51,14 @@ CORE_XML_FIELDS = ("title", "link", "description")
 # `description` is dropped: search does not use it and it is most of a feed's bytes.
 MERCHANT_MAPPED = ("id", "item_group_id", "title", "link", "image_link", "additional_image_link", "price",
                    "brand", "description")
+# Merchant fields a shop sends to Google but would not publish (product attributes are
+# public in the API and in every search hit): costs, margin labels, ads plumbing.
+MERCHANT_PRIVATE = ("cost_of_goods_sold", "sell_on_google_quantity", "ads_redirect", "ads_labels",
+                    "ads_grouping", "promotion_id", "excluded_destination", "included_destination",
+                    "shopping_ads_excluded_country", "pause")
+MERCHANT_PRIVATE_PREFIXES = ("custom_label_",)
+# Shopify products that are not on the shop: left out of the catalogue (and so pruned).
+SHOPIFY_HIDDEN_STATUSES = ("draft", "archived")
 # Shopify columns kept as attributes, by name. An allow-list, because the export also
 # holds what a shop does not publish (Cost per item, inventory) and product attributes
 # are public in the API.
@@ -170,7 +178,7 @@ def read_feed(path: Path, format: str) -> Iterator[tuple[int, Row]]:
     """
     if format == "shopify-csv":
         products = _runs(_shopify_rows(path), key=lambda row: _cell(row, "Handle"))
-        return ((run[0][0], _shopify_product(run)) for run in products)
+        return ((run[0][0], product) for run in products if _on_the_shop(product := _shopify_product(run)))
     items = _merchant_tsv_items(path) if format == "merchant-tsv" else _merchant_xml_items(path)
     groups = _runs(items, key=lambda fields: _first(fields, "item_group_id"))
     return ((run[0][0], _merchant_product(run)) for run in groups)
@@ -235,7 +243,7 @@ def _merchant_product(run: list[tuple[int, Fields]]) -> Row:
         product_type = google_category
     attributes: Row = {}
     for name in dict.fromkeys(name for fields in items for name in fields):
-        if name not in MERCHANT_MAPPED:
+        if name not in MERCHANT_MAPPED and not _is_private_merchant_field(name):
             attributes[name] = _collected(value for fields in items for value in fields.get(name, ()))
     if currency is not None:
         attributes["currency"] = currency
@@ -253,6 +261,10 @@ def _merchant_product(run: list[tuple[int, Fields]]) -> Row:
         "price": price,
         "url": _first_of(items, "link"),
     }
+
+
+def _is_private_merchant_field(name: str) -> bool:
+    return name in MERCHANT_PRIVATE or name.startswith(MERCHANT_PRIVATE_PREFIXES)
 
 
 def _split_price(text: str | None) -> tuple[str | None, str | None]:
@@ -470,6 +482,13 @@ def _shopify_product(run: list[tuple[int, dict[str, str]]]) -> Row:
         "price": first("Variant Price"),
         "url": None,
     }
+
+
+def _on_the_shop(product: Row) -> bool:
+    """Whether a Shopify product is published: not a draft or archived, not unpublished."""
+    status = str(product.get("status") or "").strip().lower()
+    published = str(product.get("published") or "").strip().lower()
+    return status not in SHOPIFY_HIDDEN_STATUSES and published != "false"
 
 
 def _position(text: str | None) -> float:

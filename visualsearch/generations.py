@@ -194,7 +194,9 @@ class GenerationTracker:
 
         Raises:
             VisualSearchError: (``wait`` only) the new generation cannot be loaded here,
-                e.g. this process pins another --backbone or lacks the new weights.
+                e.g. this process pins another --backbone or lacks the new weights (any
+                other error of the load, e.g. corrupt weights, is raised as it is). A
+                failed load is retried only after :data:`RETRY_FAILED_LOAD_SECONDS`.
         """
         now = time.monotonic()
         if now - self._checked < max_age:
@@ -219,17 +221,22 @@ class GenerationTracker:
             old = self._current
             if old is not None and old.ref == ref:
                 return False
-            new = self._make(ref)
             try:
+                new = self._make(ref)
                 if old is not None and old.loaded_embedder is not None:
                     new.embedder()
                 if old is not None and old.loaded_store is not None:
                     new.store()
-            except VisualSearchError as exc:
+            except Exception as exc:
+                # Any failure (missing weights, but also corrupt weights, CUDA out of
+                # memory, an unreadable store) is recorded: the next try waits out the
+                # back-off rather than starting another full load on the next request.
                 self._failed[ref] = time.monotonic() + RETRY_FAILED_LOAD_SECONDS
-                logger.warning("cannot load the %s vectors in %s; still answering from the previous ones: %s",
-                               ref.identity.backbone if ref.identity else "?", ref.location or "the data directory",
-                               exc)
+                logger.log(logging.WARNING if isinstance(exc, VisualSearchError) else logging.ERROR,
+                           "cannot load the %s vectors in %s; still answering from the previous ones "
+                           "(next try in %.0fs): %s", ref.identity.backbone if ref.identity else "?",
+                           ref.location or "the data directory", RETRY_FAILED_LOAD_SECONDS, exc,
+                           exc_info=not isinstance(exc, VisualSearchError))
                 if raise_errors:
                     raise
                 return False

@@ -9,9 +9,12 @@ decode and embed with the CNN, reusing the vector of identical content), and a
 
 Idempotent and resumable: an image whose file is unchanged since it was embedded is
 skipped without being read; a run killed mid-way loses at most one flush of work.
-Images at http(s) URLs are fetched on a thread pool instead (:mod:`.remote_images`),
-and revalidated on every run with the ETag / Last-Modified of the embedded copy: a
-304 counts as unchanged, and a download whose content hash is the embedded one too.
+Images at http(s) URLs are fetched on a thread pool instead (:mod:`.remote_images`,
+one pool per run). An indexed URL checked within ``settings.remote_recheck`` (up to
+twice that, spread per check: :mod:`.url_recheck`) counts as unchanged without a
+request; an older one is revalidated with the ETag / Last-Modified of the embedded
+copy: a 304 counts as unchanged, and a download whose content hash is the embedded one
+too.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .embedder import EmbedderIdentity
 from .errors import ImageError
 from .images import load_image
 from .remote_images import FetchPolicy, RemoteFetcher
+from .url_recheck import url_check_due
 from .writer import CatalogueWriter, EmbeddedImage, PendingWrites
 
 if TYPE_CHECKING:
@@ -142,17 +146,20 @@ class ImageEmbedding(Protocol):
 
 def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: Progress | None = None,
                    embedding: ImageEmbedding | None = None, wait: float = 0.0,
-                   manifest_format: str | None = None) -> IndexingReport:
+                   manifest_format: str | None = None, recheck_urls: bool = False) -> IndexingReport:
     """Add or update the products of a manifest and embed their new or changed images.
 
     Args:
         vs: the data directory to index into.
         manifest_path: a CSV or JSON Lines catalogue manifest.
         progress: receives the number of images and each batch's completion.
-        embedding: the embedding stage (default: the CNN of ``vs``).
+        embedding: the embedding stage (default: the CNN of ``vs``, closed at the end
+            of the run; one passed in is the caller's to close).
         wait: seconds to wait for another ``index`` run to finish.
         manifest_format: one of :data:`visualsearch.feeds.FORMATS` (a manifest or a
             shop feed); None detects it from the file's header.
+        recheck_urls: ask again for every indexed image URL, however recently it was
+            checked (``settings.remote_recheck`` otherwise decides).
 
     Returns:
         The run's report. Bad images never stop the run; they are in
@@ -167,13 +174,13 @@ def index_manifest(vs: "VisualSearch", manifest_path: str | Path, *, progress: P
     summary = validate_manifest(manifest_path, format=manifest_format)
     chunks = iter_manifest_records(manifest_path, chunk_rows=MANIFEST_CHUNK_ROWS, format=manifest_format)
     return index_records(vs, chunks, total_images=summary.images, progress=progress, embedding=embedding,
-                         wait=wait)
+                         wait=wait, recheck_urls=recheck_urls)
 
 
 def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]], *, total_images: int | None = None,
                   progress: Progress | None = None, embedding: ImageEmbedding | None = None,
                   wait: float = 0.0, exclusive: bool = True, merge_limit: int | None = None,
-                  flush_rows: int | None = None) -> IndexingReport:
+                  flush_rows: int | None = None, recheck_urls: bool = False) -> IndexingReport:
     """Add or update products (already validated records, in chunks) and embed their images.
 
     Args:
@@ -188,19 +195,23 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
     flush_rows = flush_rows or FLUSH_ROWS
     progress = progress or _NoProgress()
     report = IndexingReport()
-    embedding = embedding or CnnEmbedding(vs)
+    url_max_age = 0.0 if recheck_urls else vs.settings.remote_recheck
     if total_images is not None:
         progress.set_total(total_images)
-    with (vs.index_lock(wait) if exclusive else contextlib.nullcontext()):
+    with contextlib.ExitStack() as run:
+        if embedding is None:  # ours: its fetch pool serves every chunk, and is closed however the run ends
+            embedding = run.enter_context(CnnEmbedding(vs))
+        if exclusive:
+            run.enter_context(vs.index_lock(wait))
         vs.claim_identity(embedding.identity)
         writer = CatalogueWriter(vs.session, vs.writable_store(), merge_limit=merge_limit)
         pending = PendingWrites()
-        validators: dict[int, tuple[str | None, int | None]] = {}  # URLs' ETag, Last-Modified
+        validators: dict[int, Validators] = {}
         failures_log = _FailureLog(vs.failures_path)
         last_flush = time.monotonic()
         for records in chunks:
             unchanged_before = report.unchanged
-            tasks, fields_changed = _prepare_chunk(vs, records, report, pending)
+            tasks, fields_changed = _prepare_chunk(vs, records, report, pending, url_max_age=url_max_age)
             pending.refresh_products |= fields_changed
             progress.advance(report.unchanged - unchanged_before)
             for results in embedding.run(tasks, report):
@@ -224,7 +235,7 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
 
 
 def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report: IndexingReport,
-                   pending: PendingWrites) -> tuple[list[ImageTask], set[int]]:
+                   pending: PendingWrites, *, url_max_age: float) -> tuple[list[ImageTask], set[int]]:
     """Upsert the chunk's products (bounded transaction); return its images that need work."""
     with vs.session() as session:
         upsert = catalogue.upsert_products(session, records)
@@ -232,13 +243,16 @@ def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report:
     report.products += len(records)
     report.images += len(images)
     sku_of = {product_id: sku for sku, product_id in upsert.product_ids.items()}
+    now = time.time()
     tasks = []
     for image in images:
         if image.id in pending:
             continue  # a SKU named again further down the manifest: its images are on their way
         indexed = image.status == ImageStatus.INDEXED
         if is_image_url(image.path):
-            # Always asked again (a conditional GET: cheap), or a changed image would never be seen.
+            if indexed and not url_check_due(image.id, image.source_checked_at, now=now, max_age=url_max_age):
+                report.unchanged += 1
+                continue
             tasks.append(ImageTask(image.id, image.product_id, sku_of[image.product_id], image.path,
                                    **(_revalidation(image) if indexed else {})))
             continue
@@ -261,12 +275,17 @@ def _unchanged_on_disk(image: catalogue.ImageRow) -> bool:
     return stat.st_size == image.file_size and stat.st_mtime_ns == image.file_mtime_ns
 
 
+# An image URL's ETag, Last-Modified (ns) and when it was fetched or answered 304 (epoch s).
+Validators = tuple[str | None, int | None, int]
+
+
 def _collect(results: list[ImageResult], pending: PendingWrites, report: IndexingReport,
-             failures_log: "_FailureLog", validators: dict[int, tuple[str | None, int | None]]) -> None:
+             failures_log: "_FailureLog", validators: dict[int, Validators]) -> None:
+    checked_at = int(time.time())
     for result in results:
         task = result.task
         if task.remote and (result.vector is not None or result.unchanged):
-            validators[task.image_id] = (result.source_etag, result.file_mtime_ns)
+            validators[task.image_id] = (result.source_etag, result.file_mtime_ns, checked_at)
         if result.unchanged:
             report.unchanged += 1
             continue
@@ -288,12 +307,13 @@ def _collect(results: list[ImageResult], pending: PendingWrites, report: Indexin
 
 
 def _flush(vs: "VisualSearch", writer: CatalogueWriter, pending: PendingWrites,
-           validators: dict[int, tuple[str | None, int | None]], report: IndexingReport, *, replan: bool) -> None:
+           validators: dict[int, Validators], report: IndexingReport, *, replan: bool) -> None:
     started = time.perf_counter()
     writer.commit(pending.take())
     if validators:
-        # After the commit (they describe embedded copies). A crash in between only
-        # costs one unconditional download of these images on the next run.
+        # After the commit (they describe embedded copies), one executemany per flush.
+        # A crash in between only costs one unconditional download of these images on
+        # the next run.
         with vs.session() as session:
             catalogue.set_source_validators(session, validators)
         validators.clear()
@@ -390,12 +410,34 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class CnnEmbedding:
-    """Reads and decodes images (optionally in worker processes) and embeds them with the CNN."""
+    """Reads and decodes images (optionally in worker processes) and embeds them with the CNN.
+
+    Use as a context manager: the fetch thread pool, started at the first image URL,
+    serves every chunk of the run and is shut down on leaving.
+    """
 
     def __init__(self, vs: "VisualSearch"):
         self.vs = vs
         self.embedder = vs.embedder
         self.identity = self.embedder.identity
+        self._fetcher: RemoteFetcher | None = None
+
+    def __enter__(self) -> "CnnEmbedding":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut the fetch pool down (waiting for fetches under way; queued ones are dropped)."""
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+    def _remote_fetcher(self) -> RemoteFetcher:
+        if self._fetcher is None:
+            self._fetcher = RemoteFetcher(FetchPolicy.from_settings(self.vs.settings))
+        return self._fetcher
 
     def run(self, tasks: Sequence[ImageTask], report: IndexingReport) -> Iterator[list[ImageResult]]:
         local = [task for task in tasks if not task.remote]
@@ -409,22 +451,21 @@ class CnnEmbedding:
         """Fetch (bounded per host), hash, decode and preprocess on a thread pool, in order;
         embed a batch at a time. Network waits overlap; decoding releases the GIL."""
         settings = self.vs.settings
-        with RemoteFetcher(FetchPolicy.from_settings(settings)) as fetcher:
-            reader = _FetchImage(fetcher, self.embedder.transform, settings.max_image_pixels,
-                                 self.embedder.decode_size)
-            batch: list[dict[str, Any]] = []
+        fetcher = self._remote_fetcher()
+        reader = _FetchImage(fetcher, self.embedder.transform, settings.max_image_pixels, self.embedder.decode_size)
+        batch: list[dict[str, Any]] = []
+        fetch_started = time.perf_counter()
+        for item in fetcher.map(reader, enumerate(tasks)):
+            batch.append(item)
+            if len(batch) < settings.batch_size:
+                continue
+            report.stage_seconds["read"] += time.perf_counter() - fetch_started
+            yield self._embed_fetched(batch, tasks, report)
+            batch = []
             fetch_started = time.perf_counter()
-            for item in fetcher.map(reader, enumerate(tasks)):
-                batch.append(item)
-                if len(batch) < settings.batch_size:
-                    continue
-                report.stage_seconds["read"] += time.perf_counter() - fetch_started
-                yield self._embed_fetched(batch, tasks, report)
-                batch = []
-                fetch_started = time.perf_counter()
-            if batch:
-                report.stage_seconds["read"] += time.perf_counter() - fetch_started
-                yield self._embed_fetched(batch, tasks, report)
+        if batch:
+            report.stage_seconds["read"] += time.perf_counter() - fetch_started
+            yield self._embed_fetched(batch, tasks, report)
 
     def _embed_fetched(self, batch: list[dict[str, Any]], tasks: Sequence[ImageTask],
                        report: IndexingReport) -> list[ImageResult]:

@@ -16,7 +16,15 @@ beside the current ones while they keep answering, then one switch.
    transaction (identity + generation). Writes waiting on the lock then retry on the new
    generation; readers load the new pair and swap (see :class:`~.generations.GenerationTracker`).
 
-The previous vectors stay on disk until :func:`drop_old_generations`.
+Images the new CNN cannot read are retried once in the catch-up rounds; when more than
+:data:`MAX_FAILED_FRACTION` of the catalogue (and at least :data:`MIN_FAILED_TO_REFUSE`
+images) still fail, the switch is refused (:class:`ReembedRefusedError`) unless forced:
+they would vanish from search. The run stays recorded, so running it again resumes.
+
+The previous vectors stay on disk until :func:`drop_old_generations`, never dropped by
+the run that switches: servers follow a switch in the background (loading a CNN and a
+store may take minutes) and answer from the old vectors meanwhile. A drop within
+:data:`DROP_GRACE` of the switch is refused unless forced.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import numpy as np
 
 from .catalogue import store as catalogue
 from .embedder import Embedder, EmbedderIdentity
-from .errors import ConfigurationError
+from .errors import ConfigurationError, VisualSearchError
 from .generations import (
     GENERATION_KEY,
     GENERATIONS_DIR,
@@ -55,6 +63,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TARGET_KEY = "reembed_target"   # catalogue meta: the unfinished run (to resume it)
+SWITCHED_AT_KEY = "vector_generation_switched_at"  # catalogue meta: when the last switch happened (UTC)
+# Servers follow a switch in a background thread (a CNN and a store of millions of
+# vectors to load), answering from the old vectors meanwhile: those stay this long.
+DROP_GRACE = timedelta(minutes=10)
+# A switch is refused when more than this share of the catalogue's images (and at least
+# MIN_FAILED_TO_REFUSE images) could not be embedded: they would vanish from search.
+MAX_FAILED_FRACTION = 0.01
+MIN_FAILED_TO_REFUSE = 5
+MAX_LISTED_FAILURES = 10
 # Images per commit to the new generation: a crash loses at most one batch.
 BATCH_IMAGES = 4096
 # Writes are caught up by their timestamps, from this much before each round began:
@@ -66,6 +83,25 @@ CATCH_UP_SLACK = timedelta(seconds=5)
 SMALL_ROUND = 256
 MAX_ROUNDS = 5
 SWITCH_LOCK_TIMEOUT = 300.0
+DROP_LATER = ("old vectors kept; run `visualsearch reembed --drop-old` once the servers answer with "
+              "the new backbone")
+
+
+class ReembedRefusedError(VisualSearchError):
+    """Too many images could not be embedded with the new backbone: nothing was switched
+    (``report`` lists them; a run started again resumes, --force switches anyway)."""
+
+    code = "reembed_refused"
+
+    def __init__(self, message: str, report: "ReembedReport"):
+        super().__init__(message)
+        self.report = report
+
+
+class DropRefusedError(VisualSearchError):
+    """Old vectors asked to be dropped so soon after a switch that servers may still answer from them."""
+
+    code = "drop_refused"
 
 
 @dataclass
@@ -88,6 +124,8 @@ class ReembedReport:
     refreshed: int = 0
     failures: list[ImageFailure] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    refused: str | None = None
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "embed": 0.0, "write": 0.0})
 
@@ -110,7 +148,7 @@ class _NoProgress:
 
 
 def reembed(vs: "VisualSearch", *, backbone: str, weights: str | None = None, wait: float = 0.0,
-            drop_old: bool = False, progress: Progress | None = None,
+            drop_old: bool = False, force: bool = False, progress: Progress | None = None,
             batch_images: int = BATCH_IMAGES) -> ReembedReport:
     """Embed the catalogue with ``backbone`` beside the current vectors, then switch to them.
 
@@ -119,15 +157,22 @@ def reembed(vs: "VisualSearch", *, backbone: str, weights: str | None = None, wa
         backbone, weights: the new network (``weights``: a file instead of the backbone's
             packaged or cached weights; recorded so that servers find it too).
         wait: seconds to wait for another batch run to release the data directory.
-        drop_old: afterwards delete the vectors of every other generation.
+        drop_old: delete the vectors of every other generation, only when this run does
+            not switch (servers follow a switch in the background and answer from the
+            old vectors meanwhile: a note in the report says to drop them later).
+        force: switch even when more images failed than :data:`MAX_FAILED_FRACTION`
+            allows; drop old vectors even within :data:`DROP_GRACE` of the last switch.
         progress: receives the number of indexed images and each batch's completion.
         batch_images: images per commit to the new generation.
 
     Returns:
-        The run's report. Images that cannot be read are in ``failures``; after the
-        switch they are ``failed`` in the catalogue (an ``index`` run tries them again).
+        The run's report. Images that cannot be read (also when retried once) are in
+        ``failures``; after the switch they are ``failed`` in the catalogue (an ``index``
+        run tries them again).
 
     Raises:
+        ReembedRefusedError: too many images failed (nothing switched; ``report`` lists them).
+        DropRefusedError: ``drop_old`` without a switch, within the grace period of the last one.
         ConfigurationError: nothing indexed yet, or an unknown backbone.
         WeightsUnavailableError: the new backbone's weights cannot be found.
         WriterBusyError: another batch run (or an API write, for too long) held the data directory.
@@ -147,46 +192,84 @@ def reembed(vs: "VisualSearch", *, backbone: str, weights: str | None = None, wa
         if _same_identity(current.ref, identity):
             logger.info("the vectors here already come from %s: nothing to re-embed", identity.backbone)
         else:
-            run = _Run(vs, embedder, report, batch_images, weights)
-            run.begin(current.ref)
-            run.bulk(progress)
-            run.catch_up_and_switch(current.store())
-        if drop_old:
-            report.dropped = drop_old_generations(vs, locked=True)
+            run = _Run(vs, embedder, report, batch_images, weights, force=force)
+            try:
+                run.begin(current.ref)
+                run.bulk(progress)
+                run.catch_up_and_switch(current.store())
+            finally:
+                if run.embedding is not None:
+                    run.embedding.close()  # its fetch pool, kept across the run's batches
+        if drop_old and report.switched:
+            report.notes.append(DROP_LATER)
+            logger.info(DROP_LATER)
+        elif drop_old:
+            report.dropped = drop_old_generations(vs, locked=True, force=force)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def drop_old_generations(vs: "VisualSearch", *, wait: float = 0.0, locked: bool = False) -> list[str]:
+def drop_old_generations(vs: "VisualSearch", *, wait: float = 0.0, locked: bool = False,
+                         force: bool = False) -> list[str]:
     """Delete the vectors of every generation but the current one (and an unfinished
     re-embedding's, which a new run resumes). Servers still answering from an old
-    generation (one pinning another --backbone) lose it: drop only once they followed.
+    generation (one pinning another --backbone, or one still loading the new vectors)
+    lose it: drop only once they followed.
+
+    Args:
+        force: drop even within :data:`DROP_GRACE` of the last switch.
 
     Returns:
         The generations removed ("." for the data directory's own first vectors).
+
+    Raises:
+        DropRefusedError: there is something to drop, the last switch was less than
+            :data:`DROP_GRACE` ago, and not ``force``.
     """
     if not locked:
         with vs.index_lock(wait):
-            return drop_old_generations(vs, locked=True)
+            return drop_old_generations(vs, locked=True, force=force)
     with vs.sessions() as session:
         ref = read_generation(session)
         target = _read_target(session)
+        switched_at = catalogue.get_meta(session, SWITCHED_AT_KEY)
     if ref.identity is None:
         return []
     keep = {ref.location, target["location"] if target else ref.location}
-    removed = []
     data_dir = vs.data_dir
-    if "" not in keep and ((data_dir / MANIFEST_NAME).exists() or (data_dir / SEGMENTS_DIR).exists()):
+    first = "" not in keep and ((data_dir / MANIFEST_NAME).exists() or (data_dir / SEGMENTS_DIR).exists())
+    old = [location for location in _generation_locations(data_dir) if location not in keep]
+    if not first and not old:
+        return []
+    if not force:
+        _check_drop_grace(ref, switched_at)
+    removed = []
+    if first:
         # The manifest first: a reader still on it then sees no vectors, never missing files.
         (data_dir / MANIFEST_NAME).unlink(missing_ok=True)
         shutil.rmtree(data_dir / SEGMENTS_DIR, ignore_errors=True)
         removed.append(".")
-    for location in _generation_locations(data_dir):
-        if location not in keep:
-            _remove_generation(data_dir, location)
-            removed.append(location)
+    for location in old:
+        _remove_generation(data_dir, location)
+        removed.append(location)
     logger.info("dropped the vectors of generations %s", removed)
     return removed
+
+
+def _check_drop_grace(ref: GenerationRef, switched_at: str | None) -> None:
+    """Raises: DropRefusedError within :data:`DROP_GRACE` of the last switch."""
+    if not switched_at:
+        return  # switched before the time was recorded: long ago
+    when = datetime.fromisoformat(switched_at)
+    age = max(datetime.now(timezone.utc) - when, timedelta(0))
+    if age >= DROP_GRACE:
+        return
+    backbone = ref.identity.backbone if ref.identity else "the new backbone"
+    raise DropRefusedError(
+        f"the switch to {backbone} was only {age.total_seconds():.0f}s ago: servers may still be loading the "
+        f"new vectors and answering from the old ones, which dropping them now would empty; drop them once the "
+        f"servers answer with {backbone} (after {(when + DROP_GRACE).isoformat(timespec='seconds')}), or pass "
+        "--force if they already do")
 
 
 # --- one run ----------------------------------------------------------------------------
@@ -196,7 +279,7 @@ class _Run:
     """The state of one re-embedding (between its phases)."""
 
     def __init__(self, vs: "VisualSearch", embedder: Embedder, report: ReembedReport, batch_images: int,
-                 weights: str | None):
+                 weights: str | None, *, force: bool = False):
         self.vs = vs
         self.embedder = embedder
         self.identity = embedder.identity
@@ -204,6 +287,8 @@ class _Run:
         self.batch_images = batch_images
         self.weights = str(Path(weights).resolve()) if weights else None
         self.failed: dict[int, ImageFailure] = {}
+        self.retried: set[int] = set()  # failed ids already embedded again once (by a catch-up round)
+        self.force = force
         self.location = ""
         self.started_at = datetime.now(timezone.utc)
         self.store: VectorStore | None = None
@@ -279,12 +364,14 @@ class _Run:
         # API writes wait on this lock from here to the switch: nothing lands in between.
         with old_store.writing(SWITCH_LOCK_TIMEOUT):
             self._catch_up(since, truth=old_store.alive_ids())
-            self._switch()
+            failures = self._live_failures()
+            self.report.failures = list(failures.values())
+            self._check_failures(failures)
+            self._switch(failures)
         self.store.merge()
         self.vs.adopt_generation(GenerationRef(self.location, catalogue.StoredIdentity(
             self.identity.backbone, self.identity.weights_sha256, self.identity.dim), self.weights), self.embedder)
         self.report.switched = True
-        self.report.failures = list(self.failed.values())
         self.report.stage_seconds = dict(self._stages.stage_seconds)
         self.report.reused = self._stages.reused
         logger.info("switched to the %s vectors in %s", self.identity.backbone, self.location)
@@ -294,8 +381,12 @@ class _Run:
         the writes since ``since``. Returns how many images and products it touched."""
         alive = self.store.alive_ids()
         gone = np.setdiff1d(alive, truth, assume_unique=True)
+        # A failed image is embedded again once (a URL that timed out, a file being
+        # replaced); one that fails again stays failed.
+        given_up = [image_id for image_id in self.failed if image_id in self.retried]
         missing = np.setdiff1d(np.setdiff1d(truth, alive, assume_unique=True),
-                               np.fromiter(self.failed, np.int64, len(self.failed)))
+                               np.asarray(given_up, np.int64))
+        self.retried.update(self.failed)
         if len(gone):
             self.store.commit(deletes=gone.tolist())
             self.report.deleted += len(gone)
@@ -335,9 +426,32 @@ class _Run:
         self.report.refreshed += len(products)
         return len(products)
 
-    def _switch(self) -> None:
-        """One catalogue transaction: the new identity, its generation, and the images it has
-        no vector for marked failed."""
+    def _live_failures(self) -> dict[int, ImageFailure]:
+        """The failures of images the catalogue still holds."""
+        with self.vs.sessions() as session:
+            existing = catalogue.existing_image_ids(session, list(self.failed))
+        return {image_id: failure for image_id, failure in self.failed.items() if image_id in existing}
+
+    def _check_failures(self, failures: dict[int, ImageFailure]) -> None:
+        """Raises: ReembedRefusedError when too many images have no new vector (unless forced)."""
+        count, total = len(failures), max(self.report.images, 1)
+        if self.force or count < MIN_FAILED_TO_REFUSE or count <= MAX_FAILED_FRACTION * total:
+            return
+        listed = "; ".join(f"{failure.sku}: {failure.image}: {failure.message}"
+                           for failure in list(failures.values())[:MAX_LISTED_FAILURES])
+        more = f" (and {count - MAX_LISTED_FAILURES} more)" if count > MAX_LISTED_FAILURES else ""
+        self.report.refused = (
+            f"{count} of the catalogue's {self.report.images} images could not be embedded with "
+            f"{self.identity.backbone} ({count / total:.1%}, more than the {MAX_FAILED_FRACTION:.0%} limit), even "
+            f"when retried: nothing was switched, searches still answer from {self.report.previous_backbone}. "
+            f"Fix the images (or remove their products) and run reembed again (it resumes), or pass --force "
+            f"to switch anyway (they are then marked failed and leave search results). Failed: {listed}{more}")
+        logger.warning("%s", self.report.refused)
+        raise ReembedRefusedError(self.report.refused, self.report)
+
+    def _switch(self, failures: dict[int, ImageFailure]) -> None:
+        """One catalogue transaction: the new identity, its generation, the time of the
+        switch, and the images it has no vector for marked failed."""
         with self.vs.session() as session:
             catalogue.set_meta(session, "backbone", self.identity.backbone)
             catalogue.set_meta(session, "weights_sha256", self.identity.weights_sha256)
@@ -348,10 +462,9 @@ class _Run:
             else:
                 catalogue.delete_meta(session, WEIGHTS_PATH_KEY)
             catalogue.delete_meta(session, TARGET_KEY)
-            existing = catalogue.existing_image_ids(session, list(self.failed))
+            catalogue.set_meta(session, SWITCHED_AT_KEY, datetime.now(timezone.utc).isoformat())
             catalogue.mark_failed(session, [(image_id, f"re-embedding with {self.identity.backbone}: "
-                                             f"{failure.message}") for image_id, failure in self.failed.items()
-                                            if image_id in existing])
+                                             f"{failure.message}") for image_id, failure in failures.items()])
 
     # --- embedding and writing ----------------------------------------------------------
 

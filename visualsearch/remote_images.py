@@ -5,6 +5,9 @@ resolved once, each of its addresses checked (:func:`address_refusal`), and the
 connection made to the checked address itself, with the URL's host name kept for the
 ``Host`` header and TLS (SNI and certificate checks): a DNS answer that changes between
 the check and the connection (DNS rebinding) cannot move the request elsewhere.
+Public addresses are fetched only on :attr:`FetchPolicy.ports`; refusals and failed
+connections name no address and no reason that would map internal networks (the log
+at INFO has them).
 Environment proxies are never used. Bytes are read in chunks under a per-read timeout
 and an overall deadline, and never past the byte limit.
 """
@@ -52,11 +55,26 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # never yield, below, still apply).
 ALL_NETWORKS: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 # Instance metadata services hand out cloud credentials: refused even where private
-# addresses are allowed (AWS/GCP/Azure/OpenStack, AWS over IPv6, Alibaba).
+# addresses are allowed (AWS/GCP/Azure/OpenStack, AWS over IPv6, Alibaba, Oracle, the
+# Azure WireServer).
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254",
-                                                                  "100.100.100.200"))
+                                                                  "100.100.100.200", "192.0.0.192",
+                                                                  "168.63.129.16"))
+# Refused even where private addresses are allowed, each with its phrase: link-local
+# holds more credential services (ECS task credentials at 169.254.170.2, EKS pod
+# identity...), and 192.0.0.0/24 is special-purpose (Python 3.11 calls parts of it global).
+NEVER_NETWORKS: tuple[tuple[IPNetwork, str], ...] = (
+    (ipaddress.ip_network("169.254.0.0/16"), "a link-local address"),
+    (ipaddress.ip_network("fe80::/10"), "a link-local address"),
+    (ipaddress.ip_network("192.0.0.0/24"), "a special-purpose address (192.0.0.0/24)"),
+)
 # Carrier-grade NAT: is_private says no, but it is no more public than 10/8.
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# NAT64 (RFC 6052, RFC 8215): a gateway turns these into connections to the IPv4
+# address written inside.
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+DEFAULT_REMOTE_PORTS = (80, 443)
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -150,6 +168,25 @@ def parse_allowed_networks(text: str | bool | Iterable[str] | None) -> tuple[IPN
     return tuple(networks)
 
 
+def parse_ports(text: str | Iterable[int | str]) -> tuple[int, ...]:
+    """The value of VISUALSEARCH_REMOTE_PORTS (``"80,443"``) -> the ports public addresses may be fetched on.
+
+    Raises:
+        ConfigurationError: not a comma-separated list of port numbers (1-65535).
+    """
+    items = str(text).split(",") if isinstance(text, str) else list(text)
+    ports = []
+    for item in (str(item).strip() for item in items):
+        if not item:
+            continue
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise ConfigurationError(f"not a port number: {item!r} (use e.g. 80,443,8080)")
+        ports.append(int(item))
+    if not ports:
+        raise ConfigurationError("at least one port is needed (default: 80,443)")
+    return tuple(dict.fromkeys(ports))
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     """Limits and address rules of every fetch.
@@ -159,7 +196,8 @@ class FetchPolicy:
         timeout: seconds for connecting and for each read.
         deadline: seconds for the whole fetch, redirects included.
         allowed_networks: non-public networks that may still be fetched (tests, private
-            deployments); see :func:`parse_allowed_networks`.
+            deployments), on any port; see :func:`parse_allowed_networks`.
+        ports: the ports public addresses may be fetched on.
         concurrency: fetches at once (batch indexing).
         per_host: fetches at once to one host name.
     """
@@ -168,6 +206,7 @@ class FetchPolicy:
     timeout: float = 5.0
     deadline: float = 15.0
     allowed_networks: tuple[IPNetwork, ...] = ()
+    ports: tuple[int, ...] = DEFAULT_REMOTE_PORTS
     concurrency: int = 16
     per_host: int = 4
 
@@ -175,28 +214,90 @@ class FetchPolicy:
     def from_settings(cls, settings: "Settings") -> "FetchPolicy":
         return cls(max_bytes=settings.max_upload_size, timeout=settings.remote_timeout,
                    deadline=settings.remote_deadline, allowed_networks=settings.allow_private_urls,
-                   concurrency=settings.remote_concurrency, per_host=settings.remote_per_host)
+                   ports=settings.remote_ports, concurrency=settings.remote_concurrency,
+                   per_host=settings.remote_per_host)
+
+
+def _embedded_ipv4(address: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 address(es) a connection to ``address`` reaches: ::ffff:10.0.0.1,
+    2002:0a00:0001:: (6to4) and 64:ff9b::a00:1 (NAT64) reach 10.0.0.1; none for others."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ()
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is not None:
+        return (embedded,)
+    if address in NAT64_WELL_KNOWN or address in NAT64_LOCAL:
+        return (ipaddress.IPv4Address(address.packed[12:16]),)
+    return ()
+
+
+def _nat64_other_readings(address: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """In the local-use prefix 64:ff9b:1::/48 the gateway may use a /48, /56 or /64
+    prefix, which puts the IPv4 address elsewhere (RFC 6052 2.2): those readings too."""
+    if not isinstance(address, ipaddress.IPv6Address) or address not in NAT64_LOCAL:
+        return ()
+    b = address.packed
+    if b[8] != 0:  # bits 64-71 are zero in those formats
+        return ()
+    return tuple(ipaddress.IPv4Address(v) for v in (b[6:8] + b[9:11], b[7:8] + b[9:12], b[9:13]))
+
+
+def _never_refusal(address: IPAddress) -> str | None:
+    if address in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    for network, reason in NEVER_NETWORKS:
+        if address in network:
+            return reason
+    return None
+
+
+def is_public(address: IPAddress) -> bool:
+    """Globally reachable (after unwrapping IPv4 written inside IPv6): what is fetched by default."""
+    embedded = _embedded_ipv4(address)
+    if embedded:
+        return all(is_public(inner) for inner in embedded)
+    return (address.is_global and address not in CGNAT and not address.is_private and not address.is_reserved
+            and not address.is_multicast and _never_refusal(address) is None)
 
 
 def address_refusal(address: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | None:
-    """Why ``address`` may not be fetched (a phrase for the message), or None when it may."""
-    embedded = getattr(address, "ipv4_mapped", None) or getattr(address, "sixtofour", None)
-    if embedded is not None:  # ::ffff:10.0.0.1 and 2002:0a00:0001:: reach 10.0.0.1
-        return address_refusal(embedded, allowed)
-    if address in METADATA_ADDRESSES:
-        return "a cloud metadata address"
+    """Why ``address`` may not be fetched (a phrase for the log), or None when it may."""
+    for reading in _nat64_other_readings(address):
+        reason = _never_refusal(reading)
+        if reason is not None:
+            return reason
+    embedded = _embedded_ipv4(address)
+    if embedded:  # checked as the IPv4 address it reaches, allowed networks included
+        return next((r for r in (address_refusal(inner, allowed) for inner in embedded) if r), None)
+    reason = _never_refusal(address)
+    if reason is not None:
+        return reason
     if address.is_multicast or address.is_unspecified:  # 0.0.0.0 and :: reach this host
         return "a multicast or unspecified address"
-    public = address.is_global and address not in CGNAT and not address.is_private and not address.is_reserved
-    if public or any(address in network for network in allowed):
+    if is_public(address) or any(address in network for network in allowed):
         return None
     if address.is_loopback:
         return "a loopback address"
-    if address.is_link_local:
-        return "a link-local address"
     if address.is_reserved:
         return "a reserved address"
     return "a private address"
+
+
+# --- the search API's share -----------------------------------------------------------
+
+_API_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_API_SLOTS_LOCK = threading.Lock()
+
+
+def api_fetch_slots(limit: int) -> threading.BoundedSemaphore:
+    """The process-wide slots of API image-URL fetches (VISUALSEARCH_REMOTE_API_CONCURRENCY):
+    take one with ``acquire(blocking=False)`` and answer "busy" when none is free."""
+    limit = max(1, int(limit))
+    with _API_SLOTS_LOCK:
+        slots = _API_SLOTS.get(limit)
+        if slots is None:
+            slots = _API_SLOTS[limit] = threading.BoundedSemaphore(limit)
+        return slots
 
 
 # --- one fetch ------------------------------------------------------------------------
@@ -248,13 +349,19 @@ def fetch_image(url: str, policy: FetchPolicy = FetchPolicy(), *, etag: str | No
         headers["If-Modified-Since"] = email.utils.formatdate(last_modified_ns / 1e9, usegmt=True)
     current = url
     for _hop in range(MAX_REDIRECTS + 1):
-        target = _check_url(current, original=url, allowed=policy.allowed_networks)
+        target = _check_url(current, original=url, policy=policy)
         try:
             result = _request(target, headers, policy, deadline)
         except socket.timeout:
             raise RemoteTimeoutError(
                 f"{url}: no answer within the time limit ({policy.timeout:g} s per read, {policy.deadline:g} s "
                 "in all); check that the server is up, or raise VISUALSEARCH_REMOTE_TIMEOUT or _DEADLINE") from None
+        except _ConnectFailed as exc:
+            # Refused, unreachable or too slow to accept alike, the detail only in the log:
+            # the API must not tell which ports of which addresses answer.
+            logger.info("%s: cannot connect to %s port %s: %s", url, target.host, target.port, exc.detail)
+            raise RemoteUpstreamError(f"{url}: cannot connect to {target.host} (port {target.port}); check the URL "
+                                      "and that the server is reachable") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise RemoteUpstreamError(f"{url}: cannot fetch from {target.host}: {_describe(exc)}; check the URL "
                                       "and that the server is reachable") from None
@@ -277,7 +384,7 @@ class _Target:
     addresses: tuple[str, ...]
 
 
-def _check_url(url: str, *, original: str, allowed: tuple[IPNetwork, ...]) -> _Target:
+def _check_url(url: str, *, original: str, policy: FetchPolicy) -> _Target:
     where = url if url == original else f"{original} (redirected to {url})"
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
         raise RemoteUrlError(f"{where}: a URL may not contain spaces or control characters; encode them")
@@ -302,12 +409,21 @@ def _check_url(url: str, *, original: str, allowed: tuple[IPNetwork, ...]) -> _T
         raise RemoteUpstreamError(f"{where}: cannot resolve host {host!r} ({_describe(exc)}); check the URL") from None
     addresses = tuple(dict.fromkeys(str(answer[4][0]).split("%")[0] for answer in answers))
     # Every address must pass: a name that also resolves to a private one is refused.
+    # The message never says which address or why: that would map internal networks.
     for text in addresses:
-        reason = address_refusal(ipaddress.ip_address(text), allowed)
+        address = ipaddress.ip_address(text)
+        reason = address_refusal(address, policy.allowed_networks)
         if reason is not None:
+            logger.info("refused %s: %s resolves to %s, %s", where, host, text, reason)
             raise RemoteRefusedError(
-                f"{where}: {host} resolves to {text}, {reason}; only public addresses are fetched "
-                "(VISUALSEARCH_ALLOW_PRIVATE_URLS allows private ones on a private deployment)")
+                f"{where}: {host} resolves to a non-public address; only public addresses are fetched "
+                "(VISUALSEARCH_ALLOW_PRIVATE_URLS lets a private deployment fetch from its own networks)")
+        # Public addresses only on the listed ports; non-public ones the deployment
+        # allowed (its own services) on any.
+        if port not in policy.ports and is_public(address):
+            raise RemoteRefusedError(
+                f"{where}: port {port} is not fetched; image URLs may use port "
+                f"{', '.join(map(str, policy.ports))} (VISUALSEARCH_REMOTE_PORTS)")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -419,8 +535,16 @@ def _exchange(connection: "_PinnedHTTPConnection", target: _Target, headers: dic
             response.close()
 
 
+class _ConnectFailed(Exception):
+    """No address of a hop accepted the connection (refused, unreachable, timed out)."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
 def _connect(target: _Target, policy: FetchPolicy, deadline: float) -> _PinnedHTTPConnection:
-    last_error: OSError | None = None
+    details: list[str] = []
     for address in target.addresses:
         timeout = _remaining(policy.timeout, deadline)
         if target.scheme == "https":
@@ -436,8 +560,8 @@ def _connect(target: _Target, policy: FetchPolicy, deadline: float) -> _PinnedHT
             raise  # a certificate problem is not fixed by the next address
         except OSError as exc:
             connection.finish()
-            last_error = exc
-    raise last_error or OSError("no address to connect to")
+            details.append(f"{address}: {_describe(exc)}")
+    raise _ConnectFailed("; ".join(details) or "no address to connect to")
 
 
 def _read_body(response: http.client.HTTPResponse, connection: _PinnedHTTPConnection, target: _Target,

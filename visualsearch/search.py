@@ -9,7 +9,7 @@ and confirms they are still indexed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .catalogue import store as catalogue
 from .errors import InvalidRequestError
 from .images import Crop, ImageSource, load_image
 from .results import SearchHit, SearchResult
-from .vectors import SearchFilters
+from .vectors import SearchFilters, StoreHits
 
 if TYPE_CHECKING:
     from .service import VisualSearch
@@ -47,7 +47,8 @@ def validate_offset(offset: int) -> int:
 
 
 def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10, offset: int = 0,
-                 filters: SearchFilters | None = None, crop: Crop | None = None) -> SearchResult:
+                 filters: SearchFilters | None = None, crop: Crop | None = None,
+                 exclude_image_ids: Collection[int] = ()) -> SearchResult:
     """Find the products most similar to a photo.
 
     Args:
@@ -58,6 +59,9 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10, off
             ``top_k`` + 1 of ``top_k`` products; pages of one query never repeat a product).
         filters: category / brand / attribute / price restrictions.
         crop: region of the photo to search with, in its pixels.
+        exclude_image_ids: catalogue images that never count as a match (e.g. the query
+            photo itself, when it is a catalogue image): their products are ranked by
+            their best image other than these.
 
     Returns:
         Up to ``top_k`` products, best first, and ``took_ms`` with decode, embed,
@@ -77,7 +81,8 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10, off
     decoded = time.perf_counter()
     query = embedder.embed_images([picture])
     embedded = time.perf_counter()
-    hits = find_products(vs, query, top_k=top_k, offset=offset, filters=filters or SearchFilters())
+    hits = find_products(vs, query, top_k=top_k, offset=offset, filters=filters or SearchFilters(),
+                         exclude_image_ids=exclude_image_ids)
     done = time.perf_counter()
     return SearchResult(hits, took_ms={
         "decode": _ms(decoded - started), "embed": _ms(embedded - decoded),
@@ -114,9 +119,10 @@ def similar_products(vs: "VisualSearch", sku: str, *, top_k: int = 10, offset: i
 
 
 def find_products(vs: "VisualSearch", queries: np.ndarray, *, top_k: int, filters: SearchFilters,
-                  offset: int = 0, exclude_product: int | None = None) -> list[SearchHit]:
+                  offset: int = 0, exclude_product: int | None = None,
+                  exclude_image_ids: Collection[int] = ()) -> list[SearchHit]:
     """Products ``offset`` to ``offset + top_k`` of the ranking for the query vectors (a
-    product counts with its best image's score).
+    product counts with its best image's score, among its images not in ``exclude_image_ids``).
 
     The ranking never depends on the page asked for, so pages never repeat or skip a
     product: the store is searched FIRST_POOL, then DEEPEN_FACTOR times more images
@@ -132,15 +138,24 @@ def find_products(vs: "VisualSearch", queries: np.ndarray, *, top_k: int, filter
     found: list[SearchHit] = []
     ranked: set[int] = set()  # products placed (or refused by the catalogue) by shallower searches
     pool = FIRST_POOL
+    excluded = np.fromiter(exclude_image_ids, dtype=np.int64) if exclude_image_ids else None
     while True:
         hits = store.search(queries, pool, filters)
-        fresh = [candidate for candidate in _best_image_per_product(hits, exclude_product)
+        # Excluded images leave before the best image per product is picked, so that
+        # their product is still found (and scored) through its other images.
+        kept = hits if excluded is None else _without_images(hits, excluded)
+        fresh = [candidate for candidate in _best_image_per_product(kept, exclude_product)
                  if candidate[1] not in ranked]
         ranked.update(product_id for _, product_id, _ in fresh)
         found += _with_catalogue_fields(vs, fresh, wanted - len(found))
         if len(found) >= wanted or len(hits) < pool:
             return found[offset:wanted]
         pool *= DEEPEN_FACTOR
+
+
+def _without_images(hits: StoreHits, image_ids: np.ndarray) -> StoreHits:
+    keep = ~np.isin(hits.ids, image_ids)
+    return StoreHits(ids=hits.ids[keep], product_ids=hits.product_ids[keep], scores=hits.scores[keep])
 
 
 def _best_image_per_product(hits, exclude_product: int | None) -> list[tuple[int, int, float]]:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -69,6 +69,7 @@ INDEX_LOCK_FILE = ".index.lock"
 # An API write runs segment merges up to this size inline; bigger ones are left to
 # the indexer and ``compact`` so that a PUT or DELETE stays fast.
 API_MERGE_LIMIT = 65_536
+# Paths per SQL statement in image_ids_by_path (well under SQLite's 32,766 bound parameters).
 
 
 class VisualSearch:
@@ -316,12 +317,13 @@ class VisualSearch:
 
     @translates_storage_errors
     def index(self, manifest: str | Path, *, progress: Progress | None = None, wait: float = 0.0,
-              embedding: ImageEmbedding | None = None, manifest_format: str | None = None) -> IndexingReport:
+              embedding: ImageEmbedding | None = None, manifest_format: str | None = None,
+              recheck_urls: bool = False) -> IndexingReport:
         """Index a manifest or shop feed (see :func:`visualsearch.indexing.index_manifest`)."""
         self._require_writable()
         self.collect_leftovers()  # what a crashed run left, before this one adds to it
         report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding,
-                                manifest_format=manifest_format)
+                                manifest_format=manifest_format, recheck_urls=recheck_urls)
         self.collect_leftovers()
         return report
 
@@ -423,7 +425,7 @@ class VisualSearch:
     @translates_storage_errors
     def sync(self, manifest: str | Path, *, policy: PrunePolicy | None = None, progress: Progress | None = None,
              wait: float = 0.0, embedding: ImageEmbedding | None = None, manifest_format: str | None = None,
-             on_prune: Callable[[PruneCounts], None] | None = None) -> SyncReport:
+             on_prune: Callable[[PruneCounts], None] | None = None, recheck_urls: bool = False) -> SyncReport:
         """Index ``manifest``, then prune what it does not name: the products it does not
         list and the images of listed products it no longer names.
 
@@ -433,7 +435,7 @@ class VisualSearch:
         Args:
             policy: how much the prune may remove (default :class:`~visualsearch.sync.PrunePolicy`).
             on_prune: called with the counts just before anything is deleted.
-            progress, wait, embedding, manifest_format: as for :meth:`index`.
+            progress, wait, embedding, manifest_format, recheck_urls: as for :meth:`index`.
 
         Raises:
             PruneRefusedError: the policy refuses the prune, or the manifest file changed
@@ -446,7 +448,7 @@ class VisualSearch:
             keys.load(manifest, manifest_format=manifest_format)
             policy.check(keys.find_prunable(self.sessions))
             report = self.index(manifest, progress=progress, wait=wait, embedding=embedding,
-                                manifest_format=manifest_format)
+                                manifest_format=manifest_format, recheck_urls=recheck_urls)
             keys.check_manifest_unchanged()
             pruned = self.prune(keys, policy=policy, wait=wait, on_prune=on_prune)
         return SyncReport(report, pruned)
@@ -477,8 +479,8 @@ class VisualSearch:
                 deleted, paths = self._on_current_generation(lambda: writer().delete_products(skus))
                 self._remove_owned_files(paths)
                 products, product_images = products + len(deleted), product_images + len(paths)
-            for image_ids in keys.prunable_images():
-                paths = self._on_current_generation(lambda: writer().delete_images(image_ids))
+            for keyed in keys.prunable_images():  # (id, product id, path): deleted only if all still match
+                paths = self._on_current_generation(lambda: writer().delete_images(keyed))
                 self._remove_owned_files(paths)
                 images += len(paths)
             self.writable_store().maintain()
@@ -498,9 +500,18 @@ class VisualSearch:
 
     @translates_storage_errors
     def search(self, image: ImageSource, *, top_k: int = 10, offset: int = 0, filters: SearchFilters | None = None,
-               crop: Crop | None = None) -> SearchResult:
+               crop: Crop | None = None, exclude_image_ids: Collection[int] = ()) -> SearchResult:
         """See :func:`visualsearch.search.search_image`."""
-        return search_image(self, image, top_k=top_k, offset=offset, filters=filters, crop=crop)
+        return search_image(self, image, top_k=top_k, offset=offset, filters=filters, crop=crop,
+                            exclude_image_ids=exclude_image_ids)
+
+    @translates_storage_errors
+    def image_ids_by_path(self, paths: Iterable[str]) -> dict[str, list[int]]:
+        """The ids of the catalogue images stored under each of ``paths`` (as the manifest
+        reader stores them: absolute, normalised paths, or URLs as written); a path no image
+        names is left out. Several products may name one file."""
+        with self.sessions() as session:
+            return catalogue.image_ids_by_path(session, paths)
 
     @translates_storage_errors
     def similar(self, sku: str, *, top_k: int = 10, offset: int = 0,
@@ -644,18 +655,21 @@ class VisualSearch:
 
     @translates_storage_errors
     def reembed(self, *, backbone: str, weights: str | None = None, wait: float = 0.0, drop_old: bool = False,
-                progress: Progress | None = None) -> ReembedReport:
+                force: bool = False, progress: Progress | None = None) -> ReembedReport:
         """Build the vectors of another backbone beside the current ones, then switch to them
-        (see :func:`visualsearch.reembed.reembed`); searches and API writes go on meanwhile."""
+        (see :func:`visualsearch.reembed.reembed`); searches and API writes go on meanwhile.
+        A run that switches never drops the old vectors (servers still load the new ones)."""
         self._require_writable()
-        return reembed(self, backbone=backbone, weights=weights, wait=wait, drop_old=drop_old, progress=progress)
+        return reembed(self, backbone=backbone, weights=weights, wait=wait, drop_old=drop_old, force=force,
+                       progress=progress)
 
     @translates_storage_errors
-    def drop_old_generations(self, *, wait: float = 0.0) -> list[str]:
-        """Delete the vectors of the generations a re-embedding replaced (see
+    def drop_old_generations(self, *, wait: float = 0.0, force: bool = False) -> list[str]:
+        """Delete the vectors of the generations a re-embedding replaced; refused within
+        :data:`~visualsearch.reembed.DROP_GRACE` of the switch unless ``force`` (see
         :func:`visualsearch.reembed.drop_old_generations`)."""
         self._require_writable()
-        return drop_old_generations(self, wait=wait)
+        return drop_old_generations(self, wait=wait, force=force)
 
     @translates_storage_errors
     def collect_leftovers(self) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigurationError
 from .images import DEFAULT_MAX_PIXELS
-from .remote_images import IPNetwork, parse_allowed_networks
+from .remote_images import DEFAULT_REMOTE_PORTS, IPNetwork, parse_allowed_networks, parse_ports
 
 ENV_PREFIX = "VISUALSEARCH_"
 
@@ -37,11 +37,11 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
-_TIME_UNITS = {"": 1.0, "S": 1.0, "MS": 0.001, "M": 60.0, "MIN": 60.0}
+_TIME_UNITS = {"": 1.0, "S": 1.0, "MS": 0.001, "M": 60.0, "MIN": 60.0, "H": 3600.0, "D": 86400.0}
 
 
 def parse_seconds(text: str | float) -> float:
-    """``"250ms"``, ``"5s"``, ``"2m"`` or a plain number of seconds -> seconds.
+    """``"250ms"``, ``"5s"``, ``"2m"``, ``"24h"``, ``"7d"`` or a plain number of seconds -> seconds.
 
     Raises:
         ConfigurationError: not a duration.
@@ -163,10 +163,25 @@ class Settings:
                                   _at_least(0.001, parse_seconds))
     remote_concurrency: int = _opt(16, "Image URLs fetched at once while indexing.", _at_least(1))
     remote_per_host: int = _opt(4, "Image URLs fetched at once from one host while indexing.", _at_least(1))
+    # Shop CDNs version image URLs (Shopify's ?v=), so a changed image nearly always
+    # comes under a new URL, which is always fetched: re-asking every URL every night
+    # costs a request per image for almost nothing.
+    remote_recheck: float = _opt(7 * 86400.0, "How long an indexed image URL, once fetched or answered 304, is "
+                                              "counted unchanged without asking its server again, e.g. 7d, 24h "
+                                              "(each URL waits 1 to 2 times this, spread so that a catalogue's "
+                                              "URLs do not all come due on one night); 0: ask on every index "
+                                              "run (index --recheck-urls forces it once).",
+                                 _at_least(0, parse_seconds))
+    remote_api_concurrency: int = _opt(4, "Image URLs the search API fetches at once in one process; a search "
+                                          "by image_url past it answers 503 remote_fetch_busy.", _at_least(1))
+    remote_ports: tuple[int, ...] = _opt(DEFAULT_REMOTE_PORTS, "Comma-separated ports image URLs at public "
+                                                               "addresses may use (80,443); non-public ones allowed by "
+                                                               "VISUALSEARCH_ALLOW_PRIVATE_URLS may use any.",
+                                         parse_ports)
     allow_private_urls: tuple[IPNetwork, ...] = _opt(
-        (), "Image URLs may reach non-public addresses: true for any private, loopback or link-local one, "
+        (), "Image URLs may reach non-public addresses, on any port: true for any private or loopback one, "
             "or a comma-separated list of addresses and networks (127.0.0.1,10.0.0.0/8). Default: public "
-            "addresses only. Cloud metadata addresses are always refused.", parse_allowed_networks)
+            "addresses only. Cloud metadata and link-local addresses are always refused.", parse_allowed_networks)
     cors_origins: tuple[str, ...] = _opt((), "Comma-separated origins (https://shop.example.com) whose pages may "
                                              "call the read API (search, similar, product, health, openapi) "
                                              "from the browser, as the storefront widget does; * for any; "

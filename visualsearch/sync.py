@@ -30,9 +30,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .catalogue import ImageStatus, open_catalogue, sqlite_path
+from .catalogue import ImageStatus, Product, ProductImage, open_catalogue, sqlite_path
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord, is_image_url, iter_manifest_records, validate_manifest
 from .errors import VisualSearchError
@@ -63,9 +64,10 @@ CREATE TABLE products (sku TEXT PRIMARY KEY, action INTEGER NOT NULL) WITHOUT RO
 CREATE TABLE images (sku TEXT NOT NULL, path TEXT NOT NULL, action INTEGER NOT NULL, code TEXT, message TEXT,
                      PRIMARY KEY (sku, path)) WITHOUT ROWID;
 CREATE TABLE prune_products (id INTEGER PRIMARY KEY, sku TEXT NOT NULL);
-CREATE TABLE prune_images (id INTEGER PRIMARY KEY);
+CREATE TABLE prune_images (id INTEGER PRIMARY KEY, product_id INTEGER NOT NULL, path TEXT NOT NULL);
 CREATE TEMP TABLE page_products (id INTEGER PRIMARY KEY, sku TEXT NOT NULL);
-CREATE TEMP TABLE page_images (id INTEGER PRIMARY KEY, sku TEXT NOT NULL, path TEXT NOT NULL);
+CREATE TEMP TABLE page_images (id INTEGER PRIMARY KEY, product_id INTEGER NOT NULL, sku TEXT NOT NULL,
+                               path TEXT NOT NULL);
 """
 
 
@@ -327,16 +329,16 @@ class ManifestKeys:
                 self.db.executemany("INSERT INTO page_products(id, sku) VALUES (?, ?)", page)
                 self.db.execute("INSERT INTO prune_products(id, sku) SELECT id, sku FROM page_products p "
                                 "WHERE NOT EXISTS (SELECT 1 FROM products m WHERE m.sku = p.sku)")
-        for page in _pages(sessions, catalogue.image_keys):
+        for page in _pages(sessions, _image_keys):
             catalogue_images += len(page)
             with self.db:
                 self.db.execute("DELETE FROM page_images")
-                self.db.executemany("INSERT INTO page_images(id, sku, path) VALUES (?, ?, ?)", page)
+                self.db.executemany("INSERT INTO page_images(id, product_id, sku, path) VALUES (?, ?, ?, ?)", page)
                 product_images += self.db.execute(
                     "SELECT count(*) FROM page_images p "
                     "WHERE NOT EXISTS (SELECT 1 FROM products m WHERE m.sku = p.sku)").fetchone()[0]
                 self.db.execute(
-                    "INSERT INTO prune_images(id) SELECT id FROM page_images p "
+                    "INSERT INTO prune_images(id, product_id, path) SELECT id, product_id, path FROM page_images p "
                     "WHERE EXISTS (SELECT 1 FROM products m WHERE m.sku = p.sku) "
                     "AND NOT EXISTS (SELECT 1 FROM images i WHERE i.sku = p.sku AND i.path = p.path)")
         products = self.db.execute("SELECT count(*) FROM prune_products").fetchone()[0]
@@ -352,10 +354,13 @@ class ManifestKeys:
         for rows in self._batches("SELECT id, sku FROM prune_products WHERE id > ? ORDER BY id LIMIT ?", batch):
             yield [sku for _, sku in rows]
 
-    def prunable_images(self, batch: int = PRUNE_BATCH) -> Iterator[list[int]]:
-        """The image ids :meth:`find_prunable` found (of products that stay), in batches."""
-        for rows in self._batches("SELECT id, id FROM prune_images WHERE id > ? ORDER BY id LIMIT ?", batch):
-            yield [image_id for image_id, _ in rows]
+    def prunable_images(self, batch: int = PRUNE_BATCH) -> Iterator[list[tuple[int, int, str]]]:
+        """The images :meth:`find_prunable` found (of products that stay), in batches of
+        (image id, product id, path): a delete removes only rows still matching all three,
+        since an id may name another image by then (SQLite reuses the highest id)."""
+        for rows in self._batches("SELECT id, product_id, path FROM prune_images WHERE id > ? ORDER BY id LIMIT ?",
+                                  batch):
+            yield [(image_id, product_id, path) for image_id, product_id, path in rows]
 
     def _batches(self, query: str, batch: int) -> Iterator[list[tuple[int, Any]]]:
         last = 0
@@ -367,6 +372,15 @@ class ManifestKeys:
 def _stamp(path: Path) -> tuple[int, int]:
     status = os.stat(path)
     return status.st_size, status.st_mtime_ns
+
+
+def _image_keys(session: Session, *, after: int = 0, limit: int = CATALOGUE_PAGE) -> list[tuple[int, int, str, str]]:
+    """(image id, product id, its product's sku, path) of the images with ids above
+    ``after``, ascending: one keyset page."""
+    return [(row.id, row.product_id, row.sku, row.path) for row in session.execute(
+        select(ProductImage.id, ProductImage.product_id, Product.sku, ProductImage.path)
+        .join(Product, Product.id == ProductImage.product_id)
+        .where(ProductImage.id > after).order_by(ProductImage.id).limit(limit))]
 
 
 def _pages(sessions: sessionmaker[Session], read_page) -> Iterator[list[tuple]]:

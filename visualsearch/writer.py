@@ -179,9 +179,11 @@ class CatalogueWriter:
         self.store.merge(self.merge_limit)
         return path
 
-    def delete_images(self, image_ids: Sequence[int]) -> list[str]:
-        """Delete images by id (whatever their product) and their vectors, in one commit.
-        Returns the paths of the images that existed."""
+    def delete_images(self, image_ids: Sequence[int] | Sequence[tuple[int, int, str]]) -> list[str]:
+        """Delete images (whatever their product) and their vectors, in one commit: by id,
+        or by (image id, product id, path) triples, deleting only rows that still match all
+        three (see :func:`~visualsearch.catalogue.store.delete_images`).
+        Returns the paths of the images actually deleted."""
         with self.store.writing(self.lock_timeout):
             with self._session() as session:
                 deleted = catalogue.delete_images(session, image_ids)

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 from flask import Blueprint, jsonify, request, url_for
 
-from visualsearch.remote_images import FetchPolicy, fetch_image
+from visualsearch.remote_images import FetchPolicy, api_fetch_slots, fetch_image
 from visualsearch.results import SearchResult
 
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .library import get_search
 from .metrics import observe_search
 from .openapi import spec as openapi_spec
@@ -42,9 +42,22 @@ def search():
         if not data:
             raise ApiError(400, "missing_image", "the uploaded file 'image' is empty")
     else:
+        # A bounded number of URL fetches at once per process, never waited for: each holds
+        # a worker thread for up to VISUALSEARCH_REMOTE_DEADLINE.
+        slots = api_fetch_slots(vs.settings.remote_api_concurrency)
+        if not slots.acquire(blocking=False):
+            busy = error_response(503, "remote_fetch_busy", (
+                f"{vs.settings.remote_api_concurrency} image URLs are being fetched already "
+                "(VISUALSEARCH_REMOTE_API_CONCURRENCY); retry in a second, or send the photo itself "
+                "as the file field 'image'"))
+            busy.headers["Retry-After"] = "1"
+            return busy
         started = time.perf_counter()
-        # Errors map like an upload's; the server there failing is a 502 (504: too slow).
-        data = fetch_image(params.image_url, FetchPolicy.from_settings(vs.settings)).data
+        try:
+            # Errors map like an upload's; the server there failing is a 502 (504: too slow).
+            data = fetch_image(params.image_url, FetchPolicy.from_settings(vs.settings)).data
+        finally:
+            slots.release()
         fetch_ms = round((time.perf_counter() - started) * 1000, 2)
     result = vs.search(data, top_k=params.top_k, offset=params.offset, filters=params.filters, crop=params.crop)
     if params.image_url is not None:

@@ -66,15 +66,20 @@ def spec() -> dict:
                 "responses": {"200": _RESULTS,
                               "400": _error("Bad parameters (top_k over 100, offset over 1000...); no photo "
                                             "or both; image_url not http(s) "
-                                            "(remote_bad_url) or leading to a private address (remote_refused)."),
+                                            "(remote_bad_url), or leading to a non-public address or a port not in "
+                                            "VISUALSEARCH_REMOTE_PORTS (remote_refused)."),
                               "413": _TOO_LARGE, "415": _error("Not a supported image (remote_not_image: the "
                                                                "image_url's server sent no image)."),
                               "422": _error("The image cannot be decoded, or the image_url's server answered "
                                             "404/410 (remote_not_found)."),
-                              "502": _error("image_url: the server cannot be reached or answered an error "
-                                            "(remote_unreachable, remote_http_error)."),
-                              "504": _error("image_url: the server was too slow (remote_timeout)."),
-                              **_UNAVAILABLE},
+                              "502": _error("image_url: the server cannot be reached (refused, unreachable "
+                                            "or too slow to connect: remote_unreachable) or answered an error "
+                                            "(remote_http_error)."),
+                              "504": _error("image_url: the server was too slow to answer (remote_timeout)."),
+                              "503": _error("The deployment is misconfigured or its storage refused (see "
+                                            "other endpoints), or every slot for image_url fetches is taken "
+                                            "(remote_fetch_busy, with Retry-After: retry, or upload the file)."),
+                              },
             }},
             "/api/v1/products/{sku}/similar": {"get": {
                 "summary": "Products similar to a catalogue product",

@@ -98,6 +98,9 @@ class ProductImage(Base):
     # Last-Modified), sent back so that an unchanged image answers 304. Deferred: a
     # catalogue opened read-only before its schema gained the column still loads rows.
     source_etag: Mapped[str | None] = mapped_column(Text, deferred=True)
+    # When such an image was last fetched or answered 304 (epoch seconds): within
+    # VISUALSEARCH_REMOTE_RECHECK of it, an index run counts it unchanged without asking.
+    source_checked_at: Mapped[int | None] = mapped_column(BigInteger, deferred=True)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[ImageStatus] = mapped_column(

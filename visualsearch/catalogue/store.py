@@ -359,6 +359,7 @@ class ImageRow:
     file_mtime_ns: int | None
     source_etag: str | None = None  # images at URLs: the ETag to revalidate with
     sha256: str | None = None
+    source_checked_at: int | None = None  # images at URLs: last fetched or answered 304 (epoch s)
 
 
 def images_of_products(session: Session, product_ids: Sequence[int]) -> list[ImageRow]:
@@ -367,11 +368,11 @@ def images_of_products(session: Session, product_ids: Sequence[int]) -> list[Ima
         for row in session.execute(
             select(ProductImage.id, ProductImage.product_id, ProductImage.path, ProductImage.status,
                    ProductImage.file_size, ProductImage.file_mtime_ns, ProductImage.source_etag,
-                   ProductImage.sha256)
+                   ProductImage.sha256, ProductImage.source_checked_at)
             .where(ProductImage.product_id.in_(chunk)).order_by(ProductImage.id)
         ):
             rows.append(ImageRow(row.id, row.product_id, row.path, ImageStatus(row.status), row.file_size,
-                                 row.file_mtime_ns, row.source_etag, row.sha256))
+                                 row.file_mtime_ns, row.source_etag, row.sha256, row.source_checked_at))
     return rows
 
 
@@ -420,8 +421,10 @@ def mark_indexed(session: Session, images: Sequence[dict[str, Any]]) -> None:
     ])
 
 
-def set_source_validators(session: Session, validators: dict[int, tuple[str | None, int | None]]) -> None:
-    """Record the ETag and Last-Modified (ns) of images fetched from URLs (image id -> both).
+def set_source_validators(session: Session,
+                          validators: dict[int, tuple[str | None, int | None, int]]) -> None:
+    """Record the ETag, Last-Modified (ns) and check time (epoch seconds) of images
+    fetched from URLs (image id -> the three), in one executemany.
 
     Only images still indexed are touched: a validator must describe the embedded copy.
     """
@@ -429,9 +432,10 @@ def set_source_validators(session: Session, validators: dict[int, tuple[str | No
         table = ProductImage.__table__
         session.execute(
             update(table).where(table.c.id == bindparam("image"), table.c.status == ImageStatus.INDEXED)
-            .values(source_etag=bindparam("etag"), file_mtime_ns=bindparam("modified")),
-            [{"image": image, "etag": etag, "modified": modified}
-             for image, (etag, modified) in validators.items()])
+            .values(source_etag=bindparam("etag"), file_mtime_ns=bindparam("modified"),
+                    source_checked_at=bindparam("checked")),
+            [{"image": image, "etag": etag, "modified": modified, "checked": checked}
+             for image, (etag, modified, checked) in validators.items()])
 
 
 def mark_failed(session: Session, failures: Sequence[tuple[int, str]]) -> None:
@@ -552,15 +556,38 @@ def image_keys(session: Session, *, after: int = 0, limit: int = 5000) -> list[t
         .where(ProductImage.id > after).order_by(ProductImage.id).limit(limit))]
 
 
-def delete_images(session: Session, image_ids: Sequence[int]) -> list[tuple[int, str]]:
-    """Delete images by id, whatever their product. Their vectors must then leave the
-    store (see :func:`delete_products`).
+def delete_images(session: Session, image_ids: Sequence[int] | Sequence[tuple[int, int, str]]
+                  ) -> list[tuple[int, str]]:
+    """Delete images, whatever their product. Their vectors must then leave the store
+    (see :func:`delete_products`).
+
+    Args:
+        image_ids: image ids; or (image id, product id, path) triples, and then only the
+            rows whose three values all still match are deleted (an id read earlier may
+            since name another image: SQLite reuses the highest id of a deleted row).
 
     Returns:
-        (id, path) of the images that existed.
+        (id, path) of the images actually deleted.
     """
+    from sqlalchemy import tuple_
+
     deleted: list[tuple[int, str]] = []
-    for chunk in _chunks(list(image_ids), IN_CHUNK):
+    items = list(image_ids)
+    if items and not isinstance(items[0], int):
+        key = tuple_(ProductImage.id, ProductImage.product_id, ProductImage.path)
+        returning = session.get_bind().dialect.delete_returning
+        for chunk in _chunks([(int(i), int(p), str(path)) for i, p, path in items], IN_CHUNK):
+            if returning:
+                deleted += [(row.id, row.path) for row in session.execute(
+                    delete(ProductImage).where(key.in_(chunk)).returning(ProductImage.id, ProductImage.path))]
+                continue
+            rows = [(row.id, row.path) for row in session.execute(
+                select(ProductImage.id, ProductImage.path).where(key.in_(chunk)))]
+            if rows:
+                session.execute(delete(ProductImage).where(key.in_(chunk)))
+                deleted += rows
+        return deleted
+    for chunk in _chunks(items, IN_CHUNK):
         rows = [(row.id, row.path) for row in session.execute(
             select(ProductImage.id, ProductImage.path).where(ProductImage.id.in_(chunk)))]
         if rows:
@@ -642,6 +669,18 @@ def brands(session: Session, limit: int = 500) -> list[str]:
     return list(session.scalars(
         select(Product.brand).distinct().where(Product.brand.is_not(None)).order_by(Product.brand).limit(limit)
     ))
+
+
+def image_ids_by_path(session: Session, paths: Iterable[str]) -> dict[str, list[int]]:
+    """The ids of the images stored under each of ``paths`` (several products may name one
+    file); a path no image names is left out. For evaluation runs: ``path`` has no index
+    of its own, so each chunk is a scan (fine at benchmark sizes, not per request)."""
+    found: dict[str, list[int]] = {}
+    for chunk in _chunks(list(dict.fromkeys(paths)), IN_CHUNK):
+        for image_id, path in session.execute(select(ProductImage.id, ProductImage.path)
+                                              .where(ProductImage.path.in_(chunk)).order_by(ProductImage.id)):
+            found.setdefault(path, []).append(image_id)
+    return found
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
