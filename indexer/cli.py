@@ -32,6 +32,7 @@ def engine_options(function: Callable) -> Callable:
         click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help=_help("data_dir")),
         click.option("--db", "db_url", help=_help("db_url")),
         click.option("--backbone", help=_help("backbone")),
+        click.option("--recipe", help=_help("recipe")),
         click.option("--weights", type=click.Path(dir_okay=False), help=_help("weights")),
         click.option("--device", help=_help("device")),
         click.option("--threads", type=click.IntRange(min=1), help=_help("threads")),
@@ -450,8 +451,10 @@ def rebuild_index(as_json: bool, wait: float, **options: Any) -> None:
 
 
 @main.command()
-@click.option("--backbone", help="Registered backbone to re-embed the catalogue with (required unless "
-                                 "--drop-old alone) [env: VISUALSEARCH_BACKBONE]")
+@click.option("--backbone", help="Registered backbone to re-embed the catalogue with, with its own recipe (this "
+                                 "or --recipe is required unless --drop-old alone) [env: VISUALSEARCH_BACKBONE]")
+@click.option("--recipe", help="Registered recipe to re-embed the catalogue with (it names its backbone; "
+                               "`visualsearch recipes`) [env: VISUALSEARCH_RECIPE]")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="Weights file of that backbone; recorded, so servers find it too [env: VISUALSEARCH_WEIGHTS]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help=_help("data_dir"))
@@ -470,7 +473,7 @@ def rebuild_index(as_json: bool, wait: float, **options: Any) -> None:
 @_wait_option
 @library_errors
 def reembed(drop_old: bool, force: bool, as_json: bool, wait: float, **options: Any) -> None:
-    """Re-embed the catalogue with another backbone, with no downtime.
+    """Re-embed the catalogue with another backbone or recipe, with no downtime.
 
     The new vectors are built beside the current ones while servers keep answering
     (and API writes keep landing); then one switch makes them current, and servers
@@ -485,16 +488,17 @@ def reembed(drop_old: bool, force: bool, as_json: bool, wait: float, **options: 
 
     settings = _settings(**options)
     vs = _open(settings, create=False)
-    if not settings.backbone:
+    if not settings.backbone and not settings.recipe:
         if not drop_old:
-            raise click.UsageError("name the backbone to switch to with --backbone (or only --drop-old)")
+            raise click.UsageError("name the backbone or recipe to switch to with --backbone or --recipe (or only "
+                                   "--drop-old)")
         outcome = {"dropped": vs.drop_old_generations(wait=wait, force=force)}
         _print_outcome(outcome, as_json)
         return
     progress = TqdmProgress("re-embedding")
     try:
-        report = vs.reembed(backbone=settings.backbone, weights=settings.weights, wait=wait, drop_old=drop_old,
-                            force=force, progress=progress)
+        report = vs.reembed(backbone=settings.backbone, recipe=settings.recipe, weights=settings.weights, wait=wait,
+                            drop_old=drop_old, force=force, progress=progress)
     except ReembedRefusedError as exc:
         if as_json:
             click.echo(json.dumps(exc.report.to_dict(), indent=2))
@@ -508,9 +512,10 @@ def reembed(drop_old: bool, force: bool, as_json: bool, wait: float, **options: 
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     if not report.switched:
-        click.echo(f"the vectors already come from {report.backbone}: nothing to re-embed")
+        click.echo(f"the vectors already come from {report.backbone} (recipe {report.recipe}): nothing to re-embed")
     else:
-        click.echo(f"switched from {report.previous_backbone} to {report.backbone} (dim {report.dim}): "
+        click.echo(f"switched from {report.previous_backbone} (recipe {report.previous_recipe}) to "
+                   f"{report.backbone} (recipe {report.recipe}, dim {report.dim}): "
                    f"{report.embedded} embedded, {report.reused} reused by content hash, {report.skipped} done "
                    f"by an earlier run, {report.caught_up} caught up after writes, {report.deleted} deleted, "
                    f"{len(report.failures)} failed in {report.seconds:.1f}s")
@@ -567,14 +572,15 @@ def evaluate_command(queries: Path, manifest: Path | None, top_k: int, limit: in
 
     labelled = read_queries(queries, limit=limit)  # the whole file is checked before anything runs
     if compare:
-        if manifest is not None or options["data_dir"] is not None or options["backbone"] is not None:
+        if manifest is not None or options["data_dir"] is not None or options["backbone"] is not None or \
+                options["recipe"] is not None:
             raise click.UsageError("--compare names both data directories and searches each with the backbone it "
-                                   "was indexed with: leave out --manifest, --data-dir and --backbone")
+                                   "was indexed with: leave out --manifest, --data-dir, --backbone and --recipe")
         settings = _settings(**options)
         configure_threads(serving=True)  # measure latency as a serving process searches
         # Each directory's own stored backbone (not one pinned by VISUALSEARCH_BACKBONE).
-        reports = [_run_eval(_open(replace(settings, data_dir=folder, backbone=None), read_only=True), labelled,
-                             top_k, label) for folder, label in zip(compare, ("A", "B"))]
+        reports = [_run_eval(_open(replace(settings, data_dir=folder, backbone=None, recipe=None), read_only=True),
+                             labelled, top_k, label) for folder, label in zip(compare, ("A", "B"))]
         outcome = compare_reports(*reports)
         click.echo(json.dumps(outcome, indent=2) if as_json else _eval_table(outcome))
         return
@@ -676,6 +682,28 @@ def backbones(as_json: bool) -> None:
         return
     for spec in specs:
         click.echo(f"{spec.name:<20} dim {spec.embedding_dim:<5} {spec.description}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the recipes (all their parameters) as JSON.")
+@library_errors
+def recipes(as_json: bool) -> None:
+    """List the registered embedding recipes (each backbone's own is named like it)."""
+    from visualsearch.recipes import get_recipe, list_recipes
+
+    chosen = [get_recipe(name) for name in list_recipes()]
+    if as_json:
+        # A projection's file (and so the fingerprint) belongs to a data directory: see `stats`.
+        click.echo(json.dumps([{**recipe.to_dict(), "fingerprint": None if recipe.projection else recipe.fingerprint()}
+                               for recipe in chosen], indent=2))
+        return
+    for recipe in chosen:
+        size = f"{recipe.resize} {recipe.input_size}" + (f"/{recipe.resize_size}" if recipe.resize == "crop" else "")
+        extras = [f"GeM p={recipe.gem_p:g}", *(["flip"] if recipe.flip else []),
+                  *([f"scales {','.join(f'{scale:g}' for scale in recipe.scales)}"] if len(recipe.scales) > 1 else []),
+                  *([f"projection {recipe.projection}"] if recipe.projection else [])]
+        click.echo(f"{recipe.name:<20} v{recipe.version} {recipe.backbone:<20} {size:<12} {', '.join(extras)}"
+                   f"  {recipe.description}".rstrip())
 
 
 if __name__ == "__main__":  # pragma: no cover

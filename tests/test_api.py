@@ -177,7 +177,7 @@ def test_product_similar_health_metrics(client):
     assert health["status"] == "ok" and health["products"] == 12 and health["indexed_images"] == 24
     assert health["backbone"] == TINY
     assert health["index"]["vectors"] == 24 and health["index"]["type"]
-    assert set(health) == {"status", "products", "indexed_images", "writable", "backbone", "index"}
+    assert set(health) == {"status", "products", "indexed_images", "writable", "backbone", "recipe", "index"}
     assert health["writable"] is True
     assert set(health["index"]) == {"type", "vectors", "recall_at_10"}
     assert client.get("/api/v1/nothing-here").get_json()["error"]["code"] == "not_found"

@@ -1,5 +1,6 @@
-"""Re-embedding without downtime: the catalogue's vectors for another backbone, built
-beside the current ones while they keep answering, then one switch.
+"""Re-embedding without downtime: the catalogue's vectors for another backbone (or another
+recipe, see :mod:`.recipes`), built beside the current ones while they keep answering,
+then one switch.
 
 1. **Bulk**: every indexed image of the catalogue (walked by id in bounded batches) is
    read and embedded with the new CNN (the indexing stage :class:`~.indexing.CnnEmbedding`,
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import store as catalogue
 from .embedder import Embedder, EmbedderIdentity
 from .errors import ConfigurationError, VisualSearchError
@@ -53,6 +55,7 @@ from .generations import (
     read_generation,
 )
 from .indexing import CnnEmbedding, ImageFailure, ImageResult, ImageTask, IndexingReport, Progress
+from .recipes import choose_recipe, recipe_matches
 from .vectors import VectorRows, VectorStore, row_tokens
 from .vectors.manifest import MANIFEST_NAME
 from .vectors.store import SEGMENTS_DIR
@@ -112,6 +115,8 @@ class ReembedReport:
     weights_sha256: str
     dim: int
     previous_backbone: str | None
+    recipe: str | None = None
+    previous_recipe: str | None = None
     generation: str = ""
     switched: bool = False
     resumed: bool = False
@@ -147,15 +152,18 @@ class _NoProgress:
         pass
 
 
-def reembed(vs: "VisualSearch", *, backbone: str, weights: str | None = None, wait: float = 0.0,
-            drop_old: bool = False, force: bool = False, progress: Progress | None = None,
-            batch_images: int = BATCH_IMAGES) -> ReembedReport:
-    """Embed the catalogue with ``backbone`` beside the current vectors, then switch to them.
+def reembed(vs: "VisualSearch", *, backbone: str | None = None, recipe: str | None = None,
+            weights: str | None = None, wait: float = 0.0, drop_old: bool = False, force: bool = False,
+            progress: Progress | None = None, batch_images: int = BATCH_IMAGES) -> ReembedReport:
+    """Embed the catalogue with ``backbone`` or ``recipe`` beside the current vectors, then
+    switch to them (another recipe on the same backbone is a new generation too).
 
     Args:
         vs: the data directory (its current vectors keep answering meanwhile).
         backbone, weights: the new network (``weights``: a file instead of the backbone's
             packaged or cached weights; recorded so that servers find it too).
+        recipe: the new recipe (default: the backbone's own); a recipe names its
+            backbone, so ``backbone`` may be left out.
         wait: seconds to wait for another batch run to release the data directory.
         drop_old: delete the vectors of every other generation, only when this run does
             not switch (servers follow a switch in the background and answer from the
@@ -173,24 +181,31 @@ def reembed(vs: "VisualSearch", *, backbone: str, weights: str | None = None, wa
     Raises:
         ReembedRefusedError: too many images failed (nothing switched; ``report`` lists them).
         DropRefusedError: ``drop_old`` without a switch, within the grace period of the last one.
-        ConfigurationError: nothing indexed yet, or an unknown backbone.
+        ConfigurationError: nothing indexed yet, neither backbone nor recipe, an unknown
+            backbone or recipe, or a recipe for another backbone than ``backbone``.
         WeightsUnavailableError: the new backbone's weights cannot be found.
         WriterBusyError: another batch run (or an API write, for too long) held the data directory.
     """
     started = time.perf_counter()
     progress = progress or _NoProgress()
+    if not backbone and not recipe:
+        raise ConfigurationError("name the backbone or the recipe to re-embed with")
+    chosen = choose_recipe(recipe=recipe, backbone=backbone, default_backbone=DEFAULT_BACKBONE)
     with vs.index_lock(wait):
         current = vs.generation()
         if current.ref.identity is None:
             raise ConfigurationError("nothing is indexed here yet: index a catalogue with "
-                                     f"'visualsearch index MANIFEST --backbone {backbone}' instead")
-        embedder = Embedder(backbone, weights_path=weights, device=vs.settings.device, threads=vs.settings.threads,
+                                     f"'visualsearch index MANIFEST --recipe {chosen.name}' instead")
+        embedder = Embedder(chosen.backbone, recipe=chosen, projection_dir=vs.data_dir, weights_path=weights,
+                            device=vs.settings.device, threads=vs.settings.threads,
                             allow_download=vs.settings.allow_download)
         identity = embedder.identity
         report = ReembedReport(identity.backbone, identity.weights_sha256, identity.dim,
-                               previous_backbone=current.ref.identity.backbone, generation=current.ref.location)
+                               previous_backbone=current.ref.identity.backbone, recipe=identity.recipe,
+                               previous_recipe=current.ref.identity.recipe_name, generation=current.ref.location)
         if _same_identity(current.ref, identity):
-            logger.info("the vectors here already come from %s: nothing to re-embed", identity.backbone)
+            logger.info("the vectors here already come from %s (recipe %s): nothing to re-embed",
+                        identity.backbone, identity.recipe)
         else:
             run = _Run(vs, embedder, report, batch_images, weights, force=force)
             try:
@@ -300,7 +315,7 @@ class _Run:
         run for another identity is abandoned and its folder removed)."""
         with self.vs.session() as session:
             target = _read_target(session)
-            if target is not None and _target_identity(target) == self.identity and \
+            if target is not None and _target_matches(target, self.identity) and \
                     target["location"] != current.location:
                 self.location = target["location"]
                 self.started_at = datetime.fromisoformat(target["started_at"])
@@ -308,15 +323,18 @@ class _Run:
             else:
                 if target is not None and target["location"] != current.location:
                     _remove_generation(self.vs.data_dir, target["location"])
-                self.location = _new_location(self.vs.data_dir, self.identity.backbone)
+                self.location = _new_location(self.vs.data_dir, self.identity.recipe or self.identity.backbone)
                 _remove_generation(self.vs.data_dir, self.location)  # a leftover of the same name
                 catalogue.set_meta(session, TARGET_KEY, json.dumps({
                     "location": self.location, "backbone": self.identity.backbone,
                     "weights_sha256": self.identity.weights_sha256, "dim": self.identity.dim,
-                    "started_at": self.started_at.isoformat(), "weights_path": self.weights}))
+                    "recipe": self.identity.recipe, "recipe_version": self.identity.recipe_version,
+                    "recipe_hash": self.identity.recipe_hash, "started_at": self.started_at.isoformat(),
+                    "weights_path": self.weights}))
         self.report.generation = self.location
         self.store = VectorStore(generation_root(self.vs.data_dir, self.location), backbone=self.identity.backbone,
                                  weights_sha256=self.identity.weights_sha256, dim=self.identity.dim,
+                                 recipe=self.identity.recipe, recipe_hash=self.identity.recipe_hash,
                                  memory_budget=self.vs.settings.index_memory)
         self.store.collect_leftovers()
         self.embedding = CnnEmbedding(_NewGeneration(self.vs, self.embedder, self.store))
@@ -370,7 +388,9 @@ class _Run:
             self._switch(failures)
         self.store.merge()
         self.vs.adopt_generation(GenerationRef(self.location, catalogue.StoredIdentity(
-            self.identity.backbone, self.identity.weights_sha256, self.identity.dim), self.weights), self.embedder)
+            self.identity.backbone, self.identity.weights_sha256, self.identity.dim, recipe=self.identity.recipe,
+            recipe_version=self.identity.recipe_version, recipe_hash=self.identity.recipe_hash),
+            self.weights), self.embedder)
         self.report.switched = True
         self.report.stage_seconds = dict(self._stages.stage_seconds)
         self.report.reused = self._stages.reused
@@ -453,9 +473,10 @@ class _Run:
         """One catalogue transaction: the new identity, its generation, the time of the
         switch, and the images it has no vector for marked failed."""
         with self.vs.session() as session:
-            catalogue.set_meta(session, "backbone", self.identity.backbone)
-            catalogue.set_meta(session, "weights_sha256", self.identity.weights_sha256)
-            catalogue.set_meta(session, "dim", str(self.identity.dim))
+            catalogue.record_identity(session, backbone=self.identity.backbone,
+                                      weights_sha256=self.identity.weights_sha256, dim=self.identity.dim,
+                                      recipe=self.identity.recipe, recipe_version=self.identity.recipe_version,
+                                      recipe_hash=self.identity.recipe_hash)
             catalogue.set_meta(session, GENERATION_KEY, self.location)
             if self.weights:
                 catalogue.set_meta(session, WEIGHTS_PATH_KEY, self.weights)
@@ -536,7 +557,10 @@ class _NewGeneration:
 def _same_identity(ref: GenerationRef, identity: EmbedderIdentity) -> bool:
     stored = ref.identity
     return stored is not None and (stored.backbone, stored.weights_sha256, stored.dim) == \
-        (identity.backbone, identity.weights_sha256, identity.dim)
+        (identity.backbone, identity.weights_sha256, identity.dim) and \
+        recipe_matches(stored.recipe_name, stored.recipe_version, stored.recipe_hash,
+                       name=identity.recipe or identity.backbone, version=identity.recipe_version,
+                       fingerprint=identity.recipe_hash)
 
 
 def _contains(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -553,8 +577,14 @@ def _read_target(session) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def _target_identity(target: dict) -> EmbedderIdentity:
-    return EmbedderIdentity(target["backbone"], target["weights_sha256"], int(target["dim"]))
+def _target_matches(target: dict, identity: EmbedderIdentity) -> bool:
+    """Whether the unfinished run ``target`` was embedding with ``identity`` (a run recorded
+    before recipes used its backbone's default recipe)."""
+    return (target["backbone"], target["weights_sha256"], int(target["dim"])) == \
+        (identity.backbone, identity.weights_sha256, identity.dim) and \
+        recipe_matches(target.get("recipe") or target["backbone"], target.get("recipe_version"),
+                       target.get("recipe_hash"), name=identity.recipe or identity.backbone,
+                       version=identity.recipe_version, fingerprint=identity.recipe_hash)
 
 
 def _generation_locations(data_dir: Path) -> list[str]:

@@ -39,6 +39,7 @@ from .generations import (
 )
 from .images import Crop, ImageSource
 from .indexing import ImageEmbedding, IndexingReport, Progress, index_manifest, index_records
+from .recipes import check_recipe, choose_recipe
 from .reembed import ReembedReport, drop_old_generations, reembed
 from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
 from .search import search_image, similar_products
@@ -167,22 +168,30 @@ class VisualSearch:
         """The loaded backbone (loaded on first use, checked against the stored vectors).
 
         Raises:
-            BackboneMismatchError: the catalogue holds vectors of another backbone or weights.
+            BackboneMismatchError: the catalogue holds vectors of another backbone or weights
+                (RecipeMismatchError: of another recipe than a pinned one).
             WeightsUnavailableError, ConfigurationError: the backbone cannot be loaded.
         """
         return self._tracker.current().embedder()
 
     def _load_embedder(self, ref: GenerationRef) -> Embedder:
         stored = ref.identity
-        if stored is not None and self.settings.backbone:
+        # Unless pinned, the catalogue's recipe: queries embed as its vectors were made.
+        recipe = choose_recipe(recipe=self.settings.recipe, backbone=self.settings.backbone,
+                               stored_backbone=stored.backbone if stored else None,
+                               stored_recipe=stored.recipe if stored else None, default_backbone=DEFAULT_BACKBONE)
+        if stored is not None:
             # Refuse before loading a network whose vectors could never be compared.
-            catalogue.check_backbone_name(stored, self.settings.backbone)
-        name = self.settings.backbone or (stored.backbone if stored else DEFAULT_BACKBONE)
+            if self.settings.recipe:
+                check_recipe(stored.recipe_name, None, None, name=recipe.name)
+            catalogue.check_backbone_name(stored, recipe.backbone)
+        name = recipe.backbone
         weights = self.settings.weights
         if stored is not None:
             # After a re-embedding, the weights file it was given (recorded in the catalogue).
             weights = matching_weights(stored, [self.settings.weights, ref.weights_path]) or weights
-        embedder = Embedder(name, weights_path=weights, device=self.settings.device,
+        embedder = Embedder(name, recipe=recipe, projection_dir=self.data_dir, weights_path=weights,
+                            device=self.settings.device,
                             threads=self.settings.threads, allow_download=self.settings.allow_download)
         if stored is not None:
             catalogue.check_identity(stored, **_identity_kwargs(embedder.identity))
@@ -193,6 +202,7 @@ class VisualSearch:
         return GenerationStore(generation_root(self.data_dir, ref.location),
                                is_current=lambda: self._read_generation().location == ref.location,
                                backbone=stored.backbone, weights_sha256=stored.weights_sha256, dim=stored.dim,
+                               recipe=stored.recipe_name, recipe_hash=stored.recipe_hash,
                                memory_budget=self.settings.index_memory, read_only=self.read_only)
 
     def _make_generation(self, ref: GenerationRef, *, embedder: Embedder | None = None,
@@ -581,6 +591,8 @@ class VisualSearch:
             "backbone": identity.backbone if identity else None,
             "weights_sha256": identity.weights_sha256 if identity else None,
             "dim": identity.dim if identity else None,
+            "recipe": identity.recipe_name if identity else None,
+            "recipe_version": identity.recipe_version if identity else None,
             "index": index,
         }
 
@@ -598,6 +610,7 @@ class VisualSearch:
             # False while the disk refuses writes (read-only, full): searches still work.
             "writable": not self.read_only and self.write_blocked is None,
             "backbone": identity.backbone if identity else None,
+            "recipe": identity.recipe_name if identity else None,
             "index": None if manifest is None else {"type": manifest.index_type, "vectors": store.count,
                                                     "recall_at_10": manifest.tuning.recall_at_10},
         }
@@ -654,14 +667,15 @@ class VisualSearch:
         return {"rebuilt": True, **self._index_summary(store)}
 
     @translates_storage_errors
-    def reembed(self, *, backbone: str, weights: str | None = None, wait: float = 0.0, drop_old: bool = False,
-                force: bool = False, progress: Progress | None = None) -> ReembedReport:
-        """Build the vectors of another backbone beside the current ones, then switch to them
+    def reembed(self, *, backbone: str | None = None, recipe: str | None = None, weights: str | None = None,
+                wait: float = 0.0, drop_old: bool = False, force: bool = False,
+                progress: Progress | None = None) -> ReembedReport:
+        """Build the vectors of another backbone or recipe beside the current ones, then switch to them
         (see :func:`visualsearch.reembed.reembed`); searches and API writes go on meanwhile.
         A run that switches never drops the old vectors (servers still load the new ones)."""
         self._require_writable()
-        return reembed(self, backbone=backbone, weights=weights, wait=wait, drop_old=drop_old, force=force,
-                       progress=progress)
+        return reembed(self, backbone=backbone, recipe=recipe, weights=weights, wait=wait, drop_old=drop_old,
+                       force=force, progress=progress)
 
     @translates_storage_errors
     def drop_old_generations(self, *, wait: float = 0.0, force: bool = False) -> list[str]:
@@ -691,7 +705,9 @@ class VisualSearch:
 
 
 def _identity_kwargs(identity: EmbedderIdentity) -> dict:
-    return {"backbone": identity.backbone, "weights_sha256": identity.weights_sha256, "dim": identity.dim}
+    return {"backbone": identity.backbone, "weights_sha256": identity.weights_sha256, "dim": identity.dim,
+            "recipe": identity.recipe, "recipe_version": identity.recipe_version,
+            "recipe_hash": identity.recipe_hash}
 
 
 def _check_catalogue_exists(settings: Settings) -> None:

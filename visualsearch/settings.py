@@ -131,6 +131,10 @@ class Settings:
     backbone: str | None = _opt(None,
                                 "Registered backbone name. Default: the one the data directory was "
                                 "indexed with, or efficientnet_lite0 for a new one.")
+    recipe: str | None = _opt(None,
+                              "Registered embedding recipe (input size and resize, GeM p, flip and scale "
+                              "averaging, projection; `visualsearch recipes`). Default: the one the data "
+                              "directory was indexed with, or the backbone's own.")
     weights: str | None = _opt(None, "Path of the backbone's weights file, instead of the packaged "
                                      "file or the torch hub cache.")
     allow_download: bool = _opt(True, "Let torch.hub download missing torchvision weights.", _parse_bool)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
 from ..errors import BackboneMismatchError, ImageNotFoundError, ProductNotFoundError
+from ..recipes import check_recipe
 from .counters import read_counts
 from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, ProductImage
 
@@ -44,19 +45,33 @@ def set_meta(session: Session, key: str, value: str) -> None:
         row.value = value
 
 
+RECIPE_KEYS = ("recipe", "recipe_version", "recipe_hash")
+
+
 @dataclass(frozen=True)
 class StoredIdentity:
     backbone: str
     weights_sha256: str
     dim: int
+    # None: recorded before recipes existed, i.e. the backbone's default recipe.
+    recipe: str | None = None
+    recipe_version: int | None = None
+    recipe_hash: str | None = None
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or self.backbone
 
 
 def stored_identity(session: Session) -> StoredIdentity | None:
-    """Backbone, weights hash and dimension of the vectors of this catalogue, if any."""
+    """Backbone, weights hash, dimension and recipe of the vectors of this catalogue, if any."""
     backbone = get_meta(session, "backbone")
     if backbone is None:
         return None
-    return StoredIdentity(backbone, get_meta(session, "weights_sha256") or "", int(get_meta(session, "dim") or 0))
+    version = get_meta(session, "recipe_version")
+    return StoredIdentity(backbone, get_meta(session, "weights_sha256") or "", int(get_meta(session, "dim") or 0),
+                          recipe=get_meta(session, "recipe"), recipe_version=int(version) if version else None,
+                          recipe_hash=get_meta(session, "recipe_hash"))
 
 
 def check_backbone_name(stored: StoredIdentity, backbone: str) -> None:
@@ -68,24 +83,44 @@ def check_backbone_name(stored: StoredIdentity, backbone: str) -> None:
         )
 
 
-def claim_identity(session: Session, *, backbone: str, weights_sha256: str, dim: int) -> None:
-    """Record which network produces this catalogue's vectors, or check it is the same one.
+def claim_identity(session: Session, *, backbone: str, weights_sha256: str, dim: int, recipe: str | None = None,
+                   recipe_version: int | None = None, recipe_hash: str | None = None) -> None:
+    """Record which network and recipe produce this catalogue's vectors, or check they are the same.
 
     Raises:
-        BackboneMismatchError: the catalogue already holds vectors of another network.
+        BackboneMismatchError: the catalogue already holds vectors of another network
+            (RecipeMismatchError: of another recipe).
     """
+    identity = dict(backbone=backbone, weights_sha256=weights_sha256, dim=dim, recipe=recipe,
+                    recipe_version=recipe_version, recipe_hash=recipe_hash)
     current = stored_identity(session)
     if current is None:
-        set_meta(session, "backbone", backbone)
-        set_meta(session, "weights_sha256", weights_sha256)
-        set_meta(session, "dim", str(dim))
+        record_identity(session, **identity)
         return
-    check_identity(current, backbone=backbone, weights_sha256=weights_sha256, dim=dim)
+    check_identity(current, **identity)
 
 
-def check_identity(stored: StoredIdentity, *, backbone: str, weights_sha256: str, dim: int) -> None:
-    """Raises BackboneMismatchError unless ``stored`` names that network and weights."""
+def record_identity(session: Session, *, backbone: str, weights_sha256: str, dim: int, recipe: str | None = None,
+                    recipe_version: int | None = None, recipe_hash: str | None = None) -> None:
+    """Write the identity of the catalogue's vectors (a recipe of None clears the recipe keys)."""
+    set_meta(session, "backbone", backbone)
+    set_meta(session, "weights_sha256", weights_sha256)
+    set_meta(session, "dim", str(dim))
+    for key, value in zip(RECIPE_KEYS, (recipe, recipe_version, recipe_hash)):
+        if value is None:
+            delete_meta(session, key)
+        else:
+            set_meta(session, key, str(value))
+
+
+def check_identity(stored: StoredIdentity, *, backbone: str, weights_sha256: str, dim: int, recipe: str | None = None,
+                   recipe_version: int | None = None, recipe_hash: str | None = None) -> None:
+    """Raises BackboneMismatchError unless ``stored`` names that network and weights
+    (RecipeMismatchError unless that recipe too, when one is given)."""
     check_backbone_name(stored, backbone)
+    if recipe is not None:
+        check_recipe(stored.recipe_name, stored.recipe_version, stored.recipe_hash, name=recipe,
+                     version=recipe_version, fingerprint=recipe_hash)
     if stored.weights_sha256 != weights_sha256 or stored.dim != dim:
         raise BackboneMismatchError(
             f"this catalogue was indexed with other weights for {backbone!r} "

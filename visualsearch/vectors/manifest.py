@@ -50,6 +50,11 @@ class StoreManifest:
     vectors: int = 0                                         # live vectors at the commit
     updated_at: float = 0.0
     format: int = MANIFEST_FORMAT
+    # How images became these vectors on top of the backbone (visualsearch.recipes); None
+    # in manifests written before recipes existed (the backbone's default recipe). The
+    # catalogue checks it; it is here so the index files say what they hold.
+    recipe: str | None = None
+    recipe_hash: str | None = None
 
     @property
     def index_plan(self) -> IndexPlan | None:

@@ -103,6 +103,8 @@ class VectorStore:
         data_dir: the deployment's folder (``manifest.json`` and ``vectors/`` live there).
         backbone, weights_sha256, dim: the network the vectors come from; opening a store
             built by another is a :class:`BackboneMismatchError`.
+        recipe, recipe_hash: the recipe (:mod:`visualsearch.recipes`), recorded in a new
+            store's manifest.
         memory_budget: bytes the ANN codes may use (the planner's budget).
         read_only: refuse writes (server workers).
 
@@ -111,10 +113,12 @@ class VectorStore:
     """
 
     def __init__(self, data_dir: Path, *, backbone: str, weights_sha256: str, dim: int,
-                 memory_budget: int, read_only: bool = False):
+                 memory_budget: int, read_only: bool = False, recipe: str | None = None,
+                 recipe_hash: str | None = None):
         self.data_dir = Path(data_dir)
         self.segments_dir = self.data_dir / SEGMENTS_DIR
         self.identity = {"backbone": backbone, "weights_sha256": weights_sha256, "dim": dim}
+        self.recipe = {"recipe": recipe, "recipe_hash": recipe_hash}  # recorded, checked by the catalogue
         self.dim = dim
         self.memory_budget = memory_budget
         self.read_only = read_only
@@ -437,7 +441,7 @@ class VectorStore:
 
     def _empty_manifest(self) -> StoreManifest:
         plan = plan_index(0, self.dim, self.memory_budget)
-        return StoreManifest(**self.identity, plan=plan.to_dict())
+        return StoreManifest(**self.identity, **self.recipe, plan=plan.to_dict())
 
     def _current_codec(self) -> Codec | None:
         manifest = self._manifest
