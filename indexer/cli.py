@@ -540,6 +540,81 @@ def _print_outcome(outcome: dict, as_json: bool) -> None:
         click.echo(f"{key:>{width}}: {value}")
 
 
+@main.command()
+@engine_options
+@click.option("--dim", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Dimension of the learned projection (at most the backbone's).")
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Passes over the training images.")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Shopper-style photos made of each sampled image.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the products held out of training to measure recall@1 on.")
+@click.option("--max-images", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Catalogue images sampled (whole products, at random).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes the sample, the photos and training.")
+@click.option("--batch-size", type=click.IntRange(min=1), help=_help("batch_size"))
+@click.option("--dry-run", is_flag=True, help="Learn and report only: record nothing, switch nothing.")
+@click.option("--force", is_flag=True,
+              help="Switch even if the tuned projection did not beat the current vectors on the held-out products.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_wait_option
+@library_errors
+def tune(dim: int, epochs: int, views: int, holdout: float, max_images: int, seed: int, dry_run: bool, force: bool,
+         as_json: bool, wait: float, **options: Any) -> None:
+    """Learn a projection from the catalogue's own images, then switch to it.
+
+    Shopper-style photos of each sampled image (scene, angle, crop, light, blur, JPEG)
+    teach a linear map on top of the current recipe's vectors to bring a photo
+    near its product's images. Recall@1 of held-out products' photos is shown before
+    and after; then the recipe <current>+tuned is recorded in the data directory and
+    the catalogue is re-embedded with it without downtime (as `reembed` does), unless
+    it did not beat the current vectors on the held-out products (--force).
+    """
+    from visualsearch.tuning import TuneOptions, TuneRefusedError
+    from visualsearch.tuning import tune as run_tune
+
+    from .progress import TqdmProgress
+
+    settings = _settings(**options)
+    vs = _open(settings, create=False)
+    try:
+        tune_options = TuneOptions(dim=dim, epochs=epochs, views=views, holdout=holdout, max_images=max_images,
+                                   seed=seed, dry_run=dry_run, force=force)
+    except VisualSearchError as exc:
+        raise click.UsageError(str(exc)) from None
+    features, switching = TqdmProgress("tuning: photos"), TqdmProgress("re-embedding")
+    try:
+        report = run_tune(vs, tune_options, wait=wait, progress=features, reembed_progress=switching)
+    except TuneRefusedError as exc:
+        _print_tune(exc.report, as_json)
+        raise
+    finally:
+        features.close()
+        switching.close()
+    _print_tune(report, as_json)
+
+
+def _print_tune(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(f"{report.images} images of {report.products} products, {report.views} photos each; "
+               f"{report.held_out_products} products held out ({report.queries} query photos)")
+    click.echo("recall@1 of the held-out products' photos:")
+    for name, value in report.recall_at_1.items():
+        label = {"identity": f"{report.base_recipe} as is", "pca": f"PCA to {report.dim}",
+                 "current": "current projection", "tuned": f"tuned ({report.dim})"}[name]
+        click.echo(f"  {label:<30} {'-' if value is None else f'{value:.3f}'}")
+    if report.reembed is None:
+        click.echo("nothing recorded")
+    elif report.reembed["switched"]:
+        click.echo(f"switched to recipe {report.recipe} ({report.projection}) in {report.seconds['total']:.1f}s; "
+                   "old vectors kept: drop them later with `visualsearch reembed --drop-old`")
+    else:
+        click.echo(f"recipe {report.recipe} learned the same projection again: nothing to re-embed")
+
+
 @main.command("eval")
 @click.argument("queries", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @engine_options

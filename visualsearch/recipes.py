@@ -23,9 +23,9 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -215,14 +215,21 @@ def default_recipe(backbone: str, spec: "BackboneSpec | None" = None) -> Recipe:
                           spec)
 
 
-def get_recipe(name: str) -> Recipe:
-    """The recipe registered as ``name`` (or a backbone's default recipe), resolved.
+def get_recipe(name: str, local: Mapping[str, Recipe] | None = None) -> Recipe:
+    """The recipe registered as ``name`` (or defined by the data directory, or a
+    backbone's default recipe), resolved.
+
+    Args:
+        local: the recipes a data directory defines for itself, by name (see
+            :class:`DataRecipe`); registered names come first.
 
     Raises:
         ConfigurationError: no recipe or backbone of that name; the message lists them.
     """
     if name in _REGISTRY:
         return resolve_recipe(_REGISTRY[name])
+    if local and name in local:
+        return resolve_recipe(local[name])
     from .backbones import get_backbone
 
     try:
@@ -244,7 +251,8 @@ def list_recipes() -> list[str]:
 
 
 def choose_recipe(*, recipe: str | None = None, backbone: str | None = None, stored_backbone: str | None = None,
-                  stored_recipe: str | None = None, default_backbone: str) -> Recipe:
+                  stored_recipe: str | None = None, default_backbone: str,
+                  local: Mapping[str, Recipe] | None = None) -> Recipe:
     """The recipe a process embeds with.
 
     Args:
@@ -253,6 +261,7 @@ def choose_recipe(*, recipe: str | None = None, backbone: str | None = None, sto
         stored_backbone, stored_recipe: the catalogue's (``stored_recipe`` None: its
             backbone's default recipe, as recorded before recipes existed).
         default_backbone: for a data directory that holds nothing yet.
+        local: the recipes the data directory defines (:func:`pick_data_recipes`).
 
     Returns:
         A pinned recipe; else the catalogue's recipe when it is for the backbone in use
@@ -263,7 +272,7 @@ def choose_recipe(*, recipe: str | None = None, backbone: str | None = None, sto
             one, or a name is unknown.
     """
     if recipe:
-        chosen = get_recipe(recipe)
+        chosen = get_recipe(recipe, local)
         if backbone and chosen.backbone != backbone:
             raise ConfigurationError(f"recipe {chosen.name!r} is for backbone {chosen.backbone!r}, not {backbone!r}: "
                                      "leave out --backbone (a recipe names its backbone), or choose a recipe for "
@@ -271,8 +280,73 @@ def choose_recipe(*, recipe: str | None = None, backbone: str | None = None, sto
         return chosen
     name = backbone or stored_backbone or default_backbone
     if stored_backbone == name and stored_recipe:
-        return get_recipe(stored_recipe)
+        return get_recipe(stored_recipe, local)
     return default_recipe(name)
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """The recipe :meth:`Recipe.to_dict` wrote.
+
+    Raises:
+        ConfigurationError: unknown fields or invalid parameters.
+    """
+    unknown = set(data) - {item.name for item in fields(Recipe)}
+    if unknown:
+        raise ConfigurationError(f"recipe record has unknown fields: {', '.join(sorted(unknown))}")
+    try:
+        return Recipe(**{**data, "scales": tuple(data.get("scales", (1.0,)))})
+    except TypeError as exc:
+        raise ConfigurationError(f"malformed recipe record: {exc}") from None
+
+
+# --- recipes a data directory defines ----------------------------------------------------
+# `visualsearch tune` learns a projection from one catalogue's images: its recipe belongs to
+# that data directory, so it is recorded in the catalogue (every process resolves it from
+# there) rather than registered in code.
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """A recipe recorded in a data directory's catalogue.
+
+    Attributes:
+        recipe: the resolved recipe (its projection a file in the data directory).
+        base: the recipe it was derived from (what its features were embedded with).
+        projection_sha256: of its projection file when it was recorded, so that its
+            fingerprint is known without reading the file.
+    """
+
+    recipe: Recipe
+    base: str
+    projection_sha256: str | None = None
+
+    def fingerprint(self) -> str:
+        return self.recipe.fingerprint(self.projection_sha256)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.to_dict(), "base": self.base, "projection_sha256": self.projection_sha256}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DataRecipe":
+        """Raises: ConfigurationError: a malformed record."""
+        try:
+            return cls(recipe_from_dict(data["recipe"]), base=str(data["base"]),
+                       projection_sha256=data.get("projection_sha256"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigurationError(f"malformed data-directory recipe record: {exc!r}") from None
+
+
+def pick_data_recipes(records: Sequence[DataRecipe], current_fingerprint: str | None = None) -> dict[str, Recipe]:
+    """The data directory's recipes by name. A name may have two definitions while a
+    re-embedding switches from one to the other: the one whose fingerprint is
+    ``current_fingerprint`` (that of the vectors answering now) wins, else the newest
+    (the last recorded)."""
+    chosen: dict[str, DataRecipe] = {}
+    for record in records:
+        held = chosen.get(record.recipe.name)
+        if held is None or current_fingerprint is None or held.fingerprint() != current_fingerprint:
+            chosen[record.recipe.name] = record
+    return {name: record.recipe for name, record in chosen.items()}
 
 
 # --- the catalogue's record --------------------------------------------------------------

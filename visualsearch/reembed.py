@@ -190,7 +190,9 @@ def reembed(vs: "VisualSearch", *, backbone: str | None = None, recipe: str | No
     progress = progress or _NoProgress()
     if not backbone and not recipe:
         raise ConfigurationError("name the backbone or the recipe to re-embed with")
-    chosen = choose_recipe(recipe=recipe, backbone=backbone, default_backbone=DEFAULT_BACKBONE)
+    # A recipe the data directory defines (`visualsearch tune`'s): its newest definition.
+    chosen = choose_recipe(recipe=recipe, backbone=backbone, default_backbone=DEFAULT_BACKBONE,
+                           local=vs.data_recipes())
     with vs.index_lock(wait):
         current = vs.generation()
         if current.ref.identity is None:

@@ -39,7 +39,7 @@ from .generations import (
 )
 from .images import Crop, ImageSource
 from .indexing import ImageEmbedding, IndexingReport, Progress, index_manifest, index_records
-from .recipes import check_recipe, choose_recipe
+from .recipes import Recipe, check_recipe, choose_recipe, pick_data_recipes
 from .reembed import ReembedReport, drop_old_generations, reembed
 from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
 from .search import search_image, similar_products
@@ -179,7 +179,8 @@ class VisualSearch:
         # Unless pinned, the catalogue's recipe: queries embed as its vectors were made.
         recipe = choose_recipe(recipe=self.settings.recipe, backbone=self.settings.backbone,
                                stored_backbone=stored.backbone if stored else None,
-                               stored_recipe=stored.recipe if stored else None, default_backbone=DEFAULT_BACKBONE)
+                               stored_recipe=stored.recipe if stored else None, default_backbone=DEFAULT_BACKBONE,
+                               local=self.data_recipes(stored.recipe_hash if stored else None))
         if stored is not None:
             # Refuse before loading a network whose vectors could never be compared.
             if self.settings.recipe:
@@ -249,6 +250,14 @@ class VisualSearch:
         except GenerationChangedError:
             self._tracker.follow(0)
             return write()
+
+    @translates_storage_errors
+    def data_recipes(self, current_fingerprint: str | None = None) -> dict[str, Recipe]:
+        """The recipes this data directory defines (``visualsearch tune``'s), by name: of a
+        name's definitions, the one whose fingerprint is ``current_fingerprint`` (the
+        vectors answering), else the newest (see :func:`~visualsearch.recipes.pick_data_recipes`)."""
+        with self.sessions() as session:
+            return pick_data_recipes(catalogue.data_recipes(session), current_fingerprint)
 
     @translates_storage_errors
     def stored_identity(self) -> catalogue.StoredIdentity | None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from ..catalogue_manifest import ProductRecord
 from ..errors import BackboneMismatchError, ImageNotFoundError, ProductNotFoundError
-from ..recipes import check_recipe
+from ..recipes import DataRecipe, check_recipe
 from .counters import read_counts
 from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, ProductImage
 
@@ -130,6 +130,29 @@ def check_identity(stored: StoredIdentity, *, backbone: str, weights_sha256: str
 
 def delete_meta(session: Session, key: str) -> None:
     session.execute(delete(CatalogueMeta).where(CatalogueMeta.key == key))
+
+
+DATA_RECIPES_KEY = "data_recipes"  # JSON list of DataRecipe records, oldest first
+
+
+def data_recipes(session: Session) -> list[DataRecipe]:
+    """The recipes this data directory defines (``visualsearch tune``'s), oldest first.
+
+    Raises:
+        ConfigurationError: a malformed record.
+    """
+    raw = get_meta(session, DATA_RECIPES_KEY)
+    return [DataRecipe.from_dict(item) for item in json.loads(raw)] if raw else []
+
+
+def record_data_recipe(session: Session, record: DataRecipe, *, keep_fingerprint: str | None = None) -> None:
+    """Record ``record`` as the newest definition of its name; of the older ones only the
+    one whose fingerprint is ``keep_fingerprint`` (the vectors answering now) is kept,
+    so that it resolves until a re-embedding switches to the new one."""
+    kept = [item for item in data_recipes(session)
+            if item.recipe.name != record.recipe.name
+            or (item.fingerprint() == keep_fingerprint and item.fingerprint() != record.fingerprint())]
+    set_meta(session, DATA_RECIPES_KEY, json.dumps([item.to_dict() for item in [*kept, record]]))
 
 
 # --- products -------------------------------------------------------------------

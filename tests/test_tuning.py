@@ -1,0 +1,255 @@
+"""Catalogue-tuned embeddings: a projection learned from the catalogue's own images, recorded
+as a data-directory recipe, switched to without downtime; the tune command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from indexer.cli import main
+from visualsearch import tuning
+from visualsearch.backbones_builtin import DEFAULT_BACKBONE
+from visualsearch.catalogue import store as catalogue
+from visualsearch.errors import ConfigurationError
+from visualsearch.recipes import (
+    DataRecipe,
+    Projection,
+    Recipe,
+    RecipeMismatchError,
+    choose_recipe,
+    get_recipe,
+    pick_data_recipes,
+    resolve_recipe,
+)
+from visualsearch.service import VisualSearch
+from visualsearch.tuning import ShopperViews, TuneOptions, TuneRefusedError, split_products, tune
+
+from .conftest import TINY, make_image, write_catalogue
+
+TUNED = TINY + "+tuned"
+# Small and fast, yet enough steps for the tiny backbone's projection to learn something.
+FAST = TuneOptions(dim=16, epochs=60, views=4, batch_size=32, learning_rate=3e-3, seed=0)
+
+
+@pytest.fixture
+def catalogue40(tmp_path) -> Path:
+    """40 products of 2 images each (8 are held out at --holdout 0.2)."""
+    folder = tmp_path / "catalogue40"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for number in range(40):
+        for view in range(2):
+            make_image(folder / "img" / f"p{number}-{view}.png", seed=number * 10 + view, size=64)
+            rows.append({"sku": f"P{number}", "image": f"img/p{number}-{view}.png", "title": f"Product {number}"})
+    return write_catalogue(folder, rows)
+
+
+def _image(catalogue_file: Path, number: int) -> Path:
+    return catalogue_file.parent / "img" / f"p{number}-0.png"
+
+
+def test_tuning_improves_held_out_recall_and_switches_the_data_directory(tiny_settings, catalogue40):
+    VisualSearch(tiny_settings).index(catalogue40)
+    server = VisualSearch(tiny_settings)  # opened before: must follow the switch
+    assert server.search(_image(catalogue40, 3), top_k=1).hits[0].sku == "P3"
+    report = tune(VisualSearch(tiny_settings), FAST)
+
+    recall = report.recall_at_1
+    assert (report.images, report.products, report.held_out_products, report.queries) == (80, 40, 8, 64)
+    assert recall["tuned"] > recall["identity"] and recall["tuned"] > recall["pca"], recall
+    assert report.improved
+    assert report.loss["last_epoch"] < report.loss["first_epoch"]
+    assert (report.recipe, report.base_recipe, report.in_dim, report.dim) == (TUNED, TINY, 32, 16)
+
+    # The projection file (named by its hash) and the recipe recorded in the catalogue.
+    path = tiny_settings.data_dir / report.projection
+    assert path.parent.name == tuning.TUNED_DIR and report.projection_sha256[:12] in path.name
+    saved = Projection.load(path)
+    assert saved.sha256 == report.projection_sha256 and (saved.in_dim, saved.out_dim) == (32, 16)
+    vs = VisualSearch(tiny_settings)
+    recipe = vs.data_recipes()[TUNED]
+    assert recipe.projection == report.projection and recipe.backbone == TINY and recipe.hidden
+    stored = vs.stored_identity()
+    assert (stored.recipe, stored.dim) == (TUNED, 16)
+    assert stored.recipe_hash == recipe.fingerprint(report.projection_sha256)
+    assert report.reembed["switched"] and report.reembed["recipe"] == TUNED and report.reembed["embedded"] == 80
+
+    # The server opened before follows; a process opened now resolves the recipe from the catalogue.
+    assert server.follow_generation(0, wait=True) and server.embedder.recipe.name == TUNED
+    for searcher in (server, VisualSearch(tiny_settings), VisualSearch(dataclasses.replace(tiny_settings,
+                                                                                           recipe=TUNED))):
+        top = searcher.search(_image(catalogue40, 7), top_k=1).hits[0]
+        assert top.sku == "P7" and top.score == pytest.approx(1.0, abs=1e-4)
+        assert searcher.embedder.dim == 16
+    # Pinning the old recipe is a mismatch; the name means nothing outside this data directory.
+    with pytest.raises(RecipeMismatchError, match=re.escape(f"indexed with recipe '{TUNED}'")):
+        VisualSearch(dataclasses.replace(tiny_settings, recipe=TINY)).search(_image(catalogue40, 7))
+    with pytest.raises(ConfigurationError, match="unknown recipe"):
+        get_recipe(TUNED)
+
+
+def test_retuning_replaces_the_recipe_and_the_old_one_resolves_until_the_switch(tiny_settings, catalogue40,
+                                                                                 monkeypatch):
+    VisualSearch(tiny_settings).index(catalogue40)
+    first = tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=5, force=True))
+    first_hash = VisualSearch(tiny_settings).stored_identity().recipe_hash
+
+    # A second tune recorded its recipe, then died before switching: the vectors answering
+    # were made with the first definition, which still resolves (no downtime).
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(VisualSearch, "reembed", crash)
+    with pytest.raises(RuntimeError):
+        tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=5, seed=1, force=True))
+    monkeypatch.undo()
+    restarted = VisualSearch(tiny_settings)
+    assert restarted.embedder.identity.recipe_hash == first_hash
+    assert restarted.search(_image(catalogue40, 4), top_k=1).hits[0].sku == "P4"
+    assert restarted.data_recipes(first_hash)[TUNED].projection == first.projection
+    assert restarted.data_recipes()[TUNED].projection != first.projection  # the newest, for reembed
+
+    second = tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=5, seed=2, force=True))
+    assert second.base_recipe == TINY and second.recipe == TUNED  # never "+tuned+tuned"
+    assert second.projection != first.projection and second.reembed["switched"]
+    assert second.reembed["previous_recipe"] == TUNED
+    assert "current" in second.recall_at_1  # the first tune's projection, measured on the same photos
+    vs = VisualSearch(tiny_settings)
+    assert vs.embedder.recipe.projection == second.projection
+    assert vs.stored_identity().recipe_hash != first_hash
+    with vs.sessions() as session:  # the first definition (still current when recorded) and the new one
+        assert [record.recipe.projection for record in catalogue.data_recipes(session)] == [first.projection,
+                                                                                           second.projection]
+    assert restarted.follow_generation(0, wait=True) and restarted.embedder.recipe.projection == second.projection
+
+
+def test_a_dry_run_records_nothing(tiny_settings, catalogue40):
+    VisualSearch(tiny_settings).index(catalogue40)
+    report = tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=3, dry_run=True, holdout=0.0))
+    assert report.reembed is None and report.projection is None and report.held_out_products == 0
+    assert report.recall_at_1 == {"identity": None, "pca": None, "tuned": None}
+    vs = VisualSearch(tiny_settings)
+    assert vs.data_recipes() == {} and vs.stored_identity().recipe == TINY
+    assert not (tiny_settings.data_dir / tuning.TUNED_DIR).exists()
+
+
+def test_a_projection_that_does_not_beat_the_current_vectors_is_not_switched(tiny_settings, catalogue40):
+    VisualSearch(tiny_settings).index(catalogue40)
+    with pytest.raises(TuneRefusedError, match="nothing was held out") as caught:
+        tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=2, holdout=0.0))
+    assert caught.value.code == "tune_refused" and caught.value.report.improved is None
+    tune(VisualSearch(tiny_settings), FAST)  # a good one: switched
+    with pytest.raises(TuneRefusedError, match="the vectors answering now") as caught:
+        tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=1, dim=2))
+    recall = caught.value.report.recall_at_1
+    assert recall["tuned"] <= recall["current"] and caught.value.report.reembed is None
+    vs = VisualSearch(tiny_settings)
+    assert vs.embedder.dim == 16  # still the first tune's
+    with vs.sessions() as session:
+        assert len(catalogue.data_recipes(session)) == 1
+
+
+def test_tune_refuses_what_it_cannot_learn(tiny_settings, small_catalogue):
+    with pytest.raises(ConfigurationError, match="nothing is indexed"):
+        tune(VisualSearch(tiny_settings), FAST)
+    VisualSearch(tiny_settings).index(small_catalogue)
+    with pytest.raises(ConfigurationError, match="--dim must be at most 32"):
+        tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, dim=64))
+    with pytest.raises(ConfigurationError, match=r"--dim must be 1..23 for 24 training vectors"):
+        tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, dim=32, views=1, holdout=0.5))
+    with pytest.raises(ConfigurationError, match="holdout"):
+        TuneOptions(holdout=1.0)
+    with pytest.raises(ConfigurationError, match="at least 3 products"):
+        split_products(np.array([1, 1, 2]), 0.5, seed=0)
+
+
+def test_the_holdout_is_of_products_not_images():
+    products = np.repeat(np.arange(20), 3)
+    held = split_products(products, 0.2, seed=0)
+    assert len(np.unique(products[held])) == 4 and held.sum() == 12
+    assert not set(products[held]) & set(products[~held])
+    assert np.array_equal(held, split_products(products, 0.2, seed=0))
+
+
+def test_shopper_views_are_repeatable_and_differ_from_the_original(tmp_path):
+    with Image.open(make_image(tmp_path / "a.png", seed=3, size=96)) as opened:
+        image = opened.convert("RGB")
+    views = ShopperViews(64)
+
+    def photos(seed: int) -> list[np.ndarray]:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        return [np.asarray(views(image, rng)) for _ in range(3)]
+
+    first, again = photos(0), photos(0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(photo.shape == (64, 64, 3) for photo in first)
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_data_directory_recipes_resolve_after_registered_ones():
+    tuned = resolve_recipe(Recipe(name=TUNED, backbone=TINY, projection="tuned/x.npz"))
+    older = dataclasses.replace(tuned, projection="tuned/old.npz")
+    records = [DataRecipe(older, base=TINY, projection_sha256="a" * 64),
+               DataRecipe(tuned, base=TINY, projection_sha256="b" * 64)]
+    old_hash = records[0].fingerprint()
+    assert pick_data_recipes(records)[TUNED].projection == "tuned/x.npz"  # the newest
+    assert pick_data_recipes(records, old_hash)[TUNED].projection == "tuned/old.npz"  # the vectors'
+    assert pick_data_recipes(records, "c" * 64)[TUNED].projection == "tuned/x.npz"
+    local = pick_data_recipes(records)
+    chosen = choose_recipe(stored_backbone=TINY, stored_recipe=TUNED, default_backbone=DEFAULT_BACKBONE, local=local)
+    assert chosen == tuned
+    assert choose_recipe(recipe=TUNED, backbone=TINY, default_backbone=DEFAULT_BACKBONE, local=local) == tuned
+    # A registered name is never shadowed by a data directory's.
+    shadow = dataclasses.replace(tuned, name="lite0-flip")
+    assert get_recipe("lite0-flip", {"lite0-flip": shadow}).backbone == "efficientnet_lite0"
+    assert DataRecipe.from_dict(json.loads(json.dumps(records[1].to_dict()))) == records[1]
+    with pytest.raises(ConfigurationError, match="unknown fields"):
+        DataRecipe.from_dict({"recipe": {**tuned.to_dict(), "colour": "red"}, "base": TINY})
+
+
+@pytest.fixture
+def run(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
+    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_cli_tune(run, catalogue40):
+    assert run("index", str(catalogue40), "--backbone", TINY).exit_code == 0
+    dry = run("tune", "--dim", "16", "--epochs", "3", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "recall@1 of the held-out products' photos" in dry.stdout and "nothing recorded" in dry.stdout
+    refused = run("tune", "--dim", "16", "--epochs", "3", "--holdout", "0", "--json")
+    assert refused.exit_code == 1 and "tune_refused" in refused.output
+    assert json.loads(refused.stdout)["improved"] is None
+    done = run("tune", "--dim", "16", "--epochs", "3", "--views", "2", "--force", "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert {"recipe", "base_recipe", "dim", "in_dim", "images", "products", "held_out_products", "queries",
+            "views", "epochs", "recall_at_1", "improved", "loss", "projection", "projection_sha256", "seconds",
+            "reembed"} <= set(report)
+    assert set(report["recall_at_1"]) == {"identity", "pca", "tuned"} and report["views"] == 2
+    assert report["recipe"] == TUNED and report["reembed"]["switched"] and report["queries"] == 8 * 2 * 2
+    stats = json.loads(run("stats", "--json").stdout)
+    assert stats["recipe"] == TUNED and stats["dim"] == 16
+    found = json.loads(run("search", str(Path(catalogue40).parent / "img" / "p5-0.png"), "--json").stdout)
+    assert found["results"][0]["sku"] == "P5"
+    refused = run("search", str(Path(catalogue40).parent / "img" / "p5-0.png"), "--recipe", TINY)
+    assert refused.exit_code == 1 and "recipe_mismatch" in refused.output
+    too_big = run("tune", "--dim", "64")
+    assert too_big.exit_code == 1 and "--dim must be" in too_big.output
