@@ -29,7 +29,7 @@ from typing import Any, Iterator, NamedTuple
 from urllib.parse import urlsplit
 
 from . import feeds
-from .errors import ManifestError
+from .errors import ManifestError, VisualSearchError
 
 REQUIRED_COLUMNS = ("sku", "image")
 KNOWN_COLUMNS = ("sku", "image", "title", "category", "brand", "price", "url")
@@ -131,7 +131,7 @@ def validate_manifest(path: str | Path, *, format: str | None = None) -> Manifes
     """
     path = _existing_file(path)
     rows = images = 0
-    problems = _Problems()
+    problems = RowProblems()
     for line, row in _read_rows(path, format):
         rows += 1
         try:
@@ -144,10 +144,18 @@ def validate_manifest(path: str | Path, *, format: str | None = None) -> Manifes
     return ManifestSummary(path=path, rows=rows, images=images)
 
 
-class _Problems:
-    """The first :data:`MAX_REPORTED_PROBLEMS` row problems and how many there were."""
+class RowProblems:
+    """The first :data:`MAX_REPORTED_PROBLEMS` bad rows of an input file and how many there
+    were: a file is checked whole, then refused with one message, before anything runs.
 
-    def __init__(self) -> None:
+    Args:
+        error: the VisualSearchError subclass to raise.
+        outcome: what the refusal means, for the message ("nothing was indexed").
+    """
+
+    def __init__(self, error: type[VisualSearchError] = ManifestError,
+                 outcome: str = "nothing was indexed") -> None:
+        self.error, self.outcome = error, outcome
         self.shown: list[str] = []
         self.count = 0
 
@@ -156,13 +164,13 @@ class _Problems:
         if len(self.shown) < MAX_REPORTED_PROBLEMS:
             self.shown.append(message)
 
-    def raise_if_any(self, path: Path) -> None:
-        """Raises: ManifestError listing the problems, if there were any."""
+    def raise_if_any(self, what: str | Path) -> None:
+        """Raises: ``error`` listing the problems, if there were any."""
         if not self.count:
             return
         more = self.count - len(self.shown)
-        raise ManifestError(
-            f"{path}: {self.count} bad row(s), nothing was indexed:\n  " + "\n  ".join(self.shown)
+        raise self.error(
+            f"{what}: {self.count} bad row(s), {self.outcome}:\n  " + "\n  ".join(self.shown)
             + (f"\n  ... and {more} more" if more else "")
         )
 
@@ -346,6 +354,20 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         ManifestError: a line that is not a JSON object, or a missing required key.
     """
     checked = False
+    for number, row in read_json_lines(path):
+        if not checked:
+            _check_columns(path, list(row))
+            checked = True
+        yield number, row
+
+
+def read_json_lines(path: Path, error: type[VisualSearchError] = ManifestError
+                    ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON Lines file.
+
+    Raises:
+        ``error``: a line that is not valid JSON, or not a JSON object.
+    """
     with open(path, encoding="utf-8-sig") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
@@ -353,12 +375,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(text)
             except ValueError as exc:
-                raise ManifestError(f"{path}: line {number} is not valid JSON: {exc}") from None
+                raise error(f"{path}: line {number} is not valid JSON: {exc}") from None
             if not isinstance(row, dict):
-                raise ManifestError(f"{path}: line {number} is not a JSON object")
-            if not checked:
-                _check_columns(path, list(row))
-                checked = True
+                raise error(f"{path}: line {number} is not a JSON object")
             yield number, row
 
 

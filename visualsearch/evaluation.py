@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 
 import numpy as np
 
+from .catalogue_manifest import RowProblems, read_json_lines
 from .errors import ConfigurationError, ImageError, InvalidRequestError, VisualSearchError
 from .indexing import Progress
 from .search import MAX_TOP_K
@@ -72,7 +73,6 @@ RECALL_AT = (1, 5, 10)
 SKU_SEPARATOR = "|"
 EXPECTED_COLUMNS = ("expected_sku", "expected_category")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
-MAX_REPORTED_PROBLEMS = 10
 
 
 class QueriesFileError(VisualSearchError):
@@ -137,26 +137,6 @@ def _mean(values: Sequence[float]) -> float | None:
 # --- the queries file --------------------------------------------------------------------
 
 
-class _Problems:
-    """The first :data:`MAX_REPORTED_PROBLEMS` problems and how many there were."""
-
-    def __init__(self) -> None:
-        self.shown: list[str] = []
-        self.count = 0
-
-    def add(self, message: str) -> None:
-        self.count += 1
-        if len(self.shown) < MAX_REPORTED_PROBLEMS:
-            self.shown.append(message)
-
-    def raise_if_any(self, what: str) -> None:
-        """Raises: QueriesFileError listing the problems, if there were any."""
-        if self.count:
-            more = self.count - len(self.shown)
-            raise QueriesFileError(f"{what}: {self.count} bad row(s), nothing was run:\n  " + "\n  ".join(self.shown)
-                                   + (f"\n  ... and {more} more" if more else ""))
-
-
 def read_queries(path: str | Path, *, limit: int | None = None) -> list[Query]:
     """Read and check every row of the queries file at ``path`` (see the module docstring).
 
@@ -177,7 +157,7 @@ def read_queries(path: str | Path, *, limit: int | None = None) -> list[Query]:
         raise QueriesFileError(f"queries file {path} does not exist")
     base = path.parent.resolve()
     queries: list[Query] = []
-    problems = _Problems()
+    problems = RowProblems(QueriesFileError, "nothing was run")
     try:
         rows = _read_jsonl(path) if path.suffix.lower() in JSON_LINES_SUFFIXES else _read_csv(path)
         for line, row in rows:
@@ -217,17 +197,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except ValueError as exc:
-                raise QueriesFileError(f"{path}: line {number} is not valid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise QueriesFileError(f"{path}: line {number} is not a JSON object")
-            yield number, row
+    return read_json_lines(path, QueriesFileError)
 
 
 def _query(row: dict[str, Any], line: int, base: Path) -> Query:
@@ -398,7 +368,7 @@ def _excluded_image_ids(vs: "VisualSearch", queries: Sequence[Query]) -> list[fr
     candidates = {query.line: _path_candidates(query.exclude_image) for query in queries if query.exclude_image}
     found = vs.image_ids_by_path(path for paths in candidates.values() for path in paths)
     excluded: list[frozenset[int]] = []
-    problems = _Problems()
+    problems = RowProblems(QueriesFileError, "nothing was run")
     for query in queries:
         ids = frozenset(image_id for path in candidates.get(query.line, ()) for image_id in found.get(path, ()))
         if query.exclude_image is not None and not ids:
