@@ -542,8 +542,9 @@ def _print_outcome(outcome: dict, as_json: bool) -> None:
 
 @main.command()
 @engine_options
-@click.option("--dim", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Dimension of the learned projection (at most the backbone's).")
+@click.option("--dim", type=click.IntRange(min=1),
+              help="Dimension of the learned projection (at most the backbone's). Default: 256, or fewer "
+                   "for a catalogue too small to learn 256.")
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Passes over the training images.")
 @click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,

@@ -253,3 +253,19 @@ def test_cli_tune(run, catalogue40):
     assert refused.exit_code == 1 and "recipe_mismatch" in refused.output
     too_big = run("tune", "--dim", "64")
     assert too_big.exit_code == 1 and "--dim must be" in too_big.output
+
+
+def test_the_default_dimension_fits_a_small_catalogue(tiny_settings, tmp_path):
+    """Without --dim, a catalogue with fewer training vectors than dimensions still tunes
+    (PCA gives at most N - 1 directions) instead of failing on a default it cannot learn."""
+    folder = tmp_path / "small"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for number in range(4):
+        make_image(folder / "img" / f"s{number}.png", seed=500 + number, size=64)
+        rows.append({"sku": f"S{number}", "image": f"img/s{number}.png"})
+    VisualSearch(tiny_settings).index(write_catalogue(folder, rows))
+    options = dataclasses.replace(FAST, dim=None, views=2, holdout=0.25, dry_run=True)
+    report = tune(VisualSearch(tiny_settings), options)
+    # 3 training products x (1 original + 2 photos) = 9 vectors: 8 directions at most.
+    assert report.dim == 8 and report.in_dim == 32

@@ -64,12 +64,17 @@ MIN_TRAIN_PRODUCTS = 2
 WHITE_LEVEL = 236
 
 
+# Output dimension of a tuned projection unless asked otherwise.
+DEFAULT_DIM = 256
+
+
 @dataclass(frozen=True)
 class TuneOptions:
     """What ``visualsearch tune`` learns and how.
 
     Attributes:
-        dim: output dimension of the projection (at most the backbone's).
+        dim: output dimension of the projection (at most the backbone's); None:
+            DEFAULT_DIM, or fewer when the sample has too few vectors for it.
         epochs: passes over the training images.
         views: shopper-style photos made of each sampled image.
         holdout: share of the sampled products held out of training, to measure on.
@@ -81,7 +86,7 @@ class TuneOptions:
             now on the held-out products (or nothing was held out to tell).
     """
 
-    dim: int = 256
+    dim: int | None = None
     epochs: int = 50
     views: int = 4
     holdout: float = 0.2
@@ -95,7 +100,8 @@ class TuneOptions:
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least 1, not {getattr(self, name)}"
-                    for name in ("dim", "epochs", "views", "max_images") if getattr(self, name) < 1]
+                    for name in ("dim", "epochs", "views", "max_images")
+                    if getattr(self, name) is not None and getattr(self, name) < 1]
         if not 0.0 <= self.holdout < 1.0:
             problems.append(f"holdout must be in [0, 1), not {self.holdout}")
         if self.batch_size < 2:
@@ -422,7 +428,7 @@ def tune(vs: "VisualSearch", options: TuneOptions | None = None, *, wait: float 
     plain = embedder if embedder.recipe == unprojected else Embedder(
         base.backbone, recipe=unprojected, weights_path=embedder.weights_path, device=vs.settings.device,
         threads=vs.settings.threads, allow_download=False)
-    if options.dim > plain.dim:
+    if options.dim is not None and options.dim > plain.dim:
         raise ConfigurationError(f"tune: --dim must be at most {plain.dim} ({base.backbone}'s dimension), "
                                  f"not {options.dim}")
     features = embed_features(plain, tasks, views=options.views, seed=options.seed,
@@ -431,12 +437,14 @@ def tune(vs: "VisualSearch", options: TuneOptions | None = None, *, wait: float 
     featured = time.perf_counter()
     held = split_products(features.products, options.holdout, options.seed)
     train = Features(features.originals[~held], features.views[~held], features.products[~held])
-    start = pca_projection(np.concatenate([train.originals, train.views.reshape(-1, train.views.shape[-1])]),
-                           options.dim)
+    sample = np.concatenate([train.originals, train.views.reshape(-1, train.views.shape[-1])])
+    # A small catalogue has fewer training vectors than dimensions: PCA gives at most N - 1.
+    dim = options.dim or max(1, min(DEFAULT_DIM, plain.dim, len(sample) - 1))
+    start = pca_projection(sample, dim)
     tuned, losses = train_projection(train, start, options, resolve_device(vs.settings.device))
     trained = time.perf_counter()
     report = TuneReport(recipe=base.name + TUNED_SUFFIX, base_recipe=base.name, in_dim=start.in_dim,
-                        dim=options.dim, images=len(features.products), products=len(np.unique(features.products)),
+                        dim=dim, images=len(features.products), products=len(np.unique(features.products)),
                         held_out_products=len(np.unique(features.products[held])),
                         queries=int(held.sum()) * options.views, views=options.views, epochs=options.epochs,
                         loss={"first_epoch": losses[0], "last_epoch": losses[-1]},
