@@ -350,3 +350,30 @@ def test_force_merge_packs_adjacent_segments_under_the_cap(rows, expected):
 
     assert MAX_SEGMENT_ROWS == 1_000_000
     assert plan_force_merge(rows) == expected
+
+
+@pytest.mark.parametrize("allowed, rows, probes, nlist, exact", [
+    (300, 300_000, 1024, 1024, True),       # 0.1 % of a big segment: its lists would be scanned whole
+    (30_000, 300_000, 19, 1024, False),     # 10 %: more than FILTER_EXACT_BYTES of vectors
+    (800, 8_000, 19, 1024, False),          # 10 % of a small segment: a few codes beat 800 reads
+    (10, 8_000, 1024, 1024, True),          # a handful of rows: read them
+    (100, 10_000, 10, 100, False),          # 100 reads cost more than 1,000 codes
+])
+def test_filtered_segments_choose_the_cheaper_scan(allowed, rows, probes, nlist, exact):
+    from visualsearch.vectors.store import filter_scans_exactly
+
+    assert filter_scans_exactly(allowed, rows, 1280, probes, nlist) is exact
+
+
+@pytest.mark.parametrize("nprobe, share, nlist, probes", [
+    (6, 1.0, 1024, 6),         # no filter: the tuned nprobe
+    (6, 0.5, 1024, 9),         # 6 / sqrt(0.5)
+    (6, 0.02, 1024, 43),
+    (6, 0.001, 1024, 190),
+    (6, 1e-7, 1024, 1024),     # all of them
+    (1, 0.9, 8, 2),
+])
+def test_filtered_searches_probe_more_lists_as_the_filter_narrows(nprobe, share, nlist, probes):
+    from visualsearch.vectors.store import filtered_probes
+
+    assert filtered_probes(nprobe, share, nlist) == probes

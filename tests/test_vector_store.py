@@ -895,10 +895,10 @@ def test_filters_match_brute_force_over_the_rows_that_pass(built, case, ann_thre
 
 @pytest.mark.parametrize("built", ["ivf", "ivf_pca"], indirect=True)
 @pytest.mark.parametrize("case", ["category-lower", "in-stock-bool", "colour", "price-range"])
-def test_a_filtered_ann_search_probes_more_lists_in_proportion_to_the_rows_it_drops(built, case, ann_thresholds,
+def test_a_filtered_ann_search_probes_more_lists_as_the_filter_drops_rows(built, case, ann_thresholds,
                                                                                      monkeypatch):
     """A filter keeping a share s of a segment's rows leaves about s of each list: the
-    search probes ceil(nprobe / s) lists (at most all of them) to scan as many allowed rows."""
+    search probes ceil(nprobe / sqrt(s)) lists (at most all of them; see filtered_probes)."""
     probes: list[int] = []
     real = store_module.search_segment
 
@@ -915,11 +915,11 @@ def test_a_filtered_ann_search_probes_more_lists_in_proportion_to_the_rows_it_dr
     for nprobe in (1, 2, 3):
         probes.clear()
         built.store.search(query, 10, SearchFilters.build(**build_args), nprobe=nprobe)
-        assert probes == [min(NLIST, math.ceil(nprobe / share))]
+        assert probes == [min(NLIST, math.ceil(nprobe / math.sqrt(share)))]
         probes.clear()
         built.store.search(query, 10, nprobe=nprobe)
         assert probes == [nprobe]
-    # (the case tells 1 / s from the former 1 / sqrt(s))
+    # (the case tells 1 / sqrt(s) from the former 1 / s)
     assert any(min(NLIST, math.ceil(n / share)) != min(NLIST, math.ceil(n / math.sqrt(share))) for n in (1, 2, 3))
 
 
