@@ -120,6 +120,33 @@ class CrashAfterFirstBatch:
             raise Crash()
 
 
+def cli_runner(monkeypatch: pytest.MonkeyPatch, data_dir: Path, weights: Path, *, backbone: str | None = TINY):
+    """Run ``visualsearch ARGS...`` in this process on ``data_dir`` with the tiny test
+    weights (and backbone, unless None: a command then follows the data directory's).
+    Returns ``invoke(*args, input=None) -> click Result``."""
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+
+    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(data_dir))
+    if backbone is not None:
+        monkeypatch.setenv("VISUALSEARCH_BACKBONE", backbone)
+    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(weights))
+    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
+    runner = CliRunner()
+
+    def invoke(*args, input: str | None = None):
+        return runner.invoke(main, [str(arg) for arg in args], catch_exceptions=False, input=input)
+
+    return invoke
+
+
+@pytest.fixture
+def run(tiny_weights, tmp_path, monkeypatch):
+    """The CLI on ``tmp_path / "data"`` with the tiny backbone (see :func:`cli_runner`)."""
+    return cli_runner(monkeypatch, tmp_path / "data", tiny_weights)
+
+
 @pytest.fixture(scope="session")
 def demo_settings(tmp_path_factory) -> Settings:
     """The bundled demo catalogue indexed once with the real default backbone."""

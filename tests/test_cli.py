@@ -9,25 +9,8 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
-
-from indexer.cli import main
 
 from .conftest import TINY
-
-
-@pytest.fixture
-def run(tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VISUALSEARCH_BACKBONE", TINY)
-    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
-    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, list(args), catch_exceptions=False)
-
-    return invoke
 
 
 def test_index_search_stats_remove(run, small_catalogue):

@@ -10,9 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from indexer.cli import main
 from visualsearch.service import VisualSearch
 
 from .conftest import TINY, make_image, write_catalogue
@@ -22,20 +20,6 @@ from .test_sync import _rows
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     return tmp_path / "data"
-
-
-@pytest.fixture
-def run(tiny_weights, data_dir, monkeypatch):
-    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("VISUALSEARCH_BACKBONE", TINY)
-    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
-    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
-    runner = CliRunner()
-
-    def invoke(*args: str, input: str | None = None):
-        return runner.invoke(main, list(args), catch_exceptions=False, input=input)
-
-    return invoke
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from indexer.cli import main
 from visualsearch.backbones import Preprocessing, get_backbone, register_backbone
 from visualsearch.errors import InvalidRequestError
 from visualsearch.evaluation import (
@@ -271,20 +269,6 @@ def test_an_exclude_image_the_catalogue_does_not_hold_is_named(twins, twins_cata
 
 
 # --- the command ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def run(tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VISUALSEARCH_BACKBONE", TINY)
-    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
-    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, [str(arg) for arg in args], catch_exceptions=False)
-
-    return invoke
 
 
 @pytest.fixture

@@ -10,14 +10,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from indexer.cli import main
 from visualsearch import feeds
 from visualsearch.catalogue_manifest import ProductRecord, read_manifest, validate_manifest
 from visualsearch.errors import ManifestError
 
-from .conftest import TINY, make_image
+from .conftest import make_image
 
 # --- Shopify: the export's columns, in its order (a subset of the full export) ---------
 
@@ -529,16 +527,6 @@ def test_validating_big_feeds_keeps_memory_flat(tmp_path):
 
 
 # --- `visualsearch index` on feeds with local images --------------------------------------
-
-
-@pytest.fixture
-def run(tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VISUALSEARCH_BACKBONE", TINY)
-    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
-    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
-    runner = CliRunner()
-    return lambda *args: runner.invoke(main, list(args), catch_exceptions=False)
 
 
 @pytest.fixture

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from click.testing import CliRunner
 from PIL import Image, ImageOps
 from torchvision.transforms import v2 as T
 
-from indexer.cli import main
 from visualsearch import recipes
 from visualsearch.backbones import get_backbone
 from visualsearch.backbones_builtin import DEFAULT_BACKBONE
@@ -36,7 +34,7 @@ from visualsearch.recipes import (
 )
 from visualsearch.service import VisualSearch
 
-from .conftest import TINY, make_image
+from .conftest import TINY, cli_runner, make_image
 
 FLIP, PAD, SCALES, GEM1, PCA = (f"{TINY}-flip", f"{TINY}-pad-48", f"{TINY}-scales", f"{TINY}-gem1", f"{TINY}-pca8")
 register_recipe(Recipe(name=FLIP, backbone=TINY, flip=True, hidden=True))
@@ -378,15 +376,8 @@ def test_reembed_with_another_recipe_on_the_same_backbone_switches(tiny_settings
 
 @pytest.fixture
 def run(tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
-    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, list(args), catch_exceptions=False)
-
-    return invoke
+    """The CLI with no backbone pinned: commands follow the data directory's."""
+    return cli_runner(monkeypatch, tmp_path / "data", tiny_weights, backbone=None)
 
 
 def test_cli_recipes_index_search_and_reembed(run, small_catalogue, tmp_path):

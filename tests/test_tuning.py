@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from indexer.cli import main
 from visualsearch import tuning
 from visualsearch.backbones_builtin import DEFAULT_BACKBONE
 from visualsearch.catalogue import store as catalogue
@@ -32,7 +30,7 @@ from visualsearch.recipes import (
 from visualsearch.service import VisualSearch
 from visualsearch.tuning import ShopperViews, TuneOptions, TuneRefusedError, split_products, tune
 
-from .conftest import TINY, make_image, write_catalogue
+from .conftest import TINY, cli_runner, make_image, write_catalogue
 
 TUNED = TINY + "+tuned"
 # Small and fast, yet enough steps for the tiny backbone's projection to learn something.
@@ -218,15 +216,8 @@ def test_data_directory_recipes_resolve_after_registered_ones():
 
 @pytest.fixture
 def run(tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(tiny_weights))
-    monkeypatch.setenv("VISUALSEARCH_WORKERS", "0")
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(main, list(args), catch_exceptions=False)
-
-    return invoke
+    """The CLI with no backbone pinned: commands follow the data directory's."""
+    return cli_runner(monkeypatch, tmp_path / "data", tiny_weights, backbone=None)
 
 
 def test_cli_tune(run, catalogue40):

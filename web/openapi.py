@@ -147,7 +147,7 @@ def spec() -> dict:
             }},
             "/api/v1/health": {"get": {
                 "summary": "Liveness and index state",
-                "responses": {"200": {"description": "Counts, backbone and index state.",
+                "responses": {"200": {"description": "Counts, writability, backbone, recipe and index state.",
                                       "content": {"application/json": {"schema": {"type": "object"}}}},
                               **_UNAVAILABLE},
             }},
