@@ -122,10 +122,17 @@ def main(verbose: int) -> None:
 @click.option("--format", "manifest_format", type=click.Choice(FORMATS),
               help="What MANIFEST is (default: detected from its header): a manifest (csv, tsv, jsonl) or a "
                    "shop feed (merchant-tsv, merchant-xml: Google Merchant Center; shopify-csv: product export).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where images are read and embedded: this process, or a Ray cluster (needs the ray extra; "
+                   "every worker must be able to read the manifest's paths).")
+@click.option("--ray-address", metavar="ADDR",
+              help="The Ray cluster to run on (ray://HOST:10001, HOST:6379 or auto); default: a local Ray "
+                   "sized to this machine. Only with --engine ray.")
 @_wait_option
 @library_errors
 def index(manifest: Path, strict: bool, as_json: bool, wait: float, prune: bool, max_prune: float, force: bool,
-          dry_run: bool, recheck_urls: bool, manifest_format: str | None, **options: Any) -> None:
+          dry_run: bool, recheck_urls: bool, manifest_format: str | None, engine: str, ray_address: str | None,
+          **options: Any) -> None:
     """Add or update the products of MANIFEST (CSV, JSON Lines or a shop feed).
 
     Images already indexed and unchanged are skipped, so an interrupted run can
@@ -138,6 +145,11 @@ def index(manifest: Path, strict: bool, as_json: bool, wait: float, prune: bool,
     """
     from .progress import TqdmProgress
 
+    if ray_address is not None and engine != "ray":
+        raise click.UsageError("--ray-address only makes sense with --engine ray")
+    if engine == "ray" and options.get("workers") is not None:
+        raise click.UsageError("--workers is for the local engine: on Ray, decoding runs in Ray tasks "
+                               "spread over the cluster's CPUs")
     if dry_run:
         from visualsearch.sync import plan_for_settings
 
@@ -158,11 +170,12 @@ def index(manifest: Path, strict: bool, as_json: bool, wait: float, prune: bool,
                            "not in the manifest", err=True)
 
             synced = vs.sync(manifest, policy=_prune_policy(max_prune, force), progress=progress, wait=wait,
-                             manifest_format=manifest_format, on_prune=announce, recheck_urls=recheck_urls)
+                             manifest_format=manifest_format, on_prune=announce, recheck_urls=recheck_urls,
+                             engine=engine, ray_address=ray_address)
             report = synced.index
         else:
             report = vs.index(manifest, progress=progress, wait=wait, manifest_format=manifest_format,
-                              recheck_urls=recheck_urls)
+                              recheck_urls=recheck_urls, engine=engine, ray_address=ray_address)
     finally:
         progress.close()
     if as_json:

@@ -60,9 +60,53 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server (tests/postgres.py); skips where no binaries exist."""
+    from .postgres import PostgresServer, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin")
+    server = PostgresServer(binaries)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def tiny_settings(tmp_path, tiny_weights) -> Settings:
-    return Settings(data_dir=tmp_path / "data", backbone=TINY, weights=str(tiny_weights),
+def postgres_url(postgres_server):
+    """A fresh PostgreSQL database holding an empty catalogue, dropped after the test."""
+    url = postgres_server.new_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+CATALOGUE_DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``catalogue_databases("sqlite", "postgresql")`` (a module's or their
+    own, the closest wins) run once per catalogue database, through ``catalogue_db``."""
+    marker = metafunc.definition.get_closest_marker("catalogue_databases")
+    if marker is not None and "catalogue_db" in metafunc.fixturenames:
+        metafunc.parametrize("catalogue_db", marker.args or CATALOGUE_DATABASES, indirect=True)
+
+
+@pytest.fixture
+def catalogue_db(request) -> str | None:
+    """The catalogue database URL of the test's settings: None (the SQLite file in the data
+    directory) unless the test runs parametrized on PostgreSQL."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def tiny_settings(tmp_path, tiny_weights, catalogue_db) -> Settings:
+    return Settings(data_dir=tmp_path / "data", db_url=catalogue_db, backbone=TINY, weights=str(tiny_weights),
                     workers=0, batch_size=8, threads=None)
 
 
@@ -120,15 +164,19 @@ class CrashAfterFirstBatch:
             raise Crash()
 
 
-def cli_runner(monkeypatch: pytest.MonkeyPatch, data_dir: Path, weights: Path, *, backbone: str | None = TINY):
-    """Run ``visualsearch ARGS...`` in this process on ``data_dir`` with the tiny test
-    weights (and backbone, unless None: a command then follows the data directory's).
+def cli_runner(monkeypatch: pytest.MonkeyPatch, data_dir: Path, weights: Path, *, backbone: str | None = TINY,
+               db_url: str | None = None):
+    """Run ``visualsearch ARGS...`` in this process on ``data_dir`` (and the catalogue
+    database ``db_url``, if given) with the tiny test weights (and backbone, unless None:
+    a command then follows the data directory's).
     Returns ``invoke(*args, input=None) -> click Result``."""
     from click.testing import CliRunner
 
     from indexer.cli import main
 
     monkeypatch.setenv("VISUALSEARCH_DATA_DIR", str(data_dir))
+    if db_url is not None:
+        monkeypatch.setenv("VISUALSEARCH_DB_URL", db_url)
     if backbone is not None:
         monkeypatch.setenv("VISUALSEARCH_BACKBONE", backbone)
     monkeypatch.setenv("VISUALSEARCH_WEIGHTS", str(weights))
@@ -142,9 +190,9 @@ def cli_runner(monkeypatch: pytest.MonkeyPatch, data_dir: Path, weights: Path, *
 
 
 @pytest.fixture
-def run(tiny_weights, tmp_path, monkeypatch):
+def run(tiny_weights, tmp_path, monkeypatch, catalogue_db):
     """The CLI on ``tmp_path / "data"`` with the tiny backbone (see :func:`cli_runner`)."""
-    return cli_runner(monkeypatch, tmp_path / "data", tiny_weights)
+    return cli_runner(monkeypatch, tmp_path / "data", tiny_weights, db_url=catalogue_db)
 
 
 @pytest.fixture(scope="session")

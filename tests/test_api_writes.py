@@ -20,6 +20,9 @@ from .test_api import catalogue_rows, upload
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
+# The catalogue's queries and triggers run on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
+
 
 @pytest.fixture
 def settings(tiny_settings):

@@ -15,6 +15,9 @@ from visualsearch.service import VisualSearch
 
 from .conftest import Crash, CrashAfterFirstBatch, make_image, write_catalogue
 
+# The catalogue's queries and triggers run on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
+
 
 def _vectors_of(vs: VisualSearch, sku: str) -> np.ndarray:
     ids = [image.id for image in vs.product(sku).indexed_images]
@@ -186,6 +189,7 @@ def test_remove_products(tiny_settings, small_catalogue):
     assert set(hits.ids.tolist()) == live and len(live) == 20
 
 
+@pytest.mark.catalogue_databases("sqlite")
 def test_sqlite_runs_in_wal_mode(tiny_settings):
     vs = VisualSearch(tiny_settings)
     with vs.sessions() as session:

@@ -70,6 +70,9 @@ register_backbone(BackboneSpec(
     description="a second two-layer CNN, to re-embed with", hidden=True,
 ))
 
+# The catalogue's queries and triggers run on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
+
 
 @pytest.fixture(scope="module")
 def tiny24_weights(tmp_path_factory) -> Path:
@@ -402,6 +405,8 @@ def test_a_live_server_answers_every_search_through_the_switch(settings, small_c
 def test_cli_reembed_json_and_drop_old(settings, tiny24_weights, monkeypatch):
     for name in ("BACKBONE", "WEIGHTS"):
         monkeypatch.delenv(f"VISUALSEARCH_{name}", raising=False)
+    if settings.db_url:
+        monkeypatch.setenv("VISUALSEARCH_DB_URL", settings.db_url)
     runner = CliRunner()
     data = ["--data-dir", str(settings.data_dir)]
     result = runner.invoke(main, ["reembed", "--backbone", TINY24, "--weights", str(tiny24_weights),

@@ -21,6 +21,9 @@ from visualsearch.service import VisualSearch
 
 from .conftest import REPO, make_image, write_catalogue
 
+# Writers in several processes at once: on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
+
 # Runs an index in another process with the tiny test backbone. FLUSH_ROWS is small
 # so that a run commits many times, and each batch sleeps to leave room for others.
 RUNNER = textwrap.dedent("""
@@ -38,7 +41,8 @@ RUNNER = textwrap.dedent("""
         def set_total(self, total): pass
         def advance(self, count): time.sleep({sleep})
 
-    settings = Settings(data_dir=Path({data_dir!r}), backbone="test_tiny", weights={weights!r}, workers=0, batch_size=4)
+    settings = Settings(data_dir=Path({data_dir!r}), db_url={db_url!r}, backbone="test_tiny", weights={weights!r},
+                        workers=0, batch_size=4)
     report = VisualSearch(settings).index({manifest!r}, progress=Slow())
     print("done", report.embedded, flush=True)
 """)
@@ -57,7 +61,7 @@ def _catalogue(folder: Path, count: int, prefix: str = "R", seed: int = 7000) ->
 def _start_runner(tmp_path: Path, settings, manifest: Path, *, flush_rows=4, sleep=0.02) -> subprocess.Popen:
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(repo=str(REPO), flush_rows=flush_rows, sleep=sleep, data_dir=str(settings.data_dir),
-                                    weights=str(settings.weights), manifest=str(manifest)))
+                                    db_url=settings.db_url, weights=str(settings.weights), manifest=str(manifest)))
     return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -144,7 +148,7 @@ def test_a_reader_in_another_process_sees_each_commit(tiny_settings, small_catal
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import tests.conftest; "
             "from visualsearch.service import VisualSearch; from visualsearch.settings import Settings; "
             f"from pathlib import Path; VisualSearch(Settings(data_dir=Path({str(tiny_settings.data_dir)!r}), "
-            "backbone='test_tiny', "
+            f"db_url={tiny_settings.db_url!r}, backbone='test_tiny', "
             f"weights={str(tiny_settings.weights)!r})).remove(['P4'])")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert "P4" not in {hit.sku for hit in reader.search(query, top_k=12).hits}

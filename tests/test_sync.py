@@ -27,6 +27,9 @@ from visualsearch.sync import (
 
 from .conftest import make_image, write_catalogue
 
+# The catalogue's queries and triggers run on SQLite and on PostgreSQL (tests/postgres.py).
+pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
+
 
 def _rows(manifest) -> list[dict]:
     with open(manifest, newline="") as handle:
@@ -206,6 +209,7 @@ def test_urls_are_checked_for_syntax_only_and_feeds_are_manifests_too(small_cata
     assert plan.products.add == 2 and plan.problems == 1 and plan.problem_examples[0].sku == "B"
 
 
+@pytest.mark.catalogue_databases("sqlite")  # (PostgreSQL's sequences never hand an id out twice)
 def test_prune_deletes_only_images_unchanged_since_it_found_them(indexed, small_catalogue):
     """An image found prunable, then deleted by the API, and a new image of another product
     given the same id (SQLite reuses the highest id) before the delete: the new one stays."""

@@ -30,6 +30,7 @@ from .catalogue import store as catalogue
 from .embedder import Embedder
 from .errors import VisualSearchError, WriterBusyError
 from .vectors import VectorStore
+from .vectors.milvus_store import MilvusTarget, MilvusVectorStore
 from .vectors.store import DEFAULT_LOCK_TIMEOUT
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,31 @@ class GenerationStore(VectorStore):
             super().merge(limit)
         except GenerationChangedError:
             pass  # nothing reads a retired generation's merges
+
+
+class MilvusGenerationStore(MilvusVectorStore):
+    """A generation's Milvus collection that refuses writes once another generation is
+    current (as :class:`GenerationStore`).
+
+    Args:
+        is_current: as for :class:`GenerationStore`.
+        Other arguments: those of :class:`~.vectors.milvus_store.MilvusVectorStore`.
+    """
+
+    def __init__(self, target: MilvusTarget, *, is_current: Callable[[], bool], **kwargs):
+        self._is_current = is_current
+        self.retired = False
+        super().__init__(target, **kwargs)
+
+    @contextlib.contextmanager
+    def writing(self, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+        outermost = self._writer != threading.get_ident()
+        with super().writing(timeout):
+            if outermost and (self.retired or not self._is_current()):
+                self.retired = True
+                raise GenerationChangedError(
+                    f"the vectors in Milvus collection {self.collection} were replaced by a re-embedding; try again")
+            yield
 
 
 class Generation:

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Container, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +37,7 @@ from .catalogue import ImageStatus
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord, is_image_url, iter_manifest_records, validate_manifest
 from .embedder import EmbedderIdentity
-from .errors import ImageError
+from .errors import ConfigurationError, ImageError
 from .images import load_image
 from .remote_images import FetchPolicy, RemoteFetcher
 from .url_recheck import url_check_due
@@ -54,6 +54,24 @@ logger = logging.getLogger(__name__)
 FLUSH_ROWS = 4096
 FLUSH_SECONDS = 30.0
 MANIFEST_CHUNK_ROWS = 2000
+
+
+ENGINES = ("local", "ray")
+
+
+def check_engine(engine: str, *, ray_address: str | None = None, embedding: "ImageEmbedding | None" = None) -> None:
+    """Refuse an engine choice that cannot work (before anything is written).
+
+    Raises:
+        ConfigurationError: an unknown engine, a Ray address without the Ray engine, or
+            an embedding stage (a local-engine hook) with the Ray engine.
+    """
+    if engine not in ENGINES:
+        raise ConfigurationError(f"unknown indexing engine {engine!r}: use {' or '.join(ENGINES)}")
+    if ray_address is not None and engine != "ray":
+        raise ConfigurationError("a Ray address only makes sense with the ray engine (--engine ray)")
+    if embedding is not None and engine != "local":
+        raise ConfigurationError("a custom embedding stage runs only in the local engine")
 
 
 class Progress(Protocol):
@@ -192,50 +210,100 @@ def index_records(vs: "VisualSearch", chunks: Iterable[Sequence[ProductRecord]],
     Other arguments, the result and the errors are those of :func:`index_manifest`.
     """
     started = time.perf_counter()
-    flush_rows = flush_rows or FLUSH_ROWS
     progress = progress or _NoProgress()
     report = IndexingReport()
-    url_max_age = 0.0 if recheck_urls else vs.settings.remote_recheck
     if total_images is not None:
         progress.set_total(total_images)
-    with contextlib.ExitStack() as run:
+    with contextlib.ExitStack() as stack:
         if embedding is None:  # ours: its fetch pool serves every chunk, and is closed however the run ends
-            embedding = run.enter_context(CnnEmbedding(vs))
+            embedding = stack.enter_context(CnnEmbedding(vs))
         if exclusive:
-            run.enter_context(vs.index_lock(wait))
+            stack.enter_context(vs.index_lock(wait))
         vs.claim_identity(embedding.identity)
-        writer = CatalogueWriter(vs.session, vs.writable_store(), merge_limit=merge_limit)
-        pending = PendingWrites()
-        validators: dict[int, Validators] = {}
-        failures_log = _FailureLog(vs.failures_path)
-        last_flush = time.monotonic()
+        run = IndexingRun(vs, report, progress=progress, flush_rows=flush_rows, merge_limit=merge_limit,
+                          replan=exclusive, recheck_urls=recheck_urls)
         for records in chunks:
-            unchanged_before = report.unchanged
-            tasks, fields_changed = _prepare_chunk(vs, records, report, pending, url_max_age=url_max_age)
-            pending.refresh_products |= fields_changed
-            progress.advance(report.unchanged - unchanged_before)
-            for results in embedding.run(tasks, report):
-                _collect(results, pending, report, failures_log, validators)
-                progress.advance(len(results))
-                if len(pending) >= flush_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
-                    _flush(vs, writer, pending, validators, report, replan=exclusive)
-                    last_flush = time.monotonic()
-            if len(pending) >= flush_rows:
-                _flush(vs, writer, pending, validators, report, replan=exclusive)
-                last_flush = time.monotonic()
-        _flush(vs, writer, pending, validators, report, replan=False)
-        if exclusive:
-            # Re-planning happens as the catalogue grows by REPLAN_FACTOR, so its cost
-            # (linear in the catalogue) adds up to a constant share of the indexing.
-            done = writer.store.maintain()
-            if done:
-                logger.info("vector index maintenance after the run: %s", done)
+            for results in embedding.run(run.prepare(records), report):
+                run.collect(results)
+            run.chunk_done()
+        run.finish()
     report.seconds = time.perf_counter() - started
     return report
 
 
+class IndexingRun:
+    """The catalogue side of one run, whichever engine embeds: upserts the products of each
+    manifest chunk and says which images need work, takes the results back, commits them
+    every ``flush_rows`` images or :data:`FLUSH_SECONDS`, and records the failures.
+
+    Args:
+        vs: the data directory (its identity already claimed).
+        report: the run's report, filled in as results come.
+        flush_rows: commit every this many images (default FLUSH_ROWS).
+        merge_limit: the largest segment merge to run inline.
+        replan: re-plan the vector index when it is outgrown, mid-run and at the end
+            (batch runs; an API write does not).
+        recheck_urls: see :func:`index_manifest`.
+    """
+
+    def __init__(self, vs: "VisualSearch", report: IndexingReport, *, progress: Progress,
+                 flush_rows: int | None = None, merge_limit: int | None = None, replan: bool = True,
+                 recheck_urls: bool = False):
+        self.vs = vs
+        self.report = report
+        self.progress = progress
+        self.flush_rows = flush_rows or FLUSH_ROWS
+        self.replan = replan
+        self.url_max_age = 0.0 if recheck_urls else vs.settings.remote_recheck
+        self.writer = CatalogueWriter(vs.session, vs.writable_store(), merge_limit=merge_limit)
+        self.pending = PendingWrites()
+        self.validators: dict[int, Validators] = {}
+        self.failures_log = _FailureLog(vs.failures_path)
+        self.last_flush = time.monotonic()
+
+    def prepare(self, records: Sequence[ProductRecord], *, skip: Container[int] | None = None) -> list[ImageTask]:
+        """Upsert a chunk's products; return its images that need work.
+
+        Args:
+            skip: image ids already on their way (default: those awaiting the next commit).
+        """
+        unchanged_before = self.report.unchanged
+        tasks, fields_changed = _prepare_chunk(self.vs, records, self.report,
+                                               self.pending if skip is None else skip,
+                                               url_max_age=self.url_max_age)
+        self.pending.refresh_products |= fields_changed
+        self.progress.advance(self.report.unchanged - unchanged_before)
+        return tasks
+
+    def collect(self, results: list[ImageResult]) -> None:
+        """Take one batch of results; commit when a flush is due."""
+        _collect(results, self.pending, self.report, self.failures_log, self.validators)
+        self.progress.advance(len(results))
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self.flush(replan=self.replan)
+
+    def chunk_done(self) -> None:
+        """After a manifest chunk: commit if a flush's worth is waiting (field changes included)."""
+        if len(self.pending) >= self.flush_rows:
+            self.flush(replan=self.replan)
+
+    def flush(self, *, replan: bool) -> None:
+        _flush(self.vs, self.writer, self.pending, self.validators, self.report, replan=replan)
+        self.last_flush = time.monotonic()
+
+    def finish(self) -> None:
+        """Commit what is left; after a batch run, maintain the vector index."""
+        self.flush(replan=False)
+        if self.replan:
+            # Re-planning happens as the catalogue grows by REPLAN_FACTOR, so its cost
+            # (linear in the catalogue) adds up to a constant share of the indexing.
+            done = self.writer.store.maintain()
+            if done:
+                logger.info("vector index maintenance after the run: %s", done)
+
+
 def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report: IndexingReport,
-                   pending: PendingWrites, *, url_max_age: float) -> tuple[list[ImageTask], set[int]]:
+                   skip: Container[int], *, url_max_age: float) -> tuple[list[ImageTask], set[int]]:
     """Upsert the chunk's products (bounded transaction); return its images that need work."""
     with vs.session() as session:
         upsert = catalogue.upsert_products(session, records)
@@ -246,7 +314,7 @@ def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report:
     now = time.time()
     tasks = []
     for image in images:
-        if image.id in pending:
+        if image.id in skip:
             continue  # a SKU named again further down the manifest: its images are on their way
         indexed = image.status == ImageStatus.INDEXED
         if is_image_url(image.path):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
@@ -23,22 +21,23 @@ from sqlalchemy.orm import Session, sessionmaker
 from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import ImageStatus, open_catalogue, sqlite_path
 from .catalogue import store as catalogue
+from .catalogue.locks import INDEX_LOCK, VECTOR_COMMIT_LOCK, catalogue_lock
 from .catalogue_manifest import ProductRecord, is_image_url
-from .durable import writer_gone
 from .embedder import Embedder, EmbedderIdentity
-from .errors import ConfigurationError, StorageError, WriterBusyError
+from .errors import ConfigurationError, StorageError
 from .generations import (
     Generation,
     GenerationChangedError,
     GenerationRef,
     GenerationStore,
     GenerationTracker,
+    MilvusGenerationStore,
     generation_root,
     matching_weights,
     read_generation,
 )
 from .images import Crop, ImageSource
-from .indexing import ImageEmbedding, IndexingReport, Progress, index_manifest, index_records
+from .indexing import ImageEmbedding, IndexingReport, Progress, check_engine, index_manifest, index_records
 from .recipes import Recipe, check_recipe, choose_recipe, pick_data_recipes
 from .reembed import ReembedReport, drop_old_generations, reembed
 from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
@@ -57,8 +56,9 @@ from .sync import (
     batched,
     plan_manifest,
 )
-from .uploads import UPLOADS_DIR, is_upload, keep_upload
+from .uploads import UploadFolder, is_fsspec_url, read_file_url
 from .vectors import IndexPlan, SearchFilters, VectorStore, configure_threads
+from .vectors.milvus_store import parse_vector_store
 from .vectors.store import DEFAULT_LOCK_TIMEOUT
 from .writer import CatalogueWriter
 
@@ -66,11 +66,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FAILURES_FILE = "failures.jsonl"
-INDEX_LOCK_FILE = ".index.lock"
 # An API write runs segment merges up to this size inline; bigger ones are left to
 # the indexer and ``compact`` so that a PUT or DELETE stays fast.
 API_MERGE_LIMIT = 65_536
-# Paths per SQL statement in image_ids_by_path (well under SQLite's 32,766 bound parameters).
 
 
 class VisualSearch:
@@ -110,6 +108,8 @@ class VisualSearch:
             raise ConfigurationError(f"cannot use data directory {self.data_dir}: {exc.strerror or exc}") from None
         # Why writes are refused while the catalogue is open read-only as a fallback.
         self.write_blocked: StorageError | None = None
+        # Where photos sent with API PUTs are kept (shared by replicas when configured).
+        self.uploads = UploadFolder(settings.uploads, self.data_dir)
         self.sessions: sessionmaker[Session] = self._open_catalogue()
         self._lock = threading.RLock()
         # The CNN and vector store answering now: those of the catalogue's current vector
@@ -200,11 +200,31 @@ class VisualSearch:
 
     def _open_store(self, ref: GenerationRef) -> VectorStore:
         stored = ref.identity
+        if self.settings.vector_store:  # Milvus: one collection per generation
+            return MilvusGenerationStore(parse_vector_store(self.settings.vector_store), location=ref.location,
+                                         is_current=lambda: self._read_generation().location == ref.location,
+                                         backbone=stored.backbone, weights_sha256=stored.weights_sha256,
+                                         dim=stored.dim, recipe=stored.recipe_name, recipe_hash=stored.recipe_hash,
+                                         lock_dir=self.data_dir, read_only=self.read_only,
+                                         commit_lock=self._cluster_commit_lock(ref.location))
         return GenerationStore(generation_root(self.data_dir, ref.location),
                                is_current=lambda: self._read_generation().location == ref.location,
                                backbone=stored.backbone, weights_sha256=stored.weights_sha256, dim=stored.dim,
                                recipe=stored.recipe_name, recipe_hash=stored.recipe_hash,
                                memory_budget=self.settings.index_memory, read_only=self.read_only)
+
+    def _cluster_commit_lock(self, location: str) -> Callable[[float], contextlib.AbstractContextManager[None]] | None:
+        """With a server catalogue (PostgreSQL), the lock that orders writers of a shared
+        vector store across hosts: an advisory lock in that database. None: the store's own
+        local lock (an SQLite catalogue lives on one machine)."""
+        if self.sessions.kw["bind"].dialect.name == "sqlite":
+            return None
+
+        def lock(timeout: float) -> contextlib.AbstractContextManager[None]:
+            return catalogue_lock(self.sessions, f"{VECTOR_COMMIT_LOCK}:{location}", data_dir=self.data_dir,
+                                  timeout=timeout, busy_message="another process is writing vectors to this "
+                                  "catalogue's vector store; try again, or pass --wait SECONDS")
+        return lock
 
     def _make_generation(self, ref: GenerationRef, *, embedder: Embedder | None = None,
                          store: VectorStore | None = None) -> Generation:
@@ -297,24 +317,14 @@ class VisualSearch:
         Raises:
             WriterBusyError: another run held it for ``wait`` seconds.
         """
-        deadline = time.monotonic() + wait
-        with open(self.data_dir / INDEX_LOCK_FILE, "a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise WriterBusyError(
-                            f"another 'visualsearch index' run is writing to {self.data_dir}; wait for it to "
-                            "finish, or pass --wait SECONDS") from None
-                    time.sleep(0.2)
-            try:
-                # A re-embedding (which holds this lock to switch) may have switched meanwhile.
-                self._tracker.follow(0)
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        # Catalogue-wide: a file lock beside an SQLite catalogue, an advisory lock in a
+        # PostgreSQL one (whose runs may start on other hosts).
+        with catalogue_lock(self.sessions, INDEX_LOCK, data_dir=self.data_dir, timeout=wait,
+                            busy_message=f"another 'visualsearch index' run is writing to {self.data_dir}; "
+                                         "wait for it to finish, or pass --wait SECONDS"):
+            # A re-embedding (which holds this lock to switch) may have switched meanwhile.
+            self._tracker.follow(0)
+            yield
 
     @property
     def failures_path(self) -> Path:
@@ -337,12 +347,28 @@ class VisualSearch:
     @translates_storage_errors
     def index(self, manifest: str | Path, *, progress: Progress | None = None, wait: float = 0.0,
               embedding: ImageEmbedding | None = None, manifest_format: str | None = None,
-              recheck_urls: bool = False) -> IndexingReport:
-        """Index a manifest or shop feed (see :func:`visualsearch.indexing.index_manifest`)."""
+              recheck_urls: bool = False, engine: str = "local", ray_address: str | None = None) -> IndexingReport:
+        """Index a manifest or shop feed (see :func:`visualsearch.indexing.index_manifest`).
+
+        Args:
+            engine: ``local`` (this process) or ``ray`` (a Ray cluster: see
+                :func:`visualsearch.ray_indexing.index_manifest_ray`, which ``ray_address`` is for).
+
+        Raises:
+            ConfigurationError: an engine choice that cannot work (see
+                :func:`~visualsearch.indexing.check_engine`), or Ray is not installed.
+        """
+        check_engine(engine, ray_address=ray_address, embedding=embedding)
         self._require_writable()
         self.collect_leftovers()  # what a crashed run left, before this one adds to it
-        report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding,
-                                manifest_format=manifest_format, recheck_urls=recheck_urls)
+        if engine == "ray":
+            from .ray_indexing import index_manifest_ray  # Ray is an optional extra
+
+            report = index_manifest_ray(self, manifest, address=ray_address, progress=progress, wait=wait,
+                                        manifest_format=manifest_format, recheck_urls=recheck_urls)
+        else:
+            report = index_manifest(self, manifest, progress=progress, wait=wait, embedding=embedding,
+                                    manifest_format=manifest_format, recheck_urls=recheck_urls)
         self.collect_leftovers()
         return report
 
@@ -353,7 +379,8 @@ class VisualSearch:
 
         Args:
             uploads: (bytes, image format) of image files sent with the request, already
-                checked to decode: kept under DATA_DIR/uploads and added to the record's images.
+                checked to decode: kept in the uploads folder (DATA_DIR/uploads or
+                VISUALSEARCH_UPLOADS) and added to the record's images.
 
         Returns:
             (the product as stored, the indexing report, whether it was created).
@@ -364,7 +391,7 @@ class VisualSearch:
         kept: list[str] = []
         try:
             for data, image_format in uploads:
-                kept.append(str(keep_upload(self.data_dir, data, image_format)))
+                kept.append(self.uploads.keep(data, image_format))
             record.images = [*record.images, *kept]
             report = self._on_current_generation(lambda: index_records(
                 self, [[record]], exclusive=False, merge_limit=API_MERGE_LIMIT, flush_rows=1 << 30))
@@ -444,7 +471,8 @@ class VisualSearch:
     @translates_storage_errors
     def sync(self, manifest: str | Path, *, policy: PrunePolicy | None = None, progress: Progress | None = None,
              wait: float = 0.0, embedding: ImageEmbedding | None = None, manifest_format: str | None = None,
-             on_prune: Callable[[PruneCounts], None] | None = None, recheck_urls: bool = False) -> SyncReport:
+             on_prune: Callable[[PruneCounts], None] | None = None, recheck_urls: bool = False,
+             engine: str = "local", ray_address: str | None = None) -> SyncReport:
         """Index ``manifest``, then prune what it does not name: the products it does not
         list and the images of listed products it no longer names.
 
@@ -454,7 +482,8 @@ class VisualSearch:
         Args:
             policy: how much the prune may remove (default :class:`~visualsearch.sync.PrunePolicy`).
             on_prune: called with the counts just before anything is deleted.
-            progress, wait, embedding, manifest_format, recheck_urls: as for :meth:`index`.
+            progress, wait, embedding, manifest_format, recheck_urls, engine, ray_address: as for
+                :meth:`index`.
 
         Raises:
             PruneRefusedError: the policy refuses the prune, or the manifest file changed
@@ -467,7 +496,8 @@ class VisualSearch:
             keys.load(manifest, manifest_format=manifest_format)
             policy.check(keys.find_prunable(self.sessions))
             report = self.index(manifest, progress=progress, wait=wait, embedding=embedding,
-                                manifest_format=manifest_format, recheck_urls=recheck_urls)
+                                manifest_format=manifest_format, recheck_urls=recheck_urls, engine=engine,
+                                ray_address=ray_address)
             keys.check_manifest_unchanged()
             pruned = self.prune(keys, policy=policy, wait=wait, on_prune=on_prune)
         return SyncReport(report, pruned)
@@ -507,15 +537,15 @@ class VisualSearch:
         return PruneResult(products=products, product_images=product_images, images=images)
 
     def _remove_owned_files(self, paths: Sequence[str]) -> None:
-        """Uploads kept by the API live in DATA_DIR/uploads: delete those no image names
+        """Uploads kept by the API live in the uploads folder: delete those no image names
         any more (a file is named by its content hash, so two products may share one)."""
         for path in paths:
-            if not is_upload(self.data_dir, path):
+            if not self.uploads.owns(path):
                 continue
             with self.sessions() as session:
                 if catalogue.path_is_referenced(session, path):
                     continue
-            Path(path).unlink(missing_ok=True)
+            self.uploads.remove(path)
 
     @translates_storage_errors
     def search(self, image: ImageSource, *, top_k: int = 10, offset: int = 0, filters: SearchFilters | None = None,
@@ -551,13 +581,22 @@ class VisualSearch:
             )
 
     @translates_storage_errors
-    def image_file(self, image_id: int) -> Path | None:
-        """The file of an indexed image (only indexed images are ever served)."""
+    def image_file(self, image_id: int) -> Path | bytes | None:
+        """The file of an indexed image (only indexed images are ever served): its path, or
+        its bytes for an upload kept in an object store (VISUALSEARCH_UPLOADS=s3://...)."""
         with self.sessions() as session:
             row = catalogue.get_image(session, image_id)
             if row is None or ImageStatus(row.status) != ImageStatus.INDEXED:
                 return None
-            path = Path(row.path)
+            name = row.path
+        if is_fsspec_url(name):
+            if not self.uploads.owns(name):
+                return None  # only our own uploads are read through fsspec
+            try:
+                return read_file_url(name)[0]
+            except FileNotFoundError:
+                return None
+        path = Path(name)
         return path if path.is_file() else None
 
     @translates_storage_errors
@@ -683,6 +722,10 @@ class VisualSearch:
         (see :func:`visualsearch.reembed.reembed`); searches and API writes go on meanwhile.
         A run that switches never drops the old vectors (servers still load the new ones)."""
         self._require_writable()
+        if self.settings.vector_store:
+            # It builds the new generation in the FAISS store: switching to it would answer from nothing.
+            raise ConfigurationError("reembed does not support a Milvus vector store yet: re-index into a new "
+                                     "collection (another VISUALSEARCH_VECTOR_STORE and --data-dir) instead")
         return reembed(self, backbone=backbone, recipe=recipe, weights=weights, wait=wait, drop_old=drop_old,
                        force=force, progress=progress)
 
@@ -700,9 +743,7 @@ class VisualSearch:
         and half-written uploads. Returns the names removed."""
         if self.read_only:
             return []
-        removed = [path.name for path in (self.data_dir / UPLOADS_DIR).glob(".*.tmp") if writer_gone(path.name)]
-        for name in removed:
-            (self.data_dir / UPLOADS_DIR / name).unlink(missing_ok=True)
+        removed = self.uploads.collect_leftovers()
         store = self.store()
         return removed + (store.collect_leftovers() if store is not None else [])
 

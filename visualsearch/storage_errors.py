@@ -1,4 +1,4 @@
-"""Turn what the disk and SQLite say into the library's typed storage errors.
+"""Turn what the disk, SQLite and a database server say into the library's typed storage errors.
 
 A full disk, a read-only mount, a permission denied or a locked database surfaces
 deep inside the vector store, FAISS or SQLAlchemy as an ``OSError`` or an
@@ -61,6 +61,8 @@ def storage_error_from(exc: BaseException, data_dir: Path) -> StorageError | Non
             return StorageError(f"{where}input/output error: check the disk holding {data_dir}")
         return None
     original = exc.orig if isinstance(exc, DBAPIError) else exc
+    if _sqlstate(original) is not None or _is_server_connection_error(original):
+        return _server_error(exc, original)
     if not isinstance(original, sqlite3.OperationalError):  # (not constraint or programming errors)
         return None
     message = str(original).lower()
@@ -79,6 +81,62 @@ def storage_error_from(exc: BaseException, data_dir: Path) -> StorageError | Non
         return StorageError(f"the catalogue database cannot be opened or written ({original}): check that "
                             f"{data_dir} exists, is writable and its disk is healthy")
     return None
+
+
+# PostgreSQL's SQLSTATEs for "another transaction was in the way; retrying works".
+SERVER_BUSY_STATES = {"40001": "a concurrent write conflicted (serialization failure)",
+                      "40P01": "a concurrent write deadlocked with this one",
+                      "55P03": "a row or table stayed locked by another writer",
+                      "57014": "a statement ran past the server's timeout",
+                      "53300": "the server has no free connection slot"}
+
+
+def _sqlstate(original: BaseException) -> str | None:
+    """The SQLSTATE of a server database's error (psycopg 3, psycopg2), else None."""
+    state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def _is_server_connection_error(original: BaseException) -> bool:
+    """A psycopg OperationalError without SQLSTATE: the server could not be reached or
+    dropped the connection."""
+    return type(original).__module__.split(".")[0] in ("psycopg", "psycopg2") and \
+        type(original).__name__ == "OperationalError"
+
+
+def _server_error(exc: BaseException, original: BaseException) -> StorageError | None:
+    state = _sqlstate(original)
+    if state in SERVER_BUSY_STATES:
+        return StorageBusyError(f"the catalogue database is busy: {SERVER_BUSY_STATES[state]}; retry shortly")
+    if state == "53100":
+        return StorageFullError("the catalogue database server's disk is full: free space there and retry; "
+                                "searches keep working meanwhile")
+    if state == "25006":
+        return StorageReadOnlyError("the catalogue database is read-only (a standby, or "
+                                    "default_transaction_read_only): point VISUALSEARCH_DB_URL at the primary")
+    if state is None or state.startswith(("08", "57P")):  # connection failures, server shutting down
+        return StorageError(server_error_message(exc, None)
+                            or f"the catalogue database cannot be reached: {_first_line(original)}")
+    return None
+
+
+def server_error_message(exc: BaseException, url: object | None) -> str | None:
+    """What to do about a database server that cannot be reached (None: not that)."""
+    original = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not _is_server_connection_error(original) and not (_sqlstate(original) or "").startswith(("08", "57P", "28")):
+        return None
+    where = "the catalogue database"
+    host = getattr(url, "host", None)
+    if host is not None or getattr(url, "query", None):
+        where = f"PostgreSQL at {host or 'its socket'}:{getattr(url, 'port', None) or 5432}"
+    database = getattr(url, "database", None)
+    return (f"cannot reach {where}{f' (database {database!r})' if database else ''}: {_first_line(original)}; "
+            "is the server running and reachable from here, and do the URL's user, password and database exist? "
+            "(--db / VISUALSEARCH_DB_URL; PostgreSQL needs psycopg: pip install 'visualsearch[postgres]')")
+
+
+def _first_line(original: BaseException) -> str:
+    return (str(original).strip().splitlines() or [type(original).__name__])[0]
 
 
 def _inside(filename: object, data_dir: Path) -> bool:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .catalogue import ImageStatus, Product, ProductImage, open_catalogue, sqlite_path
+from .catalogue import ImageStatus, NoCatalogueError, Product, ProductImage, open_catalogue, sqlite_path
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord, is_image_url, iter_manifest_records, validate_manifest
 from .errors import VisualSearchError
@@ -502,7 +502,10 @@ def plan_for_settings(settings: "Settings", manifest: str | Path, **options: Any
     database = sqlite_path(settings.catalogue_url)
     if database is not None and not database.is_file():
         return plan_manifest(manifest, **options)
-    sessions = open_catalogue(settings.catalogue_url, read_only=True)
+    try:
+        sessions = open_catalogue(settings.catalogue_url, read_only=True)
+    except NoCatalogueError:  # a server database nothing was indexed into yet
+        return plan_manifest(manifest, **options)
     try:
         return plan_manifest(manifest, sessions=sessions, **options)
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from flask import Blueprint, abort, current_app, redirect, render_template, request, send_file, send_from_directory
 
 from visualsearch.errors import InvalidRequestError, ProductNotFoundError
@@ -66,13 +68,17 @@ def image(image_id: int):
         return redirect(remote, code=302)
     # The id, not a path, comes from the URL, and only files that were decoded and
     # indexed as images are served: a manifest row naming /etc/passwd stays "failed".
-    path = vs.image_file(image_id)
-    mimetype = raster_type(path) if path is not None else None
+    source = vs.image_file(image_id)
+    if isinstance(source, bytes):  # an upload kept in an object store
+        source = io.BytesIO(source)
+    mimetype = raster_type(source) if source is not None else None
     if mimetype is None:
         abort(404)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
     # The type comes from decoding the file, never from its name: a catalogue file named
     # .html or .svg is served as the raster image it is (or not at all).
-    return send_file(path, mimetype=mimetype, max_age=3600, conditional=True)
+    return send_file(source, mimetype=mimetype, max_age=3600, conditional=True)
 
 
 RASTER_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",

@@ -127,7 +127,8 @@ class CatalogueMeta(Base):
 
 
 class CatalogueCount(Base):
-    """Counters kept by triggers (SQLite), so that health and stats never count rows.
+    """Counters kept by triggers, so that health and stats never count rows
+    (see :mod:`.counters`; on PostgreSQL these are the folded base values).
 
     Keys: ``products``, ``images:<status>``, ``category:<name>`` (indexed images per
     category; the empty name counts products without a category).
@@ -136,4 +137,17 @@ class CatalogueCount(Base):
     __tablename__ = "catalogue_counts"
 
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CatalogueCountDelta(Base):
+    """PostgreSQL's counter changes, one row per key and writing transaction (see
+    :mod:`.counters`): concurrent writers never update a shared row, so they neither
+    wait on nor deadlock over the hot ``products`` and ``images:*`` counters. Stays
+    empty on SQLite, whose writers are serialised anyway."""
+
+    __tablename__ = "catalogue_count_deltas"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    txid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     value: Mapped[int] = mapped_column(BigInteger, default=0)

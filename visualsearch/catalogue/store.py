@@ -447,6 +447,15 @@ def indexed_images_by_sha256(session: Session, digests: Sequence[str]) -> dict[s
     return found
 
 
+def indexed_sha256_after(session: Session, after: int, limit: int) -> list[tuple[int, str]]:
+    """Up to ``limit`` (image id, content hash) of indexed images with ids above ``after``,
+    ascending (a keyset page: callers walk a catalogue of any size in bounded batches)."""
+    return [(image_id, digest) for image_id, digest in session.execute(
+        select(ProductImage.id, ProductImage.sha256)
+        .where(ProductImage.id > after, ProductImage.status == ImageStatus.INDEXED, ProductImage.sha256.is_not(None))
+        .order_by(ProductImage.id).limit(limit))]
+
+
 def existing_image_ids(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
     """Image id -> product id, for the ids that still exist."""
     found: dict[int, int] = {}

@@ -1,0 +1,1 @@
+"""One module per catalogue schema revision (loaded by Alembic from this folder)."""
