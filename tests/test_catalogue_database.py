@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from visualsearch.catalogue import NoCatalogueError, counters, open_catalogue, schema
 from visualsearch.catalogue import store as catalogue
 from visualsearch.catalogue.locks import INDEX_LOCK, VECTOR_COMMIT_LOCK, advisory_key, catalogue_lock
+from visualsearch.catalogue.migrations import baseline_triggers
 from visualsearch.catalogue.models import Base
 from visualsearch.catalogue_manifest import ProductRecord
 from visualsearch.errors import ConfigurationError, StorageBusyError, StorageError, WriterBusyError
@@ -104,6 +105,42 @@ def test_read_only_opens_never_migrate(url, catalogue_db):
     engine.dispose()
 
 
+def _words(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+@pytest.mark.catalogue_databases("sqlite")
+def test_the_migrated_triggers_are_the_ones_counters_reads_today():
+    """Revision 0001 keeps a frozen copy of the counting triggers; the counters module
+    holds the current definitions. A divergence must be a deliberate new revision
+    (then compare that revision's copy here instead)."""
+    for frozen, current in ((baseline_triggers.SQLITE_TRIGGERS, counters.SQLITE_TRIGGERS),
+                            (baseline_triggers.POSTGRESQL_FUNCTIONS, counters.POSTGRESQL_FUNCTIONS),
+                            (baseline_triggers.POSTGRESQL_TRIGGERS, counters.POSTGRESQL_TRIGGERS)):
+        assert {name: _words(sql) for name, sql in frozen.items()} == \
+            {name: _words(sql) for name, sql in current.items()}
+    assert set(baseline_triggers.POSTGRESQL_TRIGGER_TABLES) == set(counters.POSTGRESQL_TRIGGERS)
+
+
+def test_a_migrated_database_has_the_counting_triggers(url):
+    open_catalogue(url)
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            rows = connection.execute(sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+            installed = {name: sql for name, sql in rows}
+            assert {name: _words(sql) for name, sql in installed.items()} == {
+                name: _words(f"CREATE TRIGGER {name} {sql}") for name, sql in counters.SQLITE_TRIGGERS.items()}
+        else:
+            installed = set(connection.scalars(sa.text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")))
+            assert installed == set(counters.POSTGRESQL_TRIGGERS)
+            rows = connection.execute(sa.text("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE 'vs_count%'"))
+            assert {name: _words(source) for name, source in rows} == {
+                signature.partition("(")[0]: _words(body.split("$$")[1])
+                for signature, body in counters.POSTGRESQL_FUNCTIONS.items()}
+    engine.dispose()
+
+
 @pytest.mark.catalogue_databases("sqlite")
 def test_a_catalogue_made_before_migrations_is_stamped_and_keeps_its_rows(tmp_path):
     """The old open path: create_all and the triggers, no alembic_version; that catalogue
@@ -122,7 +159,7 @@ def test_a_catalogue_made_before_migrations_is_stamped_and_keeps_its_rows(tmp_pa
             "FOREIGN KEY(product_id) REFERENCES products (id) ON DELETE CASCADE)")
         for column in ("product_id", "sha256"):
             connection.exec_driver_sql(f"CREATE INDEX ix_product_images_{column} ON product_images ({column})")
-        counters.install_sqlite_triggers(connection)
+        baseline_triggers.install_triggers(connection)  # (what the old open path installed)
         connection.exec_driver_sql(
             "INSERT INTO products (id, sku, title, category, attributes, vectors_stale, created_at, updated_at) "
             "VALUES (1, 'OLD-1', 'Old', 'shoes', '{}', 0, '2024-01-01', '2024-01-01')")

@@ -72,6 +72,8 @@ register_backbone(BackboneSpec(
 
 # The catalogue's queries and triggers run on SQLite and on PostgreSQL (tests/postgres.py).
 pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
+# Tests that run on both vector stores (the others on FAISS only).
+BOTH_STORES = pytest.mark.parametrize("vector_store", ["faiss", "milvus-lite"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +85,20 @@ def tiny24_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def settings(tiny_settings, small_catalogue):
+def vector_store(request, tmp_path) -> str | None:
+    """The VISUALSEARCH_VECTOR_STORE of the test: None (FAISS in the data directory)
+    unless parametrized with "milvus-lite" (a Milvus Lite file)."""
+    if getattr(request, "param", "faiss") == "faiss":
+        return None
+    pytest.importorskip("milvus_lite")
+    return str(tmp_path / "vectors.db")
+
+
+@pytest.fixture
+def settings(tiny_settings, small_catalogue, vector_store):
     """A catalogue indexed with the tiny backbone; the settings of a server that follows
     the catalogue's backbone (no pinned --backbone; its --weights are the old backbone's)."""
+    tiny_settings = dataclasses.replace(tiny_settings, vector_store=vector_store)
     VisualSearch(tiny_settings).index(small_catalogue)
     return dataclasses.replace(tiny_settings, backbone=None)
 
@@ -154,6 +167,46 @@ def test_searches_come_from_the_new_vectors_and_the_old_stay_until_dropped(setti
     forced = vs.reembed(backbone=TINY, weights=str(settings.weights), drop_old=True, force=True)
     assert not forced.switched and forced.dropped == [report.generation]
     assert VisualSearch(settings).search(_query(small_catalogue, 4), top_k=1).hits[0].sku == "P4"
+
+
+@pytest.mark.parametrize("vector_store", ["milvus-lite"], indirect=True)
+def test_on_milvus_each_generation_is_a_collection_and_drop_old_drops_it(settings, small_catalogue,
+                                                                          tiny24_weights):
+    from pymilvus import MilvusClient
+
+    from visualsearch.vectors.milvus_store import DEFAULT_COLLECTION, MilvusVectorStore, collection_name
+
+    vs = VisualSearch(settings)
+    report = vs.reembed(backbone=TINY24, weights=str(tiny24_weights))
+    assert report.switched and report.embedded == 24 and report.generation == "generations/1-test_tiny24"
+    new = collection_name(DEFAULT_COLLECTION, report.generation)
+    for searcher in (vs, VisualSearch(settings)):  # the process that switched, and a fresh one
+        store = searcher.store()
+        assert isinstance(store, MilvusVectorStore) and store.collection == new
+        assert store.dim == 24 and store.count == 24
+        assert [searcher.search(_query(small_catalogue, n), top_k=1).hits[0].sku for n in range(12)] == \
+            [f"P{n}" for n in range(12)]
+    client = MilvusClient(uri=settings.vector_store)
+    try:
+        # The old collection stays (servers may still answer from it) until dropped.
+        assert sorted(client.list_collections()) == [DEFAULT_COLLECTION, new]
+        with pytest.raises(DropRefusedError):
+            vs.drop_old_generations()
+        _age_the_switch(settings)
+        assert vs.drop_old_generations() == ["."]
+        assert client.list_collections() == [new]
+        assert VisualSearch(settings).search(_query(small_catalogue, 9), top_k=1).hits[0].sku == "P9"
+
+        # Back to the first backbone: a third collection; a forced drop removes the second.
+        back = vs.reembed(backbone=TINY, weights=str(settings.weights))
+        third = collection_name(DEFAULT_COLLECTION, "generations/2-test_tiny")
+        assert back.switched and back.generation == "generations/2-test_tiny"
+        assert sorted(client.list_collections()) == sorted([new, third])
+        assert vs.drop_old_generations(force=True) == [report.generation]
+        assert client.list_collections() == [third]
+        assert VisualSearch(settings).search(_query(small_catalogue, 4), top_k=1).hits[0].sku == "P4"
+    finally:
+        client.close()
 
 
 def _age_the_switch(settings, by: timedelta = DROP_GRACE + timedelta(seconds=1)) -> None:
@@ -253,6 +306,7 @@ class _CrashOnSecondBatch:
             raise Crash()
 
 
+@BOTH_STORES
 def test_a_killed_reembed_resumes_where_it_stopped(settings, small_catalogue, tiny24_weights, tmp_path):
     vs = VisualSearch(settings)
     with pytest.raises(Crash):
@@ -268,17 +322,18 @@ def test_a_killed_reembed_resumes_where_it_stopped(settings, small_catalogue, ti
     stats = VisualSearch(settings).stats()
     assert stats["backbone"] == TINY24 and stats["index"]["vectors"] == 24
 
-    # A run for another identity abandons an unfinished one (its folder goes).
+    # A run for another identity abandons an unfinished one (its folder or collection goes).
     with pytest.raises(Crash):
         reembed(VisualSearch(settings), backbone=TINY, weights=str(settings.weights), batch_images=8,
                 progress=_CrashOnSecondBatch())
-    assert (settings.data_dir / "generations" / "2-test_tiny").is_dir()
+    assert "generations/2-test_tiny" in VisualSearch(settings).generation_storage.locations()
     torch.manual_seed(2)
     other_weights = tmp_path / "other24.pth"
     torch.save(_Tiny24Net().state_dict(), other_weights)
     done = reembed(VisualSearch(settings), backbone=TINY24, weights=str(other_weights), batch_images=8)
     assert done.switched and not done.resumed and done.skipped == 0 and done.embedded == 24
-    assert not (settings.data_dir / "generations" / "2-test_tiny").exists()
+    assert VisualSearch(settings).generation_storage.locations() == ["", "generations/1-test_tiny24",
+                                                                      "generations/2-test_tiny24"]
     assert done.generation == "generations/2-test_tiny24"
     assert VisualSearch(settings).search(_query(small_catalogue, 2), top_k=1).hits[0].sku == "P2"
 
@@ -305,6 +360,7 @@ class _WritesMidRun:
         self.done += count
 
 
+@BOTH_STORES
 def test_writes_during_the_reembed_are_in_the_new_generation(settings, small_catalogue, tiny24_weights, tmp_path):
     server = VisualSearch(settings)
     server.search(_query(small_catalogue, 1))  # loaded: the old pair
@@ -336,6 +392,7 @@ def test_writes_during_the_reembed_are_in_the_new_generation(settings, small_cat
     assert after.stats()["index"]["vectors"] == 22
 
 
+@BOTH_STORES
 def test_a_write_to_a_replaced_generation_is_refused_and_retried(settings, small_catalogue, tiny24_weights,
                                                                   tmp_path):
     stale = VisualSearch(settings)
@@ -402,11 +459,14 @@ def test_a_live_server_answers_every_search_through_the_switch(settings, small_c
     assert len(outcomes) > during
 
 
+@BOTH_STORES
 def test_cli_reembed_json_and_drop_old(settings, tiny24_weights, monkeypatch):
-    for name in ("BACKBONE", "WEIGHTS"):
+    for name in ("BACKBONE", "WEIGHTS", "VECTOR_STORE"):
         monkeypatch.delenv(f"VISUALSEARCH_{name}", raising=False)
     if settings.db_url:
         monkeypatch.setenv("VISUALSEARCH_DB_URL", settings.db_url)
+    if settings.vector_store:
+        monkeypatch.setenv("VISUALSEARCH_VECTOR_STORE", settings.vector_store)
     runner = CliRunner()
     data = ["--data-dir", str(settings.data_dir)]
     result = runner.invoke(main, ["reembed", "--backbone", TINY24, "--weights", str(tiny24_weights),

@@ -34,6 +34,13 @@ def test_bad_values_name_their_source():
         Settings.from_env({"VISUALSEARCH_BATCH_SIZE": "many"})
     with pytest.raises(ConfigurationError, match="unknown settings"):
         Settings.from_env({}, colour="red")
+    # A vector store address is checked at start-up, not at the first search.
+    with pytest.raises(ConfigurationError, match=r"^VISUALSEARCH_VECTOR_STORE: unknown scheme 'redis'"):
+        Settings.from_env({"VISUALSEARCH_VECTOR_STORE": "redis://cache:6379"})
+    with pytest.raises(ConfigurationError, match=r"^--vector-store: .*neither milvus://"):
+        Settings.from_env({}, vector_store="vectors.sqlite")
+    assert Settings.from_env({"VISUALSEARCH_VECTOR_STORE": " milvus://db:19530/shop "}).vector_store == \
+        "milvus://db:19530/shop"
 
 
 @pytest.mark.parametrize("text, size", [("512", 512), ("16M", 16 * 1024**2), ("1.5k", 1536),

@@ -29,6 +29,7 @@ from typing import Any, Iterator, NamedTuple
 from urllib.parse import urlsplit
 
 from . import feeds
+from .catalogue.limits import FIELD_LENGTHS, MAX_IMAGE_PATH_BYTES, check_image_path, check_product_fields
 from .errors import ManifestError, VisualSearchError
 
 REQUIRED_COLUMNS = ("sku", "image")
@@ -39,6 +40,8 @@ DEFAULT_CHUNK_ROWS = 2000
 IMAGE_URL_SCHEMES = ("http", "https")
 # "scheme:" of two letters or more ("C:" is a Windows drive): a URL, not a path.
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+# A row whose cells are all texts this short, without NUL, fits the catalogue's columns.
+_SURELY_FITS = min(FIELD_LENGTHS.values())
 
 
 def is_image_url(value: str) -> bool:
@@ -80,6 +83,16 @@ class ProductRecord:
     # left) instead of being merged into it, where a None value deletes that attribute.
     clear: frozenset[str] = frozenset()
     replace_attributes: bool = False
+
+    def check(self) -> None:
+        """Refuse what the catalogue cannot store (see :mod:`visualsearch.catalogue.limits`).
+
+        Raises:
+            ValueError: naming the field and the limit (a text longer than its column, a
+                NUL character, an image path or URL that is too long).
+        """
+        check_product_fields(sku=self.sku, title=self.title, category=self.category, brand=self.brand,
+                             url=self.url, attributes=self.attributes, images=[str(image) for image in self.images])
 
 
 @dataclass(frozen=True)
@@ -127,15 +140,17 @@ def validate_manifest(path: str | Path, *, format: str | None = None) -> Manifes
         ManifestError: unreadable file, unknown format (or one the file contradicts),
             missing required column, a structurally broken line (bad JSON, too many CSV
             fields, bad XML), no rows, or rows with an empty ``sku``/``image``, an image
-            that is neither a path nor an http(s) URL, or a bad ``price``.
+            that is neither a path nor an http(s) URL, a bad ``price``, or a value the
+            catalogue cannot store (:mod:`visualsearch.catalogue.limits`).
     """
     path = _existing_file(path)
+    base = path.parent.resolve()
     rows = images = 0
     problems = RowProblems()
     for line, row in _read_rows(path, format):
         rows += 1
         try:
-            images += len(_check_row(row).images)
+            images += len(_check_row(row, base).images)
         except ValueError as exc:
             problems.add(f"line {line}: {exc}")
     if not rows:
@@ -218,7 +233,7 @@ def iter_manifest_records(path: str | Path, *, chunk_rows: int = DEFAULT_CHUNK_R
     rows_in_chunk = 0
     last_sku: str | None = None
     for line, row in _read_rows(path, format):
-        checked = _check_row_or_raise(path, line, row)
+        checked = _check_row_or_raise(path, line, row, base)
         # Only end a chunk between two different SKUs, so adjacent rows stay together.
         if rows_in_chunk >= chunk_rows and checked.sku != last_sku:
             yield list(chunk.values())
@@ -231,10 +246,10 @@ def iter_manifest_records(path: str | Path, *, chunk_rows: int = DEFAULT_CHUNK_R
     yield list(chunk.values())
 
 
-def _check_row_or_raise(path: Path, line: int, row: dict[str, Any]) -> _CheckedRow:
+def _check_row_or_raise(path: Path, line: int, row: dict[str, Any], base: Path) -> _CheckedRow:
     """Raises: ManifestError naming the line, for a row validation would have refused."""
     try:
-        return _check_row(row)
+        return _check_row(row, base)
     except ValueError as exc:
         raise ManifestError(
             f"{path}: line {line}: {exc}; nothing after it was read (validate the manifest first)"
@@ -403,8 +418,11 @@ def _text(value: Any) -> str | None:
 # --- checking and merging one row --------------------------------------------------------
 
 
-def _check_row(row: dict[str, Any]) -> _CheckedRow:
+def _check_row(row: dict[str, Any], base: Path) -> _CheckedRow:
     """Run every per-row check; cheap enough to run on every row of a huge file.
+
+    Args:
+        base: the manifest's resolved folder (relative image paths are stored resolved).
 
     Raises:
         ValueError: with a message naming the problem and, where known, the SKU.
@@ -419,6 +437,11 @@ def _check_row(row: dict[str, Any]) -> _CheckedRow:
         raise ValueError(f"{exc} (product {sku!r})") from None
     for text in images:
         _check_image_text(text)
+        _check_stored_image(text, base, sku)
+    if not _surely_fits(row):  # (the full check costs 3x the quick look, on every row)
+        check_product_fields(sku=sku, title=_text(row.get("title")), category=_text(row.get("category")),
+                             brand=_text(row.get("brand")), url=_text(row.get("url")),
+                             attributes={name: value for name, value in row.items() if name not in KNOWN_COLUMNS})
     return _CheckedRow(sku=sku, images=images, price=price)
 
 
@@ -445,6 +468,20 @@ def _check_image_text(text: str) -> None:
     """Raises: ValueError for a URL that is not http(s) with a host (ftp:, file:, data:...)."""
     if ":" in text and _URL_SCHEME.match(text) and not is_image_url(text):
         raise ValueError(f"image {text!r} is a URL but not an http(s) one with a host; use a file path or http(s)")
+
+
+def _surely_fits(row: dict[str, Any]) -> bool:
+    for name, value in row.items():
+        if value.__class__ is not str or len(value) > _SURELY_FITS or "\x00" in value or "\x00" in name:
+            return False
+    return True
+
+
+def _check_stored_image(text: str, base: Path, sku: str) -> None:
+    """Raises: ValueError for an image whose stored (resolved) path or URL is too long or holds a NUL."""
+    if "\x00" not in text and (len(text) + len(str(base)) + 1) * 4 <= MAX_IMAGE_PATH_BYTES and text[:1] != "~":
+        return  # short enough even if every character took 4 bytes: the usual case, without resolving
+    check_image_path(text if "\x00" in text else str(_resolve_image(text, base)), sku=sku)
 
 
 def _apply_row(products: dict[str, ProductRecord], row: dict[str, Any], checked: _CheckedRow,

@@ -1,4 +1,5 @@
-"""Vector generations: which folder holds the vectors of the catalogue's current CNN.
+"""Vector generations: which folder (or Milvus collection) holds the vectors of the
+catalogue's current CNN (where each is kept: :mod:`.generation_storage`).
 
 A data directory's first vectors live in the data directory itself (``manifest.json``
 and ``vectors/``: generation ``""``, so older data directories need nothing new). A
@@ -35,7 +36,7 @@ from .vectors.store import DEFAULT_LOCK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
-GENERATION_KEY = "vector_generation"      # folder of the current vectors, relative to the data dir
+GENERATION_KEY = "vector_generation"      # location of the current vectors (a folder relative to the data dir)
 WEIGHTS_PATH_KEY = "weights_path"         # the weights file a reembed was given (found again by readers)
 GENERATIONS_DIR = "generations"
 # A process whose loading of a new generation failed (a pinned --backbone, missing

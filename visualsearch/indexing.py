@@ -40,6 +40,7 @@ from .embedder import EmbedderIdentity
 from .errors import ConfigurationError, ImageError
 from .images import load_image
 from .remote_images import FetchPolicy, RemoteFetcher
+from .uploads import is_fsspec_url, read_file_url
 from .url_recheck import url_check_due
 from .writer import CatalogueWriter, EmbeddedImage, PendingWrites
 
@@ -397,6 +398,16 @@ def _flush(vs: "VisualSearch", writer: CatalogueWriter, pending: PendingWrites,
 # --- the default embedding stage: read files, reuse identical content, run the CNN ----
 
 
+def read_image_file(path: str) -> tuple[bytes, int, int | None]:
+    """The bytes, size and modification time (ns) of a catalogue file: a local path, or an
+    fsspec URL (an upload kept in an object store, VISUALSEARCH_UPLOADS=s3://...)."""
+    if is_fsspec_url(path):
+        return read_file_url(path)
+    stat = os.stat(path)
+    with open(path, "rb") as handle:
+        return handle.read(), stat.st_size, stat.st_mtime_ns
+
+
 class _ReadImages(Dataset):
     """Reads, hashes, decodes and preprocesses one image (runs in the worker processes)."""
 
@@ -413,13 +424,11 @@ class _ReadImages(Dataset):
         task = self.tasks[position]
         item: dict[str, Any] = {"position": position, "tensor": None}
         try:
-            stat = os.stat(task.path)
-            with open(task.path, "rb") as handle:
-                data = handle.read()
+            data, size, mtime_ns = read_image_file(task.path)
             image = load_image(data, max_pixels=self.max_pixels, target_size=self.decode_size)
             width, height = image.info["source_size"]  # the file's, not the reduced decode's
-            item.update(sha256=hashlib.sha256(data).hexdigest(), size=stat.st_size,
-                        mtime_ns=stat.st_mtime_ns, width=width, height=height,
+            item.update(sha256=hashlib.sha256(data).hexdigest(), size=size,
+                        mtime_ns=mtime_ns, width=width, height=height,
                         tensor=self.transform(image))
         except ImageError as exc:
             item.update(code=exc.code, message=str(exc))

@@ -22,7 +22,8 @@ Images the new CNN cannot read are retried once in the catch-up rounds; when mor
 images) still fail, the switch is refused (:class:`ReembedRefusedError`) unless forced:
 they would vanish from search. The run stays recorded, so running it again resumes.
 
-The previous vectors stay on disk until :func:`drop_old_generations`, never dropped by
+The previous vectors stay (their folder, or their Milvus collection: see
+:mod:`.generation_storage`) until :func:`drop_old_generations`, never dropped by
 the run that switches: servers follow a switch in the background (loading a CNN and a
 store may take minutes) and answer from the old vectors meanwhile. A drop within
 :data:`DROP_GRACE` of the switch is refused unless forced.
@@ -32,8 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -46,19 +45,10 @@ from .backbones_builtin import DEFAULT_BACKBONE
 from .catalogue import store as catalogue
 from .embedder import Embedder, EmbedderIdentity
 from .errors import ConfigurationError, VisualSearchError
-from .generations import (
-    GENERATION_KEY,
-    GENERATIONS_DIR,
-    WEIGHTS_PATH_KEY,
-    GenerationRef,
-    generation_root,
-    read_generation,
-)
+from .generations import GENERATION_KEY, WEIGHTS_PATH_KEY, GenerationRef, read_generation
 from .indexing import CnnEmbedding, ImageFailure, ImageResult, ImageTask, IndexingReport, Progress
 from .recipes import choose_recipe, recipe_matches
 from .vectors import VectorRows, VectorStore, row_tokens
-from .vectors.manifest import MANIFEST_NAME
-from .vectors.store import SEGMENTS_DIR
 
 if TYPE_CHECKING:
     from .service import VisualSearch
@@ -253,22 +243,16 @@ def drop_old_generations(vs: "VisualSearch", *, wait: float = 0.0, locked: bool 
     if ref.identity is None:
         return []
     keep = {ref.location, target["location"] if target else ref.location}
-    data_dir = vs.data_dir
-    first = "" not in keep and ((data_dir / MANIFEST_NAME).exists() or (data_dir / SEGMENTS_DIR).exists())
-    old = [location for location in _generation_locations(data_dir) if location not in keep]
-    if not first and not old:
+    storage = vs.generation_storage
+    old = [location for location in storage.locations() if location not in keep]
+    if not old:
         return []
     if not force:
         _check_drop_grace(ref, switched_at)
     removed = []
-    if first:
-        # The manifest first: a reader still on it then sees no vectors, never missing files.
-        (data_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(data_dir / SEGMENTS_DIR, ignore_errors=True)
-        removed.append(".")
     for location in old:
-        _remove_generation(data_dir, location)
-        removed.append(location)
+        storage.drop(location)
+        removed.append(location or ".")
     logger.info("dropped the vectors of generations %s", removed)
     return removed
 
@@ -300,6 +284,9 @@ class _Run:
         self.vs = vs
         self.embedder = embedder
         self.identity = embedder.identity
+        self.stored_identity = catalogue.StoredIdentity(
+            self.identity.backbone, self.identity.weights_sha256, self.identity.dim, recipe=self.identity.recipe,
+            recipe_version=self.identity.recipe_version, recipe_hash=self.identity.recipe_hash)
         self.report = report
         self.batch_images = batch_images
         self.weights = str(Path(weights).resolve()) if weights else None
@@ -314,7 +301,8 @@ class _Run:
 
     def begin(self, current: GenerationRef) -> None:
         """Resume the unfinished run for this identity, or record a new one (an unfinished
-        run for another identity is abandoned and its folder removed)."""
+        run for another identity is abandoned and its vectors dropped)."""
+        storage = self.vs.generation_storage
         with self.vs.session() as session:
             target = _read_target(session)
             if target is not None and _target_matches(target, self.identity) and \
@@ -323,10 +311,10 @@ class _Run:
                 self.started_at = datetime.fromisoformat(target["started_at"])
                 self.report.resumed = True
             else:
-                if target is not None and target["location"] != current.location:
-                    _remove_generation(self.vs.data_dir, target["location"])
-                self.location = _new_location(self.vs.data_dir, self.identity.recipe or self.identity.backbone)
-                _remove_generation(self.vs.data_dir, self.location)  # a leftover of the same name
+                if target is not None and target["location"] not in ("", current.location):
+                    storage.drop(target["location"])
+                self.location = storage.new_location(self.identity.recipe or self.identity.backbone)
+                storage.drop(self.location)  # a leftover of the same name
                 catalogue.set_meta(session, TARGET_KEY, json.dumps({
                     "location": self.location, "backbone": self.identity.backbone,
                     "weights_sha256": self.identity.weights_sha256, "dim": self.identity.dim,
@@ -334,10 +322,8 @@ class _Run:
                     "recipe_hash": self.identity.recipe_hash, "started_at": self.started_at.isoformat(),
                     "weights_path": self.weights}))
         self.report.generation = self.location
-        self.store = VectorStore(generation_root(self.vs.data_dir, self.location), backbone=self.identity.backbone,
-                                 weights_sha256=self.identity.weights_sha256, dim=self.identity.dim,
-                                 recipe=self.identity.recipe, recipe_hash=self.identity.recipe_hash,
-                                 memory_budget=self.vs.settings.index_memory)
+        # Not guarded: the catalogue names it only once the run switches to it.
+        self.store = self.vs.open_generation_store(self.location, self.stored_identity, guarded=False)
         self.store.collect_leftovers()
         self.embedding = CnnEmbedding(_NewGeneration(self.vs, self.embedder, self.store))
         logger.info("%s re-embedding with %s into %s", "resuming" if self.report.resumed else "starting",
@@ -389,10 +375,7 @@ class _Run:
             self._check_failures(failures)
             self._switch(failures)
         self.store.merge()
-        self.vs.adopt_generation(GenerationRef(self.location, catalogue.StoredIdentity(
-            self.identity.backbone, self.identity.weights_sha256, self.identity.dim, recipe=self.identity.recipe,
-            recipe_version=self.identity.recipe_version, recipe_hash=self.identity.recipe_hash),
-            self.weights), self.embedder)
+        self.vs.adopt_generation(GenerationRef(self.location, self.stored_identity, self.weights), self.embedder)
         self.report.switched = True
         self.report.stage_seconds = dict(self._stages.stage_seconds)
         self.report.reused = self._stages.reused
@@ -588,23 +571,3 @@ def _target_matches(target: dict, identity: EmbedderIdentity) -> bool:
                        target.get("recipe_hash"), name=identity.recipe or identity.backbone,
                        version=identity.recipe_version, fingerprint=identity.recipe_hash)
 
-
-def _generation_locations(data_dir: Path) -> list[str]:
-    folder = data_dir / GENERATIONS_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(f"{GENERATIONS_DIR}/{child.name}" for child in folder.iterdir() if child.is_dir())
-
-
-def _new_location(data_dir: Path, backbone: str) -> str:
-    numbers = [int(match.group(1)) for location in _generation_locations(data_dir)
-               if (match := re.match(rf"{GENERATIONS_DIR}/(\d+)-", location))]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", backbone)
-    return f"{GENERATIONS_DIR}/{max(numbers, default=0) + 1}-{name}"
-
-
-def _remove_generation(data_dir: Path, location: str) -> None:
-    """Delete a generation's folder under DATA_DIR/generations (never the data directory)."""
-    if not location.startswith(f"{GENERATIONS_DIR}/"):
-        return
-    shutil.rmtree(generation_root(data_dir, location), ignore_errors=True)

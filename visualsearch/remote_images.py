@@ -514,7 +514,7 @@ def _exchange(connection: "_PinnedHTTPConnection", target: _Target, headers: dic
                 raise RemoteHttpError(f"{target.url}: redirect {status} without a Location")
             return urljoin(target.url, location.strip())
         if status == 304:
-            return FetchedImage(target.url, not_modified=True, etag=response.getheader("ETag"),
+            return FetchedImage(target.url, not_modified=True, etag=_etag(response),
                                 last_modified_ns=_http_date_ns(response.getheader("Last-Modified")))
         if status in NOT_FOUND_STATUSES:
             raise RemoteNotFoundError(f"{target.url}: the server answered {status} {response.reason}; "
@@ -528,7 +528,7 @@ def _exchange(connection: "_PinnedHTTPConnection", target: _Target, headers: dic
             raise RemoteNotImageError(
                 f"{target.url}: the server sent {content_type or 'an unlabelled body'}, not an image; "
                 "use the URL of the image file itself, not of a page showing it")
-        return FetchedImage(target.url, data=data, content_type=content_type, etag=response.getheader("ETag"),
+        return FetchedImage(target.url, data=data, content_type=content_type, etag=_etag(response),
                             last_modified_ns=_http_date_ns(response.getheader("Last-Modified")))
     finally:
         if response is not None:
@@ -599,6 +599,12 @@ def _remaining(timeout: float, deadline: float) -> float:
     if left <= 0:
         raise socket.timeout("deadline passed")
     return min(timeout, left)
+
+
+def _etag(response: http.client.HTTPResponse) -> str | None:
+    """The response's ETag; None for one holding a NUL, which no catalogue column can store."""
+    etag = response.getheader("ETag")
+    return None if etag is None or "\x00" in etag else etag
 
 
 def _http_date_ns(text: str | None) -> int | None:

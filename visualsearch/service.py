@@ -24,15 +24,13 @@ from .catalogue import store as catalogue
 from .catalogue.locks import INDEX_LOCK, VECTOR_COMMIT_LOCK, catalogue_lock
 from .catalogue_manifest import ProductRecord, is_image_url
 from .embedder import Embedder, EmbedderIdentity
-from .errors import ConfigurationError, StorageError
+from .errors import ConfigurationError, InvalidRequestError, StorageError
+from .generation_storage import GenerationStorage, generation_storage
 from .generations import (
     Generation,
     GenerationChangedError,
     GenerationRef,
-    GenerationStore,
     GenerationTracker,
-    MilvusGenerationStore,
-    generation_root,
     matching_weights,
     read_generation,
 )
@@ -58,7 +56,6 @@ from .sync import (
 )
 from .uploads import UploadFolder, is_fsspec_url, read_file_url
 from .vectors import IndexPlan, SearchFilters, VectorStore, configure_threads
-from .vectors.milvus_store import parse_vector_store
 from .vectors.store import DEFAULT_LOCK_TIMEOUT
 from .writer import CatalogueWriter
 
@@ -111,6 +108,8 @@ class VisualSearch:
         # Where photos sent with API PUTs are kept (shared by replicas when configured).
         self.uploads = UploadFolder(settings.uploads, self.data_dir)
         self.sessions: sessionmaker[Session] = self._open_catalogue()
+        # The generations' vectors: folders of the data directory, or Milvus collections.
+        self.generation_storage: GenerationStorage = generation_storage(settings, self.data_dir)
         self._lock = threading.RLock()
         # The CNN and vector store answering now: those of the catalogue's current vector
         # generation, followed when a re-embedding switches it (see visualsearch.generations).
@@ -199,19 +198,26 @@ class VisualSearch:
         return embedder
 
     def _open_store(self, ref: GenerationRef) -> VectorStore:
-        stored = ref.identity
-        if self.settings.vector_store:  # Milvus: one collection per generation
-            return MilvusGenerationStore(parse_vector_store(self.settings.vector_store), location=ref.location,
-                                         is_current=lambda: self._read_generation().location == ref.location,
-                                         backbone=stored.backbone, weights_sha256=stored.weights_sha256,
-                                         dim=stored.dim, recipe=stored.recipe_name, recipe_hash=stored.recipe_hash,
-                                         lock_dir=self.data_dir, read_only=self.read_only,
-                                         commit_lock=self._cluster_commit_lock(ref.location))
-        return GenerationStore(generation_root(self.data_dir, ref.location),
-                               is_current=lambda: self._read_generation().location == ref.location,
-                               backbone=stored.backbone, weights_sha256=stored.weights_sha256, dim=stored.dim,
-                               recipe=stored.recipe_name, recipe_hash=stored.recipe_hash,
-                               memory_budget=self.settings.index_memory, read_only=self.read_only)
+        return self.open_generation_store(ref.location, ref.identity, read_only=self.read_only)
+
+    def open_generation_store(self, location: str, identity: catalogue.StoredIdentity, *, read_only: bool = False,
+                              guarded: bool = True) -> VectorStore:
+        """The vector store of generation ``location`` (a folder, or a Milvus collection; see
+        :mod:`visualsearch.generation_storage`), created empty if missing.
+
+        Args:
+            identity: the network its vectors come from.
+            read_only: refuse writes.
+            guarded: refuse writes once the catalogue names another generation
+                (GenerationChangedError); False for one not switched to yet (a re-embedding's).
+
+        Raises:
+            BackboneMismatchError: the generation holds vectors of another network.
+            ConfigurationError, StorageError: Milvus is not installed or unreachable.
+        """
+        is_current = (lambda: self._read_generation().location == location) if guarded else None
+        return self.generation_storage.open(location, identity, is_current=is_current, read_only=read_only,
+                                            commit_lock=self._cluster_commit_lock(location))
 
     def _cluster_commit_lock(self, location: str) -> Callable[[float], contextlib.AbstractContextManager[None]] | None:
         """With a server catalogue (PostgreSQL), the lock that orders writers of a shared
@@ -384,7 +390,15 @@ class VisualSearch:
 
         Returns:
             (the product as stored, the indexing report, whether it was created).
+
+        Raises:
+            InvalidRequestError: a value the catalogue cannot store (too long, a NUL
+                character: :meth:`ProductRecord.check`); nothing is written.
         """
+        try:
+            record.check()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         self._require_writable()
         with self.sessions() as session:
             created = not catalogue.product_exists(session, record.sku)
@@ -722,10 +736,6 @@ class VisualSearch:
         (see :func:`visualsearch.reembed.reembed`); searches and API writes go on meanwhile.
         A run that switches never drops the old vectors (servers still load the new ones)."""
         self._require_writable()
-        if self.settings.vector_store:
-            # It builds the new generation in the FAISS store: switching to it would answer from nothing.
-            raise ConfigurationError("reembed does not support a Milvus vector store yet: re-index into a new "
-                                     "collection (another VISUALSEARCH_VECTOR_STORE and --data-dir) instead")
         return reembed(self, backbone=backbone, recipe=recipe, weights=weights, wait=wait, drop_old=drop_old,
                        force=force, progress=progress)
 

@@ -101,6 +101,17 @@ def _parse_optional_int(text: str | int | None) -> int | None:
         raise ConfigurationError(f"not a whole number: {text!r}") from None
 
 
+def _parse_vector_store(text: str) -> str:
+    """Checked at start-up, so that a typo fails the server's start, not its first search."""
+    from .vectors.milvus_store import parse_vector_store
+
+    try:
+        parse_vector_store(text)
+    except ConfigurationError as exc:  # (from_env names the variable or flag itself)
+        raise ConfigurationError(str(exc).removeprefix("VISUALSEARCH_VECTOR_STORE: ")) from None
+    return text.strip()
+
+
 def _parse_int(text: str | int) -> int:
     value = _parse_optional_int(text)
     if value is None:
@@ -132,7 +143,7 @@ class Settings:
                                     "Where the vectors live. Default: the embedded FAISS store in the data "
                                     "directory. milvus://HOST:PORT/COLLECTION for a Milvus server (shared by "
                                     "replicas on several hosts; needs the milvus extra), or a Milvus Lite file "
-                                    "path ending in .db for one machine.")
+                                    "path ending in .db for one machine.", _parse_vector_store)
     uploads: str | None = _opt(None,
                                "Where images sent with API PUTs are kept: a directory shared by all replicas "
                                "(e.g. an NFS mount), or an fsspec URL (s3://bucket/prefix, with fsspec and the "

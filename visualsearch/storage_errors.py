@@ -21,9 +21,9 @@ import sqlite3
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 
-from .errors import StorageBusyError, StorageError, StorageFullError, StorageReadOnlyError
+from .errors import InvalidRequestError, StorageBusyError, StorageError, StorageFullError, StorageReadOnlyError
 
 F = TypeVar("F", bound=Callable)
 
@@ -120,6 +120,21 @@ def _server_error(exc: BaseException, original: BaseException) -> StorageError |
     return None
 
 
+def invalid_value_from(exc: BaseException) -> InvalidRequestError | None:
+    """A value the catalogue database refused (SQLSTATE class 22, e.g. a text too long for
+    its column or a NUL character; 54000, an index entry too large) as a bad request, or None.
+
+    Input is checked against :mod:`visualsearch.catalogue.limits` before it is written, so
+    this is the net for what those checks do not cover (a lookup by a SKU holding a NUL).
+    """
+    if not isinstance(exc, DBAPIError):
+        return None
+    state = _sqlstate(exc.orig) or ""
+    if isinstance(exc, DataError) or state.startswith("22") or state == "54000":
+        return InvalidRequestError(f"the catalogue database refused a value: {_first_line(exc.orig)}")
+    return None
+
+
 def server_error_message(exc: BaseException, url: object | None) -> str | None:
     """What to do about a database server that cannot be reached (None: not that)."""
     original = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -175,11 +190,12 @@ def _nearly_full(data_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def storage_errors(data_dir: Path) -> Iterator[None]:
-    """Re-raise storage failures inside the block as typed :class:`StorageError`."""
+    """Re-raise storage failures inside the block as typed :class:`StorageError`, and values
+    the database refused as :class:`InvalidRequestError`."""
     try:
         yield
     except (OSError, DBAPIError, sqlite3.Error) as exc:
-        typed = storage_error_from(exc, data_dir)
+        typed = storage_error_from(exc, data_dir) or invalid_value_from(exc)
         if typed is None or typed is exc:
             raise
         raise typed from exc

@@ -6,6 +6,7 @@ A test checks that every API route is described here and vice versa.
 from __future__ import annotations
 
 from visualsearch import __version__
+from visualsearch.catalogue.limits import FIELD_LENGTHS
 from visualsearch.search import MAX_OFFSET, MAX_TOP_K
 
 from .requests import DEFAULT_TOP_K
@@ -165,13 +166,15 @@ def spec() -> dict:
     }
 
 
-_SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}}
+_SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string", "maxLength": FIELD_LENGTHS["sku"]}}
 _PRODUCT = {"description": "The product.", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/Product"}}}}
 _UNAVAILABLE = {"503": _error("The deployment is misconfigured (no catalogue yet, another backbone...), or "
                               "its storage refused (storage_read_only, storage_busy with Retry-After, "
                               "storage_unavailable); nothing was changed.")}
-_WRITE_ERRORS = {**_UNAVAILABLE, "400": _error("Bad fields."), "401": _error("Missing or wrong bearer key."),
+_WRITE_ERRORS = {**_UNAVAILABLE, "400": _error("Bad fields (also: a value longer than its maxLength, or "
+                                                "holding a NUL character, anywhere in sku, fields or attributes)."),
+                 "401": _error("Missing or wrong bearer key."),
                  "403": _error("Write endpoints disabled: no VISUALSEARCH_API_KEY configured."),
                  "409": _error("Another process is writing; retry later."),
                  "507": _error("The disk is full (storage_full): nothing was changed, searches go on.")}
@@ -189,8 +192,9 @@ _SCHEMAS = {
         "type": "object", "additionalProperties": False,
         "description": "Left out: kept. null or an empty string: cleared. attributes: see the operation.",
         "properties": {
-            "title": {"type": "string", "nullable": True}, "category": {"type": "string", "nullable": True},
-            "brand": {"type": "string", "nullable": True},
+            "title": {"type": "string", "nullable": True},
+            "category": {"type": "string", "nullable": True, "maxLength": FIELD_LENGTHS["category"]},
+            "brand": {"type": "string", "nullable": True, "maxLength": FIELD_LENGTHS["brand"]},
             "url": {"type": "string", "nullable": True, "description": "An http(s) address."},
             "price": {"type": "number", "minimum": 0, "nullable": True},
             "attributes": {"type": "object", "nullable": True}}},

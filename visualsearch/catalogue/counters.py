@@ -9,8 +9,11 @@ row: each writing transaction adds to rows of its own in ``catalogue_count_delta
 :func:`fold_deltas` now and then moves committed deltas into the base. On any other
 database the counts are computed with plain queries.
 
-The triggers are part of the schema: a change to them needs a new migration
-(:mod:`.migrations`), which installs the new definitions.
+The triggers are part of the schema, installed by the migrations (:mod:`.migrations`),
+each of which keeps a frozen copy of the SQL it runs. The definitions here are the
+current ones, the reference for the reading code below: a change to them needs a new
+revision that installs (a copy of) the new definitions, and
+``tests/test_catalogue_database.py`` fails until the newest copy equals them.
 """
 
 from __future__ import annotations
@@ -70,17 +73,6 @@ SQLITE_TRIGGERS = {
 }
 
 
-def install_sqlite_triggers(connection: Connection) -> None:
-    """Create the counting triggers (idempotent); count from scratch when they are new."""
-    existing = set(connection.scalars(text("SELECT name FROM sqlite_master WHERE type = 'trigger'")))
-    missing = [name for name in SQLITE_TRIGGERS if name not in existing]
-    if not missing:
-        return
-    for name in missing:
-        connection.execute(text(f"CREATE TRIGGER IF NOT EXISTS {name} {SQLITE_TRIGGERS[name]}"))
-    recount(connection)
-
-
 # PostgreSQL: one delta row per (key, writing transaction), so writers never share a row.
 _PG_CATEGORY_OF = ("'category:' || coalesce((SELECT category FROM products WHERE id = {row}.product_id "
                    "FOR SHARE), '')")  # FOR SHARE: a concurrent category change waits, or is seen
@@ -134,29 +126,9 @@ POSTGRESQL_TRIGGERS = {
     "vs_count_images_status": ("AFTER UPDATE OF status ON product_images FOR EACH ROW "
                                "WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION vs_count_images()"),
 }
-TRIGGERS_TABLE = {"vs_count_products_rows": "products", "vs_count_products_category": "products",
-                  "vs_count_images_rows": "product_images", "vs_count_images_status": "product_images"}
 # Deltas a reader sums before it folds them into the base (a transaction adds ~5).
 FOLD_THRESHOLD = 2000
 _FOLD_LOCK_KEY = 0x7673_636F_756E_7473  # "vscounts": one folder at a time
-
-
-def install_postgresql_triggers(connection: Connection) -> None:
-    """Create (or replace) the counting functions and triggers, then count from scratch."""
-    for signature, body in POSTGRESQL_FUNCTIONS.items():
-        connection.execute(text(f"CREATE OR REPLACE FUNCTION {signature} {body}"))
-    for name, definition in POSTGRESQL_TRIGGERS.items():
-        connection.execute(text(f"DROP TRIGGER IF EXISTS {name} ON {TRIGGERS_TABLE[name]}"))
-        connection.execute(text(f"CREATE TRIGGER {name} {definition}"))
-    recount(connection)
-
-
-def install_triggers(connection: Connection) -> None:
-    """The counting triggers of the connection's dialect (none for other databases)."""
-    if connection.dialect.name == "sqlite":
-        install_sqlite_triggers(connection)
-    elif connection.dialect.name == "postgresql":
-        install_postgresql_triggers(connection)
 
 
 def fold_deltas(connection: Connection) -> int:
@@ -172,7 +144,7 @@ def fold_deltas(connection: Connection) -> int:
 
 
 def recount(connection: Connection) -> None:
-    """Recompute every counter from the rows (used when the triggers are installed)."""
+    """Recompute every counter from the rows (what the migrations do when they install the triggers)."""
     if connection.dialect.name == "postgresql":
         connection.execute(text("DELETE FROM catalogue_count_deltas"))
     connection.execute(text("DELETE FROM catalogue_counts"))

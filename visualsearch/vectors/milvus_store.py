@@ -55,6 +55,7 @@ UPSERT_BYTES = 16 * 1024**2
 IDS_PER_CALL = 10_000
 PROPERTY = "visualsearch."
 FORMAT = "1"
+LOCATION_PROPERTY = PROPERTY + "location"  # the generation a collection holds (see collection_location)
 INSTALL_HINT = "pip install 'visualsearch[milvus]'"
 
 
@@ -149,6 +150,57 @@ def collection_name(base: str, location: str) -> str:
     return check_name(f"{base}__{cleaned}_{digest}")
 
 
+def collection_location(target: MilvusTarget, name: str, properties: dict) -> str | None:
+    """The generation (``location``) whose vectors collection ``name`` holds, from its
+    properties; None for a collection not made by visualsearch for ``target``'s base name
+    (or made before collections recorded their location)."""
+    if properties.get(PROPERTY + "format") != FORMAT:
+        return None
+    if name == target.collection:
+        return ""
+    location = properties.get(LOCATION_PROPERTY) or ""
+    return location if location and collection_name(target.collection, location) == name else None
+
+
+def connect(target: MilvusTarget, collection: str | None = None):
+    """A ``pymilvus.MilvusClient`` for ``target`` (``collection``: named in errors).
+
+    Raises:
+        ConfigurationError: pymilvus is not installed, or a Milvus Lite file another process holds.
+        StorageError: Milvus is unreachable.
+    """
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise ConfigurationError(f"VISUALSEARCH_VECTOR_STORE names Milvus but pymilvus is not installed: "
+                                 f"{INSTALL_HINT}") from None
+    with milvus_errors(target, "connect to", collection or target.collection):
+        try:
+            return MilvusClient(uri=target.uri, token=target.token)
+        except Exception as exc:
+            if target.lite and "Open local milvus failed" in str(exc):
+                raise ConfigurationError(
+                    f"cannot open the Milvus Lite file {target.uri}: is another process using it? Milvus "
+                    "Lite serves one process; for several, run a Milvus server (or `milvus-lite server`) and "
+                    "use milvus://HOST:PORT/COLLECTION") from None
+            raise
+
+
+@contextlib.contextmanager
+def milvus_errors(target: MilvusTarget, doing: str, collection: str) -> Iterator[None]:
+    """Milvus' errors (a server down, a refused request) as the library's StorageError."""
+    try:
+        from pymilvus.exceptions import MilvusException
+    except ImportError:  # (only in connect, which reports it)
+        MilvusException = ()  # noqa: N806
+    try:
+        yield
+    except MilvusException as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise StorageError(f"Milvus ({target.display}) failed to {doing} collection {collection}: {message}") \
+            from exc
+
+
 def filter_expression(filters: SearchFilters | None) -> str:
     """The Milvus boolean expression of ``filters`` ("" for none): a product passes when
     it has one token of every field's values, and a price in the range (a product with
@@ -229,6 +281,7 @@ class MilvusVectorStore:
                  commit_lock: Callable[[float], contextlib.AbstractContextManager[None]] | None = None,
                  lock_dir: Path | None = None):
         self.target = target
+        self.location = location
         self.collection = collection_name(target.collection, location)
         self.identity = {"backbone": backbone, "weights_sha256": weights_sha256, "dim": dim}
         self.recipe = {"recipe": recipe, "recipe_hash": recipe_hash}
@@ -251,35 +304,10 @@ class MilvusVectorStore:
         self.refresh()
 
     def _connect(self):
-        try:
-            from pymilvus import MilvusClient
-        except ImportError:
-            raise ConfigurationError(f"VISUALSEARCH_VECTOR_STORE names Milvus but pymilvus is not installed: "
-                                     f"{INSTALL_HINT}") from None
-        with self._errors("connect to"):
-            try:
-                return MilvusClient(uri=self.target.uri, token=self.target.token)
-            except Exception as exc:
-                if self.target.lite and "Open local milvus failed" in str(exc):
-                    raise ConfigurationError(
-                        f"cannot open the Milvus Lite file {self.target.uri}: is another process using it? Milvus "
-                        "Lite serves one process; for several, run a Milvus server (or `milvus-lite server`) and "
-                        "use milvus://HOST:PORT/COLLECTION") from None
-                raise
+        return connect(self.target, self.collection)
 
-    @contextlib.contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        """Milvus' errors (a server down, a refused request) as the library's StorageError."""
-        try:
-            from pymilvus.exceptions import MilvusException
-        except ImportError:  # (only in _connect, which reports it)
-            MilvusException = ()  # noqa: N806
-        try:
-            yield
-        except MilvusException as exc:
-            message = getattr(exc, "message", None) or str(exc)
-            raise StorageError(f"Milvus ({self.target.display}) failed to {doing} collection "
-                               f"{self.collection}: {message}") from exc
+    def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        return milvus_errors(self.target, doing, self.collection)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -338,6 +366,8 @@ class MilvusVectorStore:
                         params=dict(self.target.index_params))
         properties = {PROPERTY + "format": FORMAT, **{PROPERTY + k: str(v) for k, v in self.identity.items()},
                       **{PROPERTY + k: v for k, v in self.recipe.items() if v}}
+        if self.location:
+            properties[LOCATION_PROPERTY] = self.location
         with self._errors("create"):
             try:
                 self._client.create_collection(self.collection, schema=schema, index_params=index,

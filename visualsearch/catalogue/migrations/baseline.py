@@ -1,10 +1,12 @@
 """Revision 0001: the schema catalogues had before migrations, frozen here.
 
-These tables are a copy of the models at that revision, not the models themselves:
-later revisions change the models and add migrations, and this one must keep
-creating what it always created. :func:`bring_to_baseline` upgrades an SQLite
-catalogue made before Alembic (its tables exist, it has no ``alembic_version``) in
-place, the way ``open_catalogue`` used to, so that it can then be stamped 0001.
+These tables are a copy of the models at that revision, not the models themselves,
+and its triggers a copy of the counting triggers (:mod:`.baseline_triggers`), not
+those of :mod:`visualsearch.catalogue.counters`: later revisions change the models
+and add migrations, and this one must keep creating what it always created.
+:func:`bring_to_baseline` upgrades an SQLite catalogue made before Alembic (its
+tables exist, it has no ``alembic_version``) in place, the way ``open_catalogue``
+used to, so that it can then be stamped 0001.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 from ...errors import ConfigurationError
-from ..counters import install_triggers
+from .baseline_triggers import drop_functions, install_triggers
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +102,7 @@ def create_baseline(connection: Connection) -> None:
 def drop_baseline(connection: Connection) -> None:
     """Drop everything :func:`create_baseline` made (triggers go with their tables)."""
     metadata.drop_all(connection)
-    if connection.dialect.name == "postgresql":
-        for function in ("vs_count_images()", "vs_count_products()", "vs_count_bump(text, bigint)"):
-            connection.execute(text(f"DROP FUNCTION IF EXISTS {function}"))
+    drop_functions(connection)
 
 
 def bring_to_baseline(connection: Connection) -> None:
