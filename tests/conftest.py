@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
@@ -95,19 +96,27 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("catalogue_db", marker.args or CATALOGUE_DATABASES, indirect=True)
 
 
+# A maintainer's matrix run: the whole suite's tiny deployments on other engines, e.g.
+#   VISUALSEARCH_TEST_CATALOGUE=postgresql VISUALSEARCH_TEST_VECTOR_STORE=milvus-lite pytest
+# (tests that are about SQLite files or the FAISS folders themselves then fail by design).
+DEFAULT_TEST_CATALOGUE = os.environ.get("VISUALSEARCH_TEST_CATALOGUE", "sqlite")
+DEFAULT_TEST_VECTOR_STORE = os.environ.get("VISUALSEARCH_TEST_VECTOR_STORE", "faiss")
+
+
 @pytest.fixture
 def catalogue_db(request) -> str | None:
     """The catalogue database URL of the test's settings: None (the SQLite file in the data
     directory) unless the test runs parametrized on PostgreSQL."""
-    if getattr(request, "param", "sqlite") == "sqlite":
+    if getattr(request, "param", DEFAULT_TEST_CATALOGUE) == "sqlite":
         return None
     return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
 def tiny_settings(tmp_path, tiny_weights, catalogue_db) -> Settings:
+    vector_store = str(tmp_path / "vectors.db") if DEFAULT_TEST_VECTOR_STORE == "milvus-lite" else None
     return Settings(data_dir=tmp_path / "data", db_url=catalogue_db, backbone=TINY, weights=str(tiny_weights),
-                    workers=0, batch_size=8, threads=None)
+                    workers=0, batch_size=8, threads=None, vector_store=vector_store)
 
 
 def make_image(path: Path, seed: int, size: int = 48) -> Path:

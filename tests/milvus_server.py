@@ -30,21 +30,28 @@ def free_port() -> int:
 @contextlib.contextmanager
 def start_milvus_server(data_dir: Path) -> Iterator[str]:
     """Run ``milvus-lite server`` on a free port of 127.0.0.1 with ``data_dir``; yields its
-    ``milvus://127.0.0.1:PORT`` address (append ``/COLLECTION``) and stops it on exit."""
+    ``milvus://127.0.0.1:PORT`` address (append ``/COLLECTION``) and stops it on exit.
+
+    Its output goes to ``server.log`` beside ``data_dir`` (a pipe nobody reads would fill
+    up and block the server mid-session)."""
     pytest.importorskip("milvus_lite")
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
-         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"milvus-lite server exited with {process.returncode}: {process.stderr.read()}")
+                raise RuntimeError(f"milvus-lite server exited with {process.returncode}: {_tail(log_path)}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"milvus-lite server did not listen on port {port} within {START_TIMEOUT:.0f}s")
+                raise RuntimeError(f"milvus-lite server did not listen on port {port} within {START_TIMEOUT:.0f}s: "
+                                   f"{_tail(log_path)}")
             time.sleep(0.05)
         yield f"milvus://127.0.0.1:{port}"
     finally:
@@ -54,7 +61,13 @@ def start_milvus_server(data_dir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        process.stderr.close()
+
+
+def _tail(log_path: Path, size: int = 4096) -> str:
+    """The end of the server's log (for an error message)."""
+    with open(log_path, "rb") as log:
+        log.seek(max(0, log_path.stat().st_size - size))
+        return log.read().decode(errors="replace")
 
 
 @pytest.fixture(scope="session")

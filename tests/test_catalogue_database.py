@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 
 from visualsearch.catalogue import NoCatalogueError, counters, open_catalogue, schema
 from visualsearch.catalogue import store as catalogue
-from visualsearch.catalogue.locks import INDEX_LOCK, VECTOR_COMMIT_LOCK, advisory_key, catalogue_lock
+from visualsearch.catalogue.locks import INDEX_LOCK, VECTOR_COMMIT_LOCK, advisory_key, catalogue_lock, lock_file
 from visualsearch.catalogue.migrations import baseline_triggers
 from visualsearch.catalogue.models import Base
 from visualsearch.catalogue_manifest import ProductRecord
@@ -26,6 +27,7 @@ from visualsearch.storage_errors import storage_error_from
 from visualsearch.sync import plan_for_settings
 
 from .conftest import REPO, TINY, cli_runner, make_image, write_catalogue
+from .milvus_server import milvus_server  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
 
@@ -180,6 +182,49 @@ def test_a_catalogue_made_before_migrations_is_stamped_and_keeps_its_rows(tmp_pa
         assert (counts.products, counts.indexed, counts.categories) == (1, 1, {"shoes": 1})
 
 
+# --- catalogue_meta ---------------------------------------------------------------------
+
+
+def test_set_meta_is_read_back_in_the_same_session(url):
+    sessions = open_catalogue(url)
+    with sessions() as session:
+        catalogue.set_meta(session, "backbone", "first")
+        assert catalogue.get_meta(session, "backbone") == "first"
+        catalogue.set_meta(session, "backbone", "second")
+        assert catalogue.get_meta(session, "backbone") == "second"
+        session.commit()
+    with sessions() as session:
+        assert catalogue.get_meta(session, "backbone") == "second"
+
+
+@pytest.mark.catalogue_databases("postgresql")
+def test_two_writers_setting_one_key_at_once_both_succeed(url, catalogue_db):
+    """Two replicas claiming the identity of a new catalogue together: both read the key
+    absent, both write it; neither gets a unique violation (the later value wins)."""
+    sessions = open_catalogue(url)
+    both_read = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def claim(value: str) -> None:
+        try:
+            with sessions() as session:
+                assert catalogue.get_meta(session, "backbone") is None
+                both_read.wait(timeout=10)
+                catalogue.set_meta(session, "backbone", value)
+                session.commit()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(value,)) for value in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        assert catalogue.get_meta(session, "backbone") in ("one", "two")
+
+
 # --- locks ------------------------------------------------------------------------------
 
 
@@ -211,12 +256,16 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_a_lock_held_by_another_process_is_released_when_it_dies(tiny_settings):
-    """Another process (on PostgreSQL: as another host would) holds the index lock; a
-    batch run here is refused; once the holder is killed, the run goes ahead."""
+def test_a_lock_held_by_another_process_is_released_when_it_dies(tiny_settings, tmp_path):
+    """Another process holds the index lock; a batch run here is refused; once the holder
+    is killed, the run goes ahead. On PostgreSQL the holder has a data directory of its
+    own, as another host would: a file lock there would guard nothing here."""
     VisualSearch(tiny_settings)
+    on_server = tiny_settings.db_url is not None
+    holder_dir = tmp_path / "other-host" if on_server else tiny_settings.data_dir
+    holder_dir.mkdir(exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(url=tiny_settings.catalogue_url,
-                                                                   data_dir=str(tiny_settings.data_dir))],
+                                                                   data_dir=str(holder_dir))],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -224,11 +273,69 @@ def test_a_lock_held_by_another_process_is_released_when_it_dies(tiny_settings):
         with pytest.raises(WriterBusyError, match="another 'visualsearch index' run"):
             with vs.index_lock(wait=0.3):
                 pass
+        if on_server:  # (refused by the server's advisory lock: no lock file on either side)
+            assert not lock_file(holder_dir, INDEX_LOCK).exists()
+            assert not lock_file(tiny_settings.data_dir, INDEX_LOCK).exists()
     finally:
         holder.kill()
         holder.communicate()
     with vs.index_lock(wait=10):
         pass
+
+
+@pytest.mark.catalogue_databases("postgresql")
+def test_a_lock_whose_connection_died_is_known_lost(tiny_settings, tmp_path, caplog):
+    """The server ends the holder's session (as after a dropped connection): another
+    writer may take the lock, the holder's check says so, and its release logs it."""
+    sessions = VisualSearch(tiny_settings).sessions
+    other = open_catalogue(tiny_settings.catalogue_url)
+    with _lock(sessions, tmp_path) as held:
+        held.check()
+        with _engine(other).connect() as connection:
+            connection.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"))
+            connection.commit()
+        with _lock(other, tmp_path, timeout=10):  # free for another writer now
+            pass
+        with pytest.raises(StorageError, match="connection holding lock 'index' was lost"):
+            held.check()
+    assert "catalogue lock 'index' was lost while held" in caplog.text
+    with _lock(sessions, tmp_path):  # the dead connection went back to no pool
+        pass
+
+
+@pytest.mark.catalogue_databases("postgresql")
+def test_hosts_sharing_a_catalogue_and_a_milvus_server_take_turns_writing_vectors(
+        tiny_settings, small_catalogue, tmp_path, milvus_server):  # noqa: F811 (the fixture)
+    """Two hosts (data directories of their own, nothing shared on disk) writing one Milvus
+    collection: the commit lock is the catalogue's advisory lock, not a file of either."""
+    one = replace(tiny_settings, vector_store=f"{milvus_server}/turns", data_dir=tmp_path / "host-a")
+    VisualSearch(one).index(small_catalogue)
+    first = VisualSearch(one)
+    second = VisualSearch(replace(one, data_dir=tmp_path / "host-b"))
+    with first.writable_store().writing():
+        with pytest.raises(WriterBusyError):
+            with second.writable_store().writing(timeout=0.5):
+                pass
+    with second.writable_store().writing(timeout=0.5):
+        with pytest.raises(WriterBusyError):
+            with first.writable_store().writing(timeout=0.5):
+                pass
+    assert second.remove(["P1"]).removed == ["P1"]  # a write through the second host
+    assert "P1" not in [hit.sku for hit in first.similar("P2", top_k=24).hits]
+
+
+@pytest.mark.catalogue_databases("postgresql")
+def test_server_connections_send_tcp_keepalives(tiny_settings):
+    """A connection holding an advisory lock sits idle: keepalives notice its death."""
+    engine = _engine(open_catalogue(tiny_settings.catalogue_url))
+    with engine.connect() as connection:
+        parameters = connection.connection.dbapi_connection.info.get_parameters()
+    engine.dispose()
+    assert {name: parameters.get(name) for name in ("keepalives", "keepalives_idle", "keepalives_interval",
+                                                     "keepalives_count")} == \
+        {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10", "keepalives_count": "3"}
 
 
 def test_advisory_keys_are_stable_64_bit_integers():
@@ -305,6 +412,15 @@ def test_server_errors_become_typed_storage_errors():
         sqlstate = "23505"
 
     assert storage_error_from(sa.exc.IntegrityError("x", {}, UniqueViolation()), REPO) is None
+
+    class InvalidPassword(Exception):  # class 28: the password was rotated under a running app
+        sqlstate = "28P01"
+
+        def __str__(self):
+            return 'password authentication failed for user "shop"'
+
+    refused = storage_error_from(sa.exc.OperationalError("x", {}, InvalidPassword()), REPO)
+    assert type(refused) is StorageError and "password authentication failed" in str(refused)
 
 
 @pytest.mark.catalogue_databases("postgresql")

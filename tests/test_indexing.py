@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from visualsearch import indexing
 from visualsearch.catalogue import ImageStatus, store
 from visualsearch.errors import BackboneMismatchError, ManifestError, WriterBusyError
 from visualsearch.service import VisualSearch
@@ -276,3 +277,20 @@ def test_a_field_change_whose_store_update_died_is_applied_later(tiny_settings, 
     monkeypatch.setattr(CatalogueWriter, "commit", real_commit)
     vs.compact()
     assert [h.sku for h in vs.search(query, filters=SearchFilters.build(category="hats")).hits] == ["A"]
+
+
+HASH = "ab" * 32
+
+
+@pytest.mark.parametrize("path, sha256, unchanged", [
+    (f"s3://shop/uploads/{HASH}.jpg", HASH, True),  # an upload: its name is its content hash
+    (f"file:///srv/shared/uploads/{HASH}.png", HASH, True),
+    (f"s3://shop/uploads/{HASH}.jpg", "cd" * 32, False),  # the name is another content's hash
+    (f"s3://shop/uploads/{HASH}.jpg", None, False),
+    ("s3://shop/catalogue/front.jpg", HASH, False),  # not named by a hash: fetched and compared
+])
+def test_an_image_at_an_fsspec_url_is_unchanged_when_its_name_is_its_hash(path, sha256, unchanged):
+    """(No stat of a URL: an upload kept in an object store is never fetched again to know.)"""
+    row = store.ImageRow(id=1, product_id=1, path=path, status=ImageStatus.INDEXED, file_size=10,
+                         file_mtime_ns=1, sha256=sha256)
+    assert indexing._unchanged_on_disk(row) is unchanged

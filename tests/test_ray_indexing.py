@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from visualsearch.catalogue import ImageStatus, store
-from visualsearch.errors import ConfigurationError
-from visualsearch.ray_indexing import ActorPlan, _IdBitmap, plan_actors
+from visualsearch.errors import ConfigurationError, ManifestError, WeightsUnavailableError
+from visualsearch.ray_indexing import (
+    ActorPlan,
+    EmbedderConfig,
+    _IdBitmap,
+    _library_error,
+    _refusal,
+    plan_actors,
+)
 from visualsearch.service import VisualSearch
 
-from .conftest import make_image, write_catalogue
+from .conftest import _TinyNet, make_image, write_catalogue
 
 ray = pytest.importorskip("ray")
 
@@ -125,6 +134,66 @@ def test_cli_index_on_ray(local_ray, run, small_catalogue):
     assert json.loads(run("stats", "--json").output)["indexed_images"] == 24
     result = run("index", small_catalogue, "--engine", "ray")
     assert result.exit_code == 0 and "0 embedded" in result.output and "24 unchanged" in result.output
+
+
+@pytest.fixture
+def other_weights_on_the_workers(monkeypatch, tmp_path):
+    """The workers find other weights than the driver's (as on a node whose weights file
+    differs): the embedding actors are sent another file than the one the driver loaded."""
+    torch.manual_seed(1)
+    other = tmp_path / "other-weights" / "test_tiny.pth"
+    other.parent.mkdir()
+    torch.save(_TinyNet().state_dict(), other)
+    driver_config = EmbedderConfig.of
+
+    def config_with_other_weights(embedder, **options):
+        return dataclasses.replace(driver_config(embedder, **options), weights_path=other)
+
+    monkeypatch.setattr(EmbedderConfig, "of", config_with_other_weights)
+
+
+@pytest.mark.slow  # starts Ray workers and actors
+def test_a_worker_refusing_other_weights_is_a_typed_error(local_ray, other_weights_on_the_workers, tiny_settings,
+                                                          run, small_catalogue):
+    with pytest.raises(ConfigurationError, match="a Ray worker loaded other weights") as raised:
+        VisualSearch(tiny_settings).index(small_catalogue, engine="ray")
+    assert not isinstance(raised.value, ray.exceptions.RayError)  # the worker's own error, not Ray's wrapper
+
+    result = run("index", small_catalogue, "--engine", "ray")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: a Ray worker loaded other weights"), result.output
+    assert "[bad_configuration]" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # no traceback
+
+
+def test_ray_errors_become_library_errors():
+    refusal = ManifestError("no such column")
+    task_error = ray.exceptions.RayTaskError("decode", "Traceback ...\nManifestError: no such column", refusal)
+    assert _library_error(task_error.as_instanceof_cause()) is refusal
+    noted = ManifestError("no such column\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+                          "To change retry attempts, configure ...")  # what Ray Data appends
+    assert str(_library_error(ray.exceptions.RayTaskError("decode", "...", noted))) == "no such column"
+
+    # Ray Data wraps a task's error in a UserCodeException, of which the driver gets the text only.
+    wrapped = ray.exceptions.RayTaskError("decode", (
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in decode\n"
+        "MemoryError: out of memory\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "Traceback (most recent call last):\n  File \"y.py\", line 2, in map\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+        "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\nTo change retry attempts, ..."),
+        ray.exceptions.UserCodeException("UDF failed to process a data block."))
+    error = _library_error(wrapped)
+    assert isinstance(error, ConfigurationError)
+    assert str(error) == "the Ray pipeline failed: MemoryError: out of memory"
+    assert str(_library_error(ray.exceptions.ActorDiedError())) == (
+        "the Ray pipeline failed: " + ray.exceptions.ActorDiedError.BASE_ERROR_MSG)
+
+
+def test_an_actors_refusal_is_rebuilt_from_its_code():
+    assert type(_refusal("weights_unavailable", "no weights here")) is WeightsUnavailableError
+    assert type(_refusal("bad_configuration", "other weights")) is ConfigurationError
+    assert str(_refusal("from_a_newer_version", "?")) == "?"  # unknown: a ConfigurationError
 
 
 def test_cli_refuses_combinations_that_make_no_sense(run, small_catalogue):

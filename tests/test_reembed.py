@@ -171,15 +171,19 @@ def test_searches_come_from_the_new_vectors_and_the_old_stay_until_dropped(setti
 
 @pytest.mark.parametrize("vector_store", ["milvus-lite"], indirect=True)
 def test_on_milvus_each_generation_is_a_collection_and_drop_old_drops_it(settings, small_catalogue,
-                                                                          tiny24_weights):
+                                                                          tiny24_weights, monkeypatch):
     from pymilvus import MilvusClient
 
     from visualsearch.vectors.milvus_store import DEFAULT_COLLECTION, MilvusVectorStore, collection_name
 
+    closed = []
+    close = MilvusVectorStore.close
+    monkeypatch.setattr(MilvusVectorStore, "close", lambda store: (closed.append(store.collection), close(store)))
     vs = VisualSearch(settings)
     report = vs.reembed(backbone=TINY24, weights=str(tiny24_weights))
     assert report.switched and report.embedded == 24 and report.generation == "generations/1-test_tiny24"
     new = collection_name(DEFAULT_COLLECTION, report.generation)
+    assert closed == [new]  # the run's own store of the new generation, once it ended
     for searcher in (vs, VisualSearch(settings)):  # the process that switched, and a fresh one
         store = searcher.store()
         assert isinstance(store, MilvusVectorStore) and store.collection == new

@@ -23,9 +23,10 @@ from PIL import Image
 
 from visualsearch import indexing
 from visualsearch.catalogue import database
-from visualsearch.errors import StorageBusyError, StorageFullError
+from visualsearch.errors import StorageBusyError, StorageError, StorageFullError
 from visualsearch.service import VisualSearch
 from visualsearch.settings import Settings
+from visualsearch.uploads import UPLOADS_DIR
 from web import create_app
 
 from .conftest import REPO, TINY, make_image, write_catalogue
@@ -310,3 +311,42 @@ def test_asking_whether_an_upload_is_still_named_uses_an_index(tiny_settings):
     with vs.sessions() as session:
         assert not catalogue.path_is_referenced(session, str(Path(tiny_settings.data_dir) / "uploads" / "ab.png"))
     assert plans and all("ix_product_images_upload_path" in plan for plan in plans), plans
+
+
+def test_a_vector_store_down_during_deletes_still_deletes(tiny_settings, small_catalogue, tmp_path, monkeypatch):
+    """The vector store refuses after a DELETE's catalogue step (a Milvus server down raises
+    StorageError, not OSError): as after a full disk, the catalogue decides. The API answers
+    success, the kept uploads go, and compact drops the vectors left behind."""
+    settings = dataclasses.replace(tiny_settings, api_key=KEY)
+    VisualSearch(settings).index(small_catalogue)
+    client = create_app({"TESTING": True}, settings=settings).test_client()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    photos = [(io.BytesIO(make_image(tmp_path / f"new-{n}.png", seed=4200 + n).read_bytes()), f"new-{n}.png")
+              for n in range(2)]
+    created = client.put("/api/v1/products/NEW", headers=auth, data={"image": photos})
+    assert created.status_code == 201, created.get_json()
+    first, second = (image["id"] for image in created.get_json()["images"])
+    uploads = settings.data_dir / UPLOADS_DIR
+    assert len(list(uploads.iterdir())) == 2
+    store_type = type(VisualSearch(settings).store())
+    real_commit = store_type.commit
+
+    def server_down(self, upserts=None, deletes=(), **kwargs):
+        if upserts is None and len(deletes):
+            raise StorageError("Milvus (127.0.0.1:19530) failed to write to collection products: connection refused")
+        return real_commit(self, upserts, deletes, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_type, "commit", server_down)
+        response = client.delete(f"/api/v1/products/NEW/images/{first}", headers=auth)
+        assert response.status_code == 200, response.get_json()
+        assert [image["id"] for image in response.get_json()["images"]] == [second]
+        assert len(list(uploads.iterdir())) == 1
+        response = client.delete("/api/v1/products/NEW", headers=auth)
+        assert response.status_code == 200, response.get_json()
+    assert client.get("/api/v1/products/NEW").status_code == 404  # a retry would find nothing to delete
+    assert list(uploads.iterdir()) == []
+    vs = VisualSearch(settings)
+    assert vs.store().count == 26  # the two vectors stayed behind ...
+    assert vs.compact()["orphan_vectors_dropped"] == 2  # ... until compact
+    assert vs.store().count == 24

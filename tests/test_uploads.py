@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from visualsearch import indexing
 from visualsearch.service import VisualSearch
 from visualsearch.uploads import SHARED_LEFTOVER_SECONDS, UploadFolder, is_fsspec_url, read_file_url
 from web import create_app
@@ -106,3 +107,25 @@ def test_two_replicas_share_kept_uploads(kind, tiny_settings, small_catalogue, t
     assert two.delete("/api/v1/products/NEW", headers=AUTH).status_code == 200
     assert list((tmp_path / "shared" / "uploads").iterdir()) == []
     assert one.get(f"/images/{image_id}").status_code == 404
+
+
+def test_a_field_change_never_downloads_the_kept_uploads_again(tiny_settings, small_catalogue, tmp_path,
+                                                               monkeypatch):
+    """Uploads in an object store are named by their content hash: a PUT or PATCH of the
+    product's fields knows them unchanged from their names, without a request per photo."""
+    settings = replace(tiny_settings, api_key="s3cret", uploads=(tmp_path / "bucket").as_uri())
+    VisualSearch(settings).index(small_catalogue)
+    client = create_app({"TESTING": True}, settings=settings).test_client()
+    photo = make_image(tmp_path / "photo.png", seed=4343)
+    created = client.put("/api/v1/products/NEW", headers=AUTH,
+                         data={"image": [(io.BytesIO(photo.read_bytes()), "photo.png")]})
+    assert created.status_code == 201 and created.get_json()["indexing"]["embedded"] == 1
+
+    def no_download(url):
+        raise AssertionError(f"{url} was read again")
+
+    monkeypatch.setattr(indexing, "read_file_url", no_download)
+    patched = client.patch("/api/v1/products/NEW", headers=AUTH, json={"title": "Renamed"})
+    assert patched.status_code == 200, patched.get_json()
+    assert patched.get_json()["indexing"]["unchanged"] == 1
+    assert client.post("/api/v1/search", data=upload(photo, top_k="1")).get_json()["results"][0]["sku"] == "NEW"

@@ -7,9 +7,11 @@ top-10 ids in the same order, with the same cosine scores, filters included.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -110,10 +112,16 @@ def backend(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=[*BACKENDS, "milvus-server"])
 def filled(request, tmp_path_factory):
-    """(backend, a store of ROWS rows, their vectors by id) shared by the read-only tests."""
-    store = open_store(request.param, tmp_path_factory.mktemp(request.param))
+    """(backend, a store of ROWS rows, their vectors by id) shared by the read-only tests
+    (on a Milvus server too: its expressions are evaluated by the server's own code)."""
+    where = tmp_path_factory.mktemp(request.param)
+    if request.param == "milvus-server":
+        target = parse_vector_store(f"{request.getfixturevalue('milvus_server')}/contract_filled")
+        store = MilvusVectorStore(target, backbone="test_tiny", weights_sha256=SHA, dim=DIM, lock_dir=where)
+    else:
+        store = open_store(request.param, where)
     rows, vectors = make_rows(range(ROWS))
     store.commit(rows)
     return request.param, store, dict(zip(range(ROWS), vectors))
@@ -315,6 +323,61 @@ def test_a_retired_generation_refuses_writes(tmp_path):
     with pytest.raises(GenerationChangedError):
         store.commit(deletes=[1])
     assert store.count == 3
+
+
+def test_the_index_reported_is_the_collections_and_rebuild_switches_it(tmp_path):
+    flat = parse_vector_store(str(tmp_path / "vectors.db"))
+    store = MilvusVectorStore(flat, backbone="test_tiny", weights_sha256=SHA, dim=DIM)
+    rows, vectors = make_rows(range(60))
+    store.commit(rows)
+    store.close()
+    # Reopened with another ?index=: the collection still has its FLAT index until a rebuild.
+    hnsw = dataclasses.replace(flat, index_type="HNSW", index_params=(("M", 8), ("efConstruction", 64)))
+    store = MilvusVectorStore(hnsw, backbone="test_tiny", weights_sha256=SHA, dim=DIM)
+    stats = store.stats()
+    assert (stats.index_type, stats.plan["index_type"], stats.plan["configured_index_type"]) == (
+        "Milvus FLAT (exact)", "FLAT", "HNSW")
+    assert store.search(vectors[7:8], 3).ids.tolist() == brute_force(dict(enumerate(vectors)), vectors[7:8], 3)
+    plan = store.rebuild()
+    assert plan.kind == "hnsw"
+    assert (store.stats().index_type, store.stats().plan["index_type"]) == ("Milvus HNSW", "HNSW")
+    for row in (7, 33):
+        assert store.search(vectors[row:row + 1], 1).ids.tolist() == [row]
+    assert store.count == 60
+    store.rebuild()  # the configured index already: nothing to do
+    assert store.stats().plan["index_type"] == "HNSW"
+    # Another process's store object configured with FLAT now sees HNSW.
+    other = MilvusVectorStore(flat, backbone="test_tiny", weights_sha256=SHA, dim=DIM)
+    assert other.stats().index_type == "Milvus HNSW"
+
+
+def test_a_retired_generations_milvus_store_is_closed_once_no_request_uses_it(tmp_path):
+    from visualsearch.catalogue.store import StoredIdentity
+    from visualsearch.generations import Generation, GenerationRef, GenerationTracker
+
+    target = parse_vector_store(str(tmp_path / "vectors.db"))
+    identity = StoredIdentity("test_tiny", SHA, DIM)
+    current = {"ref": GenerationRef("", identity)}
+
+    def make(ref, *, embedder=None):
+        return Generation(ref, load_embedder=None, embedder=embedder, open_store=lambda ref: MilvusVectorStore(
+            target, location=ref.location, backbone="test_tiny", weights_sha256=SHA, dim=DIM))
+
+    tracker = GenerationTracker(lambda: current["ref"], make)
+    rows, vectors = make_rows(range(5))
+    tracker.current().store().commit(rows)
+    request = tracker.pinned()  # a request in flight, pinned to the first generation
+    old = weakref.ref(request.current().store())
+    closer = old()._closer
+    current["ref"] = GenerationRef("generations/2-x", identity)
+    assert tracker.follow(0)
+    # (Plain statements: pytest keeps the values inside an assert's expression alive.)
+    found = request.current().store().search(vectors[2:3], 1).ids.tolist()
+    assert found == [2] and closer.alive  # the request still answers from the old generation
+    del request  # the request ends: nothing refers to the old generation any more
+    gc.collect()  # (pymilvus may leave a frame of the store's first commit in a reference cycle)
+    assert not closer.alive
+    assert not tracker.current().store().closed and tracker.current().store().count == 0
 
 
 LITE_CHILD = textwrap.dedent("""

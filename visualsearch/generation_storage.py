@@ -16,7 +16,7 @@ import re
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from .catalogue.store import StoredIdentity
 from .generations import GENERATIONS_DIR, GenerationStore, MilvusGenerationStore, generation_root
@@ -123,7 +123,6 @@ class MilvusGenerations(GenerationStorage):
     def __init__(self, target: MilvusTarget, *, lock_dir: Path):
         self.target = target
         self.lock_dir = Path(lock_dir)
-        self._client = None  # for listing and dropping (connected on first use)
 
     def open(self, location: str, identity: StoredIdentity, *, is_current: Callable[[], bool] | None,
              read_only: bool = False, commit_lock: CommitLock | None = None) -> VectorStore:
@@ -134,15 +133,20 @@ class MilvusGenerations(GenerationStorage):
             return MilvusVectorStore(self.target, **common)
         return MilvusGenerationStore(self.target, is_current=is_current, **common)
 
-    def _connected(self):
-        if self._client is None:
-            self._client = connect(self.target)
-        return self._client
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[Any]:
+        """A client for one listing or drop, closed after it: this storage lives as long as
+        its VisualSearch, which nothing closes (pymilvus shares the connection of a URI
+        between its clients, so an open store's makes this cheap)."""
+        client = connect(self.target)
+        try:
+            yield client
+        finally:
+            client.close()
 
     def locations(self) -> list[str]:
-        client = self._connected()
         found = []
-        with milvus_errors(self.target, "list", f"{self.target.collection}*"):
+        with self._connected() as client, milvus_errors(self.target, "list", f"{self.target.collection}*"):
             for name in client.list_collections():
                 if name == self.target.collection or name.startswith(f"{self.target.collection}__"):
                     properties = client.describe_collection(name).get("properties") or {}
@@ -153,8 +157,7 @@ class MilvusGenerations(GenerationStorage):
 
     def drop(self, location: str) -> None:
         name = collection_name(self.target.collection, location)
-        client = self._connected()
-        with milvus_errors(self.target, "drop", name):
+        with self._connected() as client, milvus_errors(self.target, "drop", name):
             if client.has_collection(name):
                 client.drop_collection(name)
 

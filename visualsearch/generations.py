@@ -11,7 +11,10 @@ on disk (readable) until ``visualsearch reembed --drop-old``.
 Each process follows the switch with a :class:`GenerationTracker`: it loads the new
 CNN and vector store while still answering from the old pair, then swaps them in one
 assignment. A :class:`GenerationStore` refuses writes once its generation is no longer
-current, so a write racing the switch is retried on the new one rather than lost.
+current, so a write racing the switch is retried on the new one rather than lost. The
+requests pinned to the old generation (:class:`PinnedTracker`) keep using it; once the
+last ends, nothing refers to it, and a Milvus store's connection is closed as it is
+collected (:class:`~.vectors.milvus_store.MilvusVectorStore`): never under a request.
 """
 
 from __future__ import annotations

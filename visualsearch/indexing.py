@@ -337,11 +337,23 @@ def _revalidation(image: catalogue.ImageRow) -> dict[str, Any]:
 
 
 def _unchanged_on_disk(image: catalogue.ImageRow) -> bool:
+    """Whether an indexed image's file is still the one embedded: same size and mtime on
+    disk; at an fsspec URL (uploads kept in an object store), a name that is the hash of
+    the embedded bytes, as the upload folder names its files (a stat there would be a
+    request per file, and every PUT or PATCH of a product would fetch its photos again)."""
+    if is_fsspec_url(image.path):
+        return _named_by_its_hash(image.path, image.sha256)
     try:
         stat = os.stat(image.path)
     except OSError:
         return False
     return stat.st_size == image.file_size and stat.st_mtime_ns == image.file_mtime_ns
+
+
+def _named_by_its_hash(url: str, sha256: str | None) -> bool:
+    """Whether the file name's stem at ``url`` is ``sha256`` (``<sha256>.<ext>``)."""
+    stem = url.rstrip("/").rpartition("/")[2].partition(".")[0]
+    return sha256 is not None and len(sha256) == 64 and stem.lower() == sha256.lower()
 
 
 # An image URL's ETag, Last-Modified (ns) and when it was fetched or answered 304 (epoch s).

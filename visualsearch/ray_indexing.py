@@ -23,7 +23,10 @@ What runs where:
 - the driver consumes the results with ``iter_batches``, takes the stored vectors of
   already indexed content, and commits through the same
   :class:`~visualsearch.writer.CatalogueWriter` in batches, with the same failure
-  records (``failures.jsonl``), report and progress.
+  records (``failures.jsonl``), report and progress. An actor's refusal (other
+  weights) comes back as rows, raised here as the library's error; any other failure
+  of the pipeline reaches the driver as one of Ray's errors, raised as the library's
+  own (:func:`_library_error`).
 
 Every worker must be able to read what the manifest names, and the weights and
 recipe projection files: on one machine that is given; on a real cluster use shared
@@ -33,8 +36,11 @@ paths (the same mount everywhere) or image URLs, and weights at a shared path.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import re
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +53,7 @@ from .backbones import BackboneSpec, get_backbone, register_backbone
 from .catalogue import store as catalogue
 from .catalogue_manifest import ProductRecord, iter_manifest_records, validate_manifest
 from .embedder import Embedder, EmbedderIdentity
-from .errors import ConfigurationError
+from .errors import ConfigurationError, VisualSearchError
 from .indexing import (
     MANIFEST_CHUNK_ROWS,
     CnnEmbedding,
@@ -85,6 +91,8 @@ MAX_THREADS_PER_ACTOR = 4
 # cluster's CPUs (at least one) decode, which leaves room for slow files and image
 # URLs, and the rest embed.
 DECODE_SHARE = 4
+# The status of the rows of an embedding actor that refused to embed (see _EmbedBatches).
+REFUSED = "refused"
 
 
 def import_ray() -> Any:
@@ -217,8 +225,10 @@ def index_manifest_ray(vs: "VisualSearch", manifest_path: str | Path, *, address
         The run's report (stage seconds are summed over the workers' processes).
 
     Raises:
-        ConfigurationError: Ray is not installed, or the cluster cannot run the CNN as asked.
-        Everything :func:`~visualsearch.indexing.index_manifest` raises.
+        ConfigurationError: Ray is not installed, the cluster cannot run the CNN as asked
+            (a worker found other weights), or the Ray pipeline failed.
+        Everything :func:`~visualsearch.indexing.index_manifest` raises, also when a
+        worker raised it.
     """
     summary = validate_manifest(manifest_path, format=manifest_format)
     chunks = iter_manifest_records(manifest_path, chunk_rows=MANIFEST_CHUNK_ROWS, format=manifest_format)
@@ -236,12 +246,85 @@ def index_manifest_ray(vs: "VisualSearch", manifest_path: str | Path, *, address
         blocks = _schedule(run, chunks, ray)
         if blocks:
             local = stack.enter_context(CnnEmbedding(vs))  # only for reused content that vanished meanwhile
-            for batch in _pipeline(vs, embedder, blocks, ray).iter_batches(batch_size=None, batch_format="numpy"):
-                for results in _results(vs, batch, report, local):
-                    run.collect(results)
+            _consume(_pipeline(vs, embedder, blocks, ray), ray, vs=vs, run=run, report=report, local=local)
         run.finish()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _consume(dataset: Any, ray: Any, *, vs: "VisualSearch", run: IndexingRun, report: IndexingReport,
+             local: CnnEmbedding) -> None:
+    """Collect the pipeline's results into ``run``.
+
+    Raises:
+        VisualSearchError: the one a worker raised (e.g. ConfigurationError: other weights).
+        ConfigurationError: the pipeline failed otherwise (see :func:`_library_error`).
+        Everything :meth:`IndexingRun.collect` raises.
+    """
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        for batch in batches:
+            for results in _results(vs, batch, report, local):
+                run.collect(results)
+        return
+    except ray.exceptions.RayError as exc:
+        error = _library_error(exc)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("the Ray pipeline failed:\n%s", "".join(traceback.format_exception(exc)))
+    finally:
+        batches.close()  # shuts the pipeline down now, also when the driver stops it (a refusal)
+    # Raised out here, unchained, then collected: the Ray error's traceback holds the failed
+    # pipeline's executor in a reference cycle, and with it the actors, whose CPUs and GPUs a
+    # Ray this process stays connected to would not lend to the next run until then.
+    gc.collect()
+    raise error
+
+
+def _library_error(exc: BaseException) -> VisualSearchError:
+    """The library's error for one of Ray's: the :class:`VisualSearchError` a worker raised,
+    found through the causes Ray keeps (``RayTaskError.cause``, ``__cause__``), else a
+    :class:`ConfigurationError` with the failure's one-line summary."""
+    import ray.exceptions
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        # Ray raises a task's error as a class deriving from both RayTaskError and the
+        # error's own class: its message is the worker's traceback, its .cause the error.
+        if isinstance(cause, VisualSearchError) and not isinstance(cause, ray.exceptions.RayError):
+            return _without_retry_note(cause)
+        inner = getattr(cause, "cause", None)
+        cause = inner if isinstance(inner, BaseException) else cause.__cause__
+    return ConfigurationError(f"the Ray pipeline failed: {_summary(exc)}")
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# What Ray Data appends to the message of a task's error ("Failed to apply UDF transform
+# after 1/1 attempts ...", then how to configure retries).
+_RETRY_NOTE = re.compile(r"\nFailed to [^\n]* after \d+/\d+ attempts.*\Z", re.DOTALL)
+_DIRECT_CAUSE = "The above exception was the direct cause of the following exception:"
+
+
+def _without_retry_note(error: VisualSearchError) -> VisualSearchError:
+    if error.args and isinstance(error.args[0], str):
+        error.args = (_RETRY_NOTE.sub("", error.args[0]), *error.args[1:])
+    return error
+
+
+def _summary(exc: BaseException) -> str:
+    """One line for a Ray error: where the message carries a worker's traceback (a task's
+    error, an actor that failed to start), the line naming the worker's own error (the last
+    before Ray Data's wrapping UserCodeException, if any), else the first line."""
+    import ray.exceptions
+
+    text = _RETRY_NOTE.sub("", _ANSI_ESCAPE.sub("", str(exc)))
+    if isinstance(exc, ray.exceptions.RayTaskError) or getattr(exc, "actor_init_failed", False):
+        text = text.split(_DIRECT_CAUSE)[0]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _schedule(run: IndexingRun, chunks: Iterable[Sequence[ProductRecord]], ray: Any) -> list[Any]:
@@ -447,9 +530,19 @@ class _EmbedBatches:
     """A Ray actor: loads the CNN once, then embeds the decoded images of each batch."""
 
     def __init__(self, config: EmbedderConfig):
-        self.embedder = config.load()
+        # A refusal (other weights here) is answered as rows, which the driver raises as the
+        # library's error: raised here, Ray would hand the driver only its text, wrapped in
+        # one of its own errors (and print a traceback).
+        self.dim = config.identity.dim
+        self.refusal: VisualSearchError | None = None
+        try:
+            self.embedder = config.load()
+        except VisualSearchError as exc:
+            self.refusal = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.refusal is not None:
+            return self._refused(batch, self.refusal)
         started = time.perf_counter()
         status = np.asarray(batch["status"], dtype=object)
         todo = np.flatnonzero(status == "decoded")
@@ -465,6 +558,23 @@ class _EmbedBatches:
         return {**{key: value for key, value in batch.items() if key != "tensor"}, "status": status,
                 "vector": vectors, "embed_seconds": np.full(len(status), seconds)}
 
+    def _refused(self, batch: dict[str, np.ndarray], refusal: VisualSearchError) -> dict[str, np.ndarray]:
+        rows = len(batch["status"])
+        return {**{key: value for key, value in batch.items() if key != "tensor"},
+                "status": np.full(rows, REFUSED, dtype=object), "code": np.full(rows, refusal.code, dtype=object),
+                "message": np.full(rows, str(refusal), dtype=object),
+                "vector": np.zeros((rows, self.dim), dtype=np.float32), "embed_seconds": np.zeros(rows)}
+
+
+def _refusal(code: str, message: str) -> VisualSearchError:
+    """The library's error that an actor refused with, from its stable ``code``."""
+    classes, todo = {}, [VisualSearchError]
+    while todo:
+        cls = todo.pop()
+        classes.setdefault(cls.code, cls)
+        todo += cls.__subclasses__()
+    return classes.get(code, ConfigurationError)(message)
+
 
 # --- back in the driver ----------------------------------------------------------
 
@@ -472,7 +582,15 @@ class _EmbedBatches:
 def _results(vs: "VisualSearch", batch: dict[str, np.ndarray], report: IndexingReport,
              local: CnnEmbedding) -> Iterator[list[ImageResult]]:
     """One batch of the pipeline's rows as the local engine's results; content already
-    indexed takes its stored vector (re-embedded here in the rare case it vanished)."""
+    indexed takes its stored vector (re-embedded here in the rare case it vanished).
+
+    Raises:
+        VisualSearchError: an embedding actor refused to embed (e.g. ConfigurationError:
+            it found other weights than the driver's).
+    """
+    refused = np.flatnonzero(batch["status"] == REFUSED)
+    if len(refused):
+        raise _refusal(str(batch["code"][refused[0]]), str(batch["message"][refused[0]]))
     report.stage_seconds["read"] += float(np.sum(batch["read_seconds"]))
     report.stage_seconds["embed"] += float(np.sum(batch["embed_seconds"]))
     tasks = _tasks_of(batch)

@@ -49,6 +49,7 @@ from .generations import GENERATION_KEY, WEIGHTS_PATH_KEY, GenerationRef, read_g
 from .indexing import CnnEmbedding, ImageFailure, ImageResult, ImageTask, IndexingReport, Progress
 from .recipes import choose_recipe, recipe_matches
 from .vectors import VectorRows, VectorStore, row_tokens
+from .vectors.milvus_store import MilvusVectorStore
 
 if TYPE_CHECKING:
     from .service import VisualSearch
@@ -205,8 +206,7 @@ def reembed(vs: "VisualSearch", *, backbone: str | None = None, recipe: str | No
                 run.bulk(progress)
                 run.catch_up_and_switch(current.store())
             finally:
-                if run.embedding is not None:
-                    run.embedding.close()  # its fetch pool, kept across the run's batches
+                run.close()
         if drop_old and report.switched:
             report.notes.append(DROP_LATER)
             logger.info(DROP_LATER)
@@ -328,6 +328,15 @@ class _Run:
         self.embedding = CnnEmbedding(_NewGeneration(self.vs, self.embedder, self.store))
         logger.info("%s re-embedding with %s into %s", "resuming" if self.report.resumed else "starting",
                     self.identity.backbone, self.location)
+
+    def close(self) -> None:
+        """Release what the run holds across its batches: the embedding's fetch pool, and its
+        own handle on the new generation's store (a Milvus connection; once switched to, the
+        generation is answered from a store the process opens for itself)."""
+        if self.embedding is not None:
+            self.embedding.close()
+        if isinstance(self.store, MilvusVectorStore):
+            self.store.close()
 
     # --- phase 1 ----------------------------------------------------------------------
 

@@ -114,7 +114,8 @@ def _server_error(exc: BaseException, original: BaseException) -> StorageError |
     if state == "25006":
         return StorageReadOnlyError("the catalogue database is read-only (a standby, or "
                                     "default_transaction_read_only): point VISUALSEARCH_DB_URL at the primary")
-    if state is None or state.startswith(("08", "57P")):  # connection failures, server shutting down
+    # Connection failures, the server shutting down, a login refused (a rotated password).
+    if state is None or state.startswith(("08", "57P", "28")):
         return StorageError(server_error_message(exc, None)
                             or f"the catalogue database cannot be reached: {_first_line(original)}")
     return None

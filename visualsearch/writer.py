@@ -8,9 +8,9 @@ writers (a batch ``index`` run and API calls) never interleave halfway:
 - new vectors go to the store first, then their images are marked ``indexed``:
   a crash in between leaves vectors of images still ``pending``, which searches
   ignore and the next run re-embeds;
-- deletions leave the catalogue first, then the store: a crash (or a full disk) in
-  between leaves vectors of images that no longer exist, which searches ignore and
-  ``compact`` drops (:meth:`CatalogueWriter.drop_orphan_vectors`).
+- deletions leave the catalogue first, then the store: a crash (or a full disk, or a
+  Milvus server down) in between leaves vectors of images that no longer exist,
+  which searches ignore and ``compact`` drops (:meth:`CatalogueWriter.drop_orphan_vectors`).
 
 Either way no search ever shows an image the catalogue does not hold as indexed.
 """
@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from .catalogue import store as catalogue
+from .errors import StorageError
 from .vectors import VectorRows, VectorStore, row_tokens
 
 logger = logging.getLogger(__name__)
@@ -148,16 +149,8 @@ class CatalogueWriter:
         with self.store.writing(self.lock_timeout):
             with self._session() as session:
                 deleted, vector_ids, paths = catalogue.delete_products(session, skus)
-            if vector_ids:
-                try:
-                    self.store.commit(deletes=vector_ids, merge_limit=self.merge_limit,
-                                      lock_timeout=self.lock_timeout)
-                except OSError as exc:
-                    # The products are gone (the catalogue decides what a search shows);
-                    # their vectors stay until compact drops them as orphans.
-                    logger.warning("deleted %d products; their %d vectors stay until 'visualsearch compact' "
-                                   "(%s)", len(deleted), len(vector_ids), exc)
-                    return deleted, paths
+            if vector_ids and not self._delete_vectors(vector_ids, f"{len(deleted)} products"):
+                return deleted, paths
         self.store.merge(self.merge_limit)
         return deleted, paths
 
@@ -170,11 +163,7 @@ class CatalogueWriter:
         with self.store.writing(self.lock_timeout):
             with self._session() as session:
                 path = catalogue.delete_image(session, sku, image_id)
-            try:
-                self.store.commit(deletes=[image_id], merge_limit=self.merge_limit, lock_timeout=self.lock_timeout)
-            except OSError as exc:
-                # As in delete_products: the catalogue decides; compact drops the orphan.
-                logger.warning("deleted image %d; its vector stays until 'visualsearch compact' (%s)", image_id, exc)
+            if not self._delete_vectors([image_id], f"image {image_id}"):
                 return path
         self.store.merge(self.merge_limit)
         return path
@@ -187,17 +176,27 @@ class CatalogueWriter:
         with self.store.writing(self.lock_timeout):
             with self._session() as session:
                 deleted = catalogue.delete_images(session, image_ids)
-            if deleted:
-                try:
-                    self.store.commit(deletes=[image_id for image_id, _ in deleted], merge_limit=self.merge_limit,
-                                      lock_timeout=self.lock_timeout)
-                except OSError as exc:
-                    # As in delete_products: the catalogue decides; compact drops the orphans.
-                    logger.warning("deleted %d images; their vectors stay until 'visualsearch compact' (%s)",
-                                   len(deleted), exc)
-                    return [path for _, path in deleted]
+            if deleted and not self._delete_vectors([image_id for image_id, _ in deleted],
+                                                     f"{len(deleted)} images"):
+                return [path for _, path in deleted]
         self.store.merge(self.merge_limit)
         return [path for _, path in deleted]
+
+    def _delete_vectors(self, vector_ids: Sequence[int], what: str) -> bool:
+        """Delete the vectors of rows the catalogue has just deleted (the caller holds the
+        lock). Returns False, after a warning, when the store refused: the catalogue step
+        is committed and decides what a search shows, so the delete has happened and its
+        caller must finish (remove the kept uploads, answer success); the vectors stay
+        until ``compact`` drops them as orphans (:meth:`drop_orphan_vectors`). Both stores
+        count: the FAISS store fails with OSError (a full disk), Milvus with StorageError
+        (the server is down)."""
+        try:
+            self.store.commit(deletes=vector_ids, merge_limit=self.merge_limit, lock_timeout=self.lock_timeout)
+        except (OSError, StorageError) as exc:
+            logger.warning("deleted %s; their %d vectors stay until 'visualsearch compact' (%s)",
+                           what, len(vector_ids), exc)
+            return False
+        return True
 
     def drop_orphan_vectors(self) -> int:
         """Delete the vectors of images the catalogue no longer holds (left by a crash, or

@@ -31,6 +31,12 @@ POOL_TIMEOUT_S = 30
 # Recycle before server-side idle timeouts and proxies (PgBouncer, cloud NATs) drop them.
 POOL_RECYCLE_S = 1800
 CONNECT_TIMEOUT_S = 10
+# libpq's TCP keepalives on this end: a connection whose path died (a NAT or firewall
+# dropping it, the server's host gone) fails within IDLE + INTERVAL * COUNT seconds
+# instead of the operating system's two hours, so the holder of an advisory lock learns
+# of it at its next check (visualsearch.catalogue.locks). The server ends a session whose
+# client vanished, releasing its locks, after the server's own tcp_keepalives_* settings.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 class NoCatalogueError(ConfigurationError):
@@ -149,7 +155,7 @@ def _create_engine(url: str) -> Engine:
         return engine
     options = {}
     if make_url(url).get_backend_name() == "postgresql":
-        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES}
     engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
                            pool_timeout=POOL_TIMEOUT_S, pool_recycle=POOL_RECYCLE_S, **options)
     # A connection must never cross a fork (gunicorn --preload, multiprocessing): a

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import Text, bindparam, delete, insert, literal_column, select, type_coerce, update
 from sqlalchemy.orm import Session, selectinload
@@ -38,11 +38,22 @@ def get_meta(session: Session, key: str) -> str | None:
 
 
 def set_meta(session: Session, key: str, value: str) -> None:
-    row = session.get(CatalogueMeta, key)
-    if row is None:
-        session.add(CatalogueMeta(key=key, value=value))
-    else:
-        row.value = value
+    """Set ``key`` to ``value`` in one upsert: two writers setting it at once (replicas
+    claiming the identity of a new catalogue) both succeed, the later one's value winning."""
+    dialect_insert = _dialect_insert(session)
+    if dialect_insert is None:
+        row = session.get(CatalogueMeta, key)
+        if row is None:
+            session.add(CatalogueMeta(key=key, value=value))
+        else:
+            row.value = value
+        return
+    statement = dialect_insert(CatalogueMeta).values(key=key, value=value)
+    session.execute(statement.on_conflict_do_update(index_elements=[CatalogueMeta.key],
+                                                    set_={"value": statement.excluded.value}))
+    cached = session.identity_map.get(session.identity_key(CatalogueMeta, key))
+    if cached is not None:
+        session.expire(cached)  # (a get_meta in this session reads the new value)
 
 
 RECIPE_KEYS = ("recipe", "recipe_version", "recipe_hash")
@@ -283,12 +294,8 @@ def _add_new_images(session: Session, records: dict[str, ProductRecord], product
 
 def _insert_ignoring_duplicates(session: Session, model: type, rows: list[dict[str, Any]]) -> None:
     """Bulk INSERT that skips rows whose unique key exists (concurrent writers)."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
+    dialect_insert = _dialect_insert(session)
+    if dialect_insert is None:
         session.execute(insert(model), rows)
         return
     table = model.__table__
@@ -298,6 +305,18 @@ def _insert_ignoring_duplicates(session: Session, model: type, rows: list[dict[s
                  if column.default is not None and column.default.is_callable}
     complete = [{**defaults, **{name: make(None) for name, make in callables.items()}, **row} for row in rows]
     session.execute(dialect_insert(table).on_conflict_do_nothing(), complete)
+
+
+def _dialect_insert(session: Session) -> Callable[..., Any] | None:
+    """The dialect's INSERT with ON CONFLICT (SQLite, PostgreSQL), else None."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        return None
+    return dialect_insert
 
 
 def get_product(session: Session, sku: str) -> Product:

@@ -19,12 +19,13 @@ by default; ``?index=HNSW`` / ``IVF_FLAT`` / ``IVF_SQ8`` on the URI for an ANN i
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import hashlib
 import logging
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 
+from ..catalogue.locks import file_lock
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, StorageError, WriterBusyError
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning
@@ -217,28 +219,14 @@ def filter_expression(filters: SearchFilters | None) -> str:
 
 
 def local_commit_lock(path: Path) -> Callable[[float], contextlib.AbstractContextManager[None]]:
-    """A commit lock for the processes of one machine: ``flock`` on ``path``."""
+    """A commit lock for the processes of one machine: ``flock`` on ``path`` (see
+    :func:`~visualsearch.catalogue.locks.file_lock`)."""
 
     @contextlib.contextmanager
     def hold(timeout: float) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + timeout
-        with open(path, "a") as handle:
-            delay = 0.005
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise WriterBusyError(f"another process has held {path} for {timeout:.0f}s; "
-                                              "try again later") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.1)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(path, timeout, f"another process has held {path} for {timeout:.0f}s; try again later"):
+            yield
 
     return hold
 
@@ -298,9 +286,15 @@ class MilvusVectorStore:
                 raise ConfigurationError("a Milvus server store needs a commit_lock or a lock_dir")
         self._commit_lock = commit_lock
         self._write_mutex = threading.Lock()
+        self._held = None  # what the commit lock yielded while held
         self._writer: int | None = None
         self._manifest: MilvusManifest | None = None
         self._client = self._connect()
+        # The connection is released by close(), or once nothing can use this store any more
+        # (it was garbage-collected: e.g. the store of a generation a re-embedding retired,
+        # after the last request pinned to that generation ended).
+        self._closer = weakref.finalize(self, _close_client, self._client)
+        self._closer.atexit = False  # (the process's end closes its sockets anyway)
         self.refresh()
 
     def _connect(self):
@@ -310,8 +304,13 @@ class MilvusVectorStore:
         return milvus_errors(self.target, doing, self.collection)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.close()
+        """Release the connection to Milvus (pymilvus shares one between the clients of a
+        URI and closes it with the last); the store cannot be used afterwards."""
+        self._closer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._closer.alive
 
     # --- identity --------------------------------------------------------------------
 
@@ -331,13 +330,18 @@ class MilvusVectorStore:
             if not self._client.has_collection(self.collection):
                 return
             description = self._client.describe_collection(self.collection)
-            manifest = self._read_manifest(description)
+            manifest = self._read_manifest(description, self._index_type())
             manifest.check_compatible(**self.identity)
             if self._client.get_load_state(self.collection).get("state") is not _loaded():
                 self._client.load_collection(self.collection)
         self._manifest = manifest
 
-    def _read_manifest(self, description: dict) -> MilvusManifest:
+    def _index_type(self) -> str | None:
+        """The type of the index the collection has on its vectors (None: none)."""
+        index = self._client.describe_index(self.collection, "vector") or {}
+        return index.get("index_type") or None
+
+    def _read_manifest(self, description: dict, index_type: str | None) -> MilvusManifest:
         properties = description.get("properties") or {}
         if properties.get(PROPERTY + "format") != FORMAT:
             raise IndexCorruptError(f"Milvus collection {self.collection} at {self.target.display} was not made by "
@@ -349,7 +353,14 @@ class MilvusVectorStore:
             weights_sha256=properties.get(PROPERTY + "weights_sha256", ""), dim=dim,
             recipe=properties.get(PROPERTY + "recipe") or None,
             recipe_hash=properties.get(PROPERTY + "recipe_hash") or None,
-            plan={}, tuning=Tuning(), collection=self.collection, milvus_index=self.target.index_type)
+            plan={}, tuning=Tuning(), collection=self.collection, milvus_index=index_type or "none")
+
+    def _index_params(self):
+        """The configured index on the vectors (``?index=`` and its parameters)."""
+        index = self._client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=self.target.index_type, metric_type="IP",
+                        params=dict(self.target.index_params))
+        return index
 
     def _create(self) -> None:
         """Create the collection with its schema, index and identity (caller holds the lock)."""
@@ -361,16 +372,13 @@ class MilvusVectorStore:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         schema.add_field("tokens", DataType.ARRAY, element_type=DataType.INT64, max_capacity=MAX_TOKENS)
         schema.add_field("price", DataType.DOUBLE, nullable=True)
-        index = self._client.prepare_index_params()
-        index.add_index(field_name="vector", index_type=self.target.index_type, metric_type="IP",
-                        params=dict(self.target.index_params))
         properties = {PROPERTY + "format": FORMAT, **{PROPERTY + k: str(v) for k, v in self.identity.items()},
                       **{PROPERTY + k: v for k, v in self.recipe.items() if v}}
         if self.location:
             properties[LOCATION_PROPERTY] = self.location
         with self._errors("create"):
             try:
-                self._client.create_collection(self.collection, schema=schema, index_params=index,
+                self._client.create_collection(self.collection, schema=schema, index_params=self._index_params(),
                                                consistency_level="Strong", properties=properties)
             except Exception:
                 if not self._client.has_collection(self.collection):
@@ -458,9 +466,10 @@ class MilvusVectorStore:
 
     def _search_params(self, limit: int, nprobe: int | None) -> dict:
         params: dict[str, int] = {}
-        if self.target.index_type.startswith("IVF"):
+        index_type = self.manifest.milvus_index if self.manifest is not None else self.target.index_type
+        if index_type.startswith("IVF"):
             params["nprobe"] = nprobe or dict(self.target.index_params).get("nprobe", 16)
-        elif self.target.index_type == "HNSW":
+        elif index_type == "HNSW":
             params["ef"] = max(limit, dict(self.target.index_params).get("ef", 64))
         return {"metric_type": "IP", "params": params}
 
@@ -482,13 +491,17 @@ class MilvusVectorStore:
         if not self._write_mutex.acquire(timeout=max(timeout, 0.001)):
             raise WriterBusyError(f"the Milvus collection {self.collection} is busy; try again")
         try:
-            with self._commit_lock(max(timeout - (time.monotonic() - started), 0.0)):
+            with self._commit_lock(max(timeout - (time.monotonic() - started), 0.0)) as held:
                 self._writer = threading.get_ident()
+                # An advisory lock (catalogue.locks.HeldLock) can be lost with its connection:
+                # each commit checks it is still held before it writes.
+                self._held = held
                 try:
                     self.refresh()
                     yield
                 finally:
                     self._writer = None
+                    self._held = None
         finally:
             self._write_mutex.release()
 
@@ -515,6 +528,8 @@ class MilvusVectorStore:
         if not len(upserts) and not len(deletes):
             return
         with self.writing(lock_timeout):
+            if self._held is not None and hasattr(self._held, "check"):
+                self._held.check()
             if self._manifest is None:
                 self._create()
             with self._errors("write to"):
@@ -556,8 +571,9 @@ class MilvusVectorStore:
         return bool(job)
 
     def rebuild(self, *, plan: IndexPlan | None = None, tune: bool = True, seed: int = 1234) -> IndexPlan:
-        """Milvus builds its index itself: this checks the collection has the configured one
-        (creating it if it was dropped) and reports it. No model work.
+        """Milvus builds its index itself: this gives the collection the configured one
+        (``?index=``) when it has another (e.g. it was created before ``?index=`` changed)
+        or none, and reports it. No model work.
 
         Raises:
             ConfigurationError: a ``plan`` asking for another index (set the index with
@@ -570,13 +586,17 @@ class MilvusVectorStore:
         count = self.count
         if self.manifest is not None and not self.read_only:
             with self.writing(), self._errors("index"):
-                if "vector" not in self._client.list_indexes(self.collection):
+                current = self._index_type()
+                if current != self.target.index_type:
+                    logger.info("Milvus collection %s: replacing its %s index with %s", self.collection,
+                                current or "missing", self.target.index_type)
+                    # Milvus changes the index of a released collection only.
                     self._client.release_collection(self.collection)
-                    index = self._client.prepare_index_params()
-                    index.add_index(field_name="vector", index_type=self.target.index_type, metric_type="IP",
-                                    params=dict(self.target.index_params))
-                    self._client.create_index(self.collection, index)
+                    if current is not None:
+                        self._client.drop_index(self.collection, "vector")
+                    self._client.create_index(self.collection, self._index_params())
                     self._client.load_collection(self.collection)
+                self._note_index(self.target.index_type)
         return IndexPlan(kind="flat" if flat else self.target.index_type.lower(), dim=self.dim, planned_for=count,
                          nlist=dict(self.target.index_params).get("nlist", 0))
 
@@ -594,21 +614,30 @@ class MilvusVectorStore:
         if self.manifest is not None:
             with self._errors("describe"):
                 rows = int(self._client.get_collection_stats(self.collection).get("row_count", vectors))
-                with contextlib.suppress(Exception):
-                    index = self._client.describe_index(self.collection, "vector") or {}
+                index = self._client.describe_index(self.collection, "vector") or {}
+            self._note_index(index.get("index_type") or "none")  # (another replica may have rebuilt it)
+        # The index the collection has (until the first commit creates it: the configured one).
+        manifest = self.manifest or MilvusManifest("", "", self.dim, milvus_index=self.target.index_type)
         plan = {"backend": "milvus", "uri": self.target.display, "collection": self.collection,
-                "index_type": index.get("index_type", self.target.index_type),
+                "index_type": manifest.milvus_index, "configured_index_type": self.target.index_type,
                 "metric_type": index.get("metric_type", "IP")}
         return StoreStats(vectors=vectors, rows=max(rows, vectors), segments=0, ann_segments=0,
-                          index_type=(self.manifest or MilvusManifest("", "", self.dim,
-                                                                      milvus_index=self.target.index_type)).index_type,
-                          plan=plan, tuning={}, disk_bytes=0)
+                          index_type=manifest.index_type, plan=plan, tuning={}, disk_bytes=0)
+
+    def _note_index(self, index_type: str) -> None:
+        if self._manifest is not None and self._manifest.milvus_index != index_type:
+            self._manifest = dataclasses.replace(self._manifest, milvus_index=index_type)
 
     def drop(self) -> None:
         """Delete the collection and its vectors (e.g. a generation no longer used)."""
         with self.writing(), self._errors("drop"):
             self._client.drop_collection(self.collection)
             self._manifest = None
+
+
+def _close_client(client) -> None:
+    with contextlib.suppress(Exception):
+        client.close()
 
 
 def _loaded():
