@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import threading
 import time
@@ -75,6 +76,9 @@ def test_index_prune_removes_what_the_manifest_no_longer_names(run, indexed, wit
 
 
 def test_dry_run_shows_the_plan_and_writes_nothing(run, indexed, without_p1, data_dir):
+    # The indexing run's connections close when it is collected, and the last one out
+    # checkpoints SQLite's WAL into catalogue.db: let that happen before the snapshot.
+    gc.collect()
     before = _snapshot(data_dir)
     result = run("index", str(without_p1), "--prune", "--dry-run", "--json")
     assert result.exit_code == 1  # the default 10% limit would refuse this prune

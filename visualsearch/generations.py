@@ -82,19 +82,20 @@ def generation_root(data_dir: Path, location: str) -> Path:
     return data_dir / location if location else data_dir
 
 
-class GenerationStore(VectorStore):
-    """A generation's vector store that refuses writes once another generation is current.
+class _RetiresWithItsGeneration:
+    """Refuses writes once another generation is current (mixed into a store class).
 
-    Args:
-        is_current: whether the catalogue still names this generation (read under the
-            commit lock, so a switch, which holds that lock, cannot happen in between).
-        Other arguments: those of :class:`VectorStore`.
+    ``is_current`` tells whether the catalogue still names this generation; it is read
+    under the store's commit lock, so a switch, which holds that lock, cannot happen in
+    between.
     """
 
-    def __init__(self, root: Path, *, is_current: Callable[[], bool], **kwargs):
+    def _follow_generation(self, is_current: Callable[[], bool]) -> None:
         self._is_current = is_current
         self.retired = False
-        super().__init__(root, **kwargs)
+
+    def _described(self) -> str:
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def writing(self, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
@@ -103,8 +104,24 @@ class GenerationStore(VectorStore):
             if outermost and (self.retired or not self._is_current()):
                 self.retired = True
                 raise GenerationChangedError(
-                    f"the vectors in {self.data_dir} were replaced by a re-embedding; try again")
+                    f"the vectors in {self._described()} were replaced by a re-embedding; try again")
             yield
+
+
+class GenerationStore(_RetiresWithItsGeneration, VectorStore):
+    """A generation's FAISS store that refuses writes once another generation is current.
+
+    Args:
+        is_current: whether the catalogue still names this generation.
+        Other arguments: those of :class:`VectorStore`.
+    """
+
+    def __init__(self, root: Path, *, is_current: Callable[[], bool], **kwargs):
+        self._follow_generation(is_current)
+        super().__init__(root, **kwargs)
+
+    def _described(self) -> str:
+        return str(self.data_dir)
 
     def merge(self, limit: int | None = None) -> None:
         if self.retired:
@@ -115,7 +132,7 @@ class GenerationStore(VectorStore):
             pass  # nothing reads a retired generation's merges
 
 
-class MilvusGenerationStore(MilvusVectorStore):
+class MilvusGenerationStore(_RetiresWithItsGeneration, MilvusVectorStore):
     """A generation's Milvus collection that refuses writes once another generation is
     current (as :class:`GenerationStore`).
 
@@ -125,19 +142,11 @@ class MilvusGenerationStore(MilvusVectorStore):
     """
 
     def __init__(self, target: MilvusTarget, *, is_current: Callable[[], bool], **kwargs):
-        self._is_current = is_current
-        self.retired = False
+        self._follow_generation(is_current)
         super().__init__(target, **kwargs)
 
-    @contextlib.contextmanager
-    def writing(self, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
-        outermost = self._writer != threading.get_ident()
-        with super().writing(timeout):
-            if outermost and (self.retired or not self._is_current()):
-                self.retired = True
-                raise GenerationChangedError(
-                    f"the vectors in Milvus collection {self.collection} were replaced by a re-embedding; try again")
-            yield
+    def _described(self) -> str:
+        return f"Milvus collection {self.collection}"
 
 
 class Generation:
