@@ -332,7 +332,7 @@ def test_the_index_reported_is_the_collections_and_rebuild_switches_it(tmp_path)
     store.commit(rows)
     store.close()
     # Reopened with another ?index=: the collection still has its FLAT index until a rebuild.
-    hnsw = dataclasses.replace(flat, index_type="HNSW", index_params=(("M", 8), ("efConstruction", 64)))
+    hnsw = dataclasses.replace(flat, index_type="HNSW", index_params=(("M", 8), ("efConstruction", 64), ("ef", 80)))
     store = MilvusVectorStore(hnsw, backbone="test_tiny", weights_sha256=SHA, dim=DIM)
     stats = store.stats()
     assert (stats.index_type, stats.plan["index_type"], stats.plan["configured_index_type"]) == (

@@ -431,6 +431,9 @@ def _quiet_ray_data(ray: Any) -> None:
         context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # Its INFO/WARNING lines ("execution finished", "progress bars disabled") would print
+    # between the CLI's progress bar and summary; failures still come back as exceptions.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def _known_digests(vs: "VisualSearch") -> np.ndarray:

@@ -52,6 +52,8 @@ MAX_TOP_K = 16_384
 MAX_NAME = 255
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
+# Options of ?index=... that tune each search, not the index build (nlist, M, efConstruction).
+SEARCH_PARAMS = ("nprobe", "ef")
 # Rows per upsert call: well under gRPC's 64 MiB message limit at any vector size.
 UPSERT_BYTES = 16 * 1024**2
 IDS_PER_CALL = 10_000
@@ -358,8 +360,8 @@ class MilvusVectorStore:
     def _index_params(self):
         """The configured index on the vectors (``?index=`` and its parameters)."""
         index = self._client.prepare_index_params()
-        index.add_index(field_name="vector", index_type=self.target.index_type, metric_type="IP",
-                        params=dict(self.target.index_params))
+        build = {key: value for key, value in self.target.index_params if key not in SEARCH_PARAMS}
+        index.add_index(field_name="vector", index_type=self.target.index_type, metric_type="IP", params=build)
         return index
 
     def _create(self) -> None:
