@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -49,7 +50,7 @@ def _empty_database(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as connection:
         for table in ("product_images", "products", "catalogue_meta", "catalogue_counts",
-                      "catalogue_count_deltas", "alembic_version"):
+                      "catalogue_count_deltas", "projections", "alembic_version"):
             connection.exec_driver_sql(f"DROP TABLE {table} CASCADE")
         for function in ("vs_count_images()", "vs_count_products()", "vs_count_bump(text, bigint)"):
             connection.exec_driver_sql(f"DROP FUNCTION {function}")
@@ -105,6 +106,33 @@ def test_read_only_opens_never_migrate(url, catalogue_db):
     with engine.connect() as connection:
         assert not sa.inspect(connection).has_table("products")
     engine.dispose()
+
+
+def test_a_catalogue_at_the_baseline_gains_the_projections_table_and_keeps_its_rows(url):
+    """A catalogue migrated before revision 0002 (as every existing one is) is upgraded in place."""
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        command.upgrade(schema.alembic_config(connection), schema.BASELINE_REVISION)
+        connection.commit()
+        assert schema.current_revision(connection) == "0001"
+        assert not sa.inspect(connection).has_table("projections")
+    with engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO catalogue_meta VALUES ('backbone', 'test_tiny')"))
+    engine.dispose()
+
+    sessions = open_catalogue(url)
+    with _engine(sessions).connect() as connection:
+        assert schema.current_revision(connection) == schema.head_revision()
+        assert sa.inspect(connection).has_table("projections")
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    with sessions() as session:
+        assert catalogue.get_meta(session, "backbone") == "test_tiny"
+        sha256 = catalogue.store_projection(session, b"\x00projection bytes\xff")
+        assert catalogue.store_projection(session, b"\x00projection bytes\xff") == sha256  # once per content
+        session.commit()
+    with sessions() as session:
+        assert catalogue.projection_bytes(session, sha256) == b"\x00projection bytes\xff"
+        assert catalogue.projection_bytes(session, "0" * 64) is None
 
 
 def _words(sql: str) -> str:

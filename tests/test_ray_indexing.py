@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from visualsearch.catalogue import ImageStatus, store
+from visualsearch.embedder import Embedder
 from visualsearch.errors import ConfigurationError, ManifestError, WeightsUnavailableError
 from visualsearch.ray_indexing import (
     ActorPlan,
@@ -19,9 +22,10 @@ from visualsearch.ray_indexing import (
     _refusal,
     plan_actors,
 )
+from visualsearch.recipes import Recipe, learn_pca_whitening
 from visualsearch.service import VisualSearch
 
-from .conftest import _TinyNet, make_image, write_catalogue
+from .conftest import TINY, _TinyNet, make_image, write_catalogue
 
 ray = pytest.importorskip("ray")
 
@@ -150,6 +154,20 @@ def other_weights_on_the_workers(monkeypatch, tmp_path):
         return dataclasses.replace(driver_config(embedder, **options), weights_path=other)
 
     monkeypatch.setattr(EmbedderConfig, "of", config_with_other_weights)
+
+
+def test_a_recipes_projection_travels_to_the_actors_in_their_configuration(tiny_weights, tmp_path):
+    """An actor on another node has neither the driver's data directory nor its catalogue."""
+    data_dir = tmp_path / "data"
+    sample = np.random.default_rng(0).normal(size=(64, 32))
+    learn_pca_whitening(sample, 8).save(data_dir / "tuned" / "pca8.npz")
+    recipe = Recipe(name="tiny-pca8-ray", backbone=TINY, projection="tuned/pca8.npz", hidden=True)
+    driver = Embedder(TINY, recipe=recipe, projection_dir=data_dir, weights_path=tiny_weights)
+    config = EmbedderConfig.of(driver, projection_dir=data_dir, plan=ActorPlan(actors=1, cpus=1, gpus=0, threads=1))
+    shutil.rmtree(data_dir)
+    actor = pickle.loads(pickle.dumps(config)).load()
+    assert actor.identity == driver.identity and actor.dim == 8
+    assert np.array_equal(actor.projection.matrix, driver.projection.matrix)
 
 
 @pytest.mark.slow  # starts Ray workers and actors

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 from PIL import Image
 
 from visualsearch import tuning
 from visualsearch.backbones_builtin import DEFAULT_BACKBONE
 from visualsearch.catalogue import store as catalogue
+from visualsearch.catalogue.models import StoredProjection
 from visualsearch.errors import ConfigurationError
 from visualsearch.recipes import (
     DataRecipe,
@@ -260,3 +262,74 @@ def test_the_default_dimension_fits_a_small_catalogue(tiny_settings, tmp_path):
     report = tune(VisualSearch(tiny_settings), options)
     # 3 training products x (1 original + 2 photos) = 9 vectors: 8 directions at most.
     assert report.dim == 8 and report.in_dim == 32
+
+
+# --- replicas: the projection lives in the catalogue, data directories only cache it --------
+
+
+@pytest.fixture
+def tuned_replicas(tiny_settings, catalogue40, tmp_path):
+    """A data directory that tuned, and the settings of a replica sharing its catalogue and
+    vector store (a Milvus Lite file) with a data directory of its own, still empty."""
+    pytest.importorskip("milvus_lite")
+    first = dataclasses.replace(tiny_settings, vector_store=str(tmp_path / "shared-vectors.db"))
+    VisualSearch(first).index(catalogue40)
+    report = tune(VisualSearch(first), FAST)
+    replica = dataclasses.replace(first, data_dir=tmp_path / "replica" / "data", db_url=first.catalogue_url)
+    return first, replica, report
+
+
+def _hits(vs: VisualSearch, photo: Path) -> list[tuple[str, float]]:
+    return [(hit.sku, hit.score) for hit in vs.search(photo, top_k=5).hits]
+
+
+@pytest.mark.catalogue_databases("sqlite", "postgresql")
+def test_a_replica_with_an_empty_data_directory_fetches_the_projection_from_the_catalogue(tuned_replicas,
+                                                                                          catalogue40,
+                                                                                          catalogue_db):
+    first, replica, report = tuned_replicas
+    assert not replica.data_dir.exists()
+    photo = _image(catalogue40, 7)
+    expected = _hits(VisualSearch(first), photo)
+    other = VisualSearch(replica)
+    found = _hits(other, photo)
+    assert other.embedder.recipe.name == TUNED and other.embedder.dim == 16
+    assert [sku for sku, _ in found] == [sku for sku, _ in expected] and found[0][0] == "P7"
+    assert [score for _, score in found] == pytest.approx([score for _, score in expected], abs=1e-5)
+    cached = replica.data_dir / report.projection  # now this replica's cache
+    assert Projection.load(cached).sha256 == report.projection_sha256
+
+
+def test_a_damaged_projection_file_is_replaced_from_the_catalogue(tuned_replicas, catalogue40):
+    first, _, report = tuned_replicas
+    path = first.data_dir / report.projection
+    expected = _hits(VisualSearch(first), _image(catalogue40, 3))
+    path.write_bytes(b"not the projection")
+    assert _hits(VisualSearch(first), _image(catalogue40, 3)) == expected
+    assert Projection.load(path).sha256 == report.projection_sha256
+
+
+def test_a_projection_in_neither_place_says_to_tune_again(tuned_replicas, catalogue40):
+    first, replica, report = tuned_replicas
+    with VisualSearch(first).session() as session:
+        session.execute(sa.delete(StoredProjection))
+    with pytest.raises(ConfigurationError, match=re.escape(f"recipe '{TUNED}' projects with {report.projection}")) \
+            as raised:
+        VisualSearch(replica).search(_image(catalogue40, 3))
+    assert "re-run `visualsearch tune`" in str(raised.value)
+    # The host that tuned still has its copy (a cache, but the right bytes), and shares it
+    # again (as for a catalogue tuned before it kept projections): the replica then loads.
+    assert _hits(VisualSearch(first), _image(catalogue40, 3))[0][0] == "P3"
+    assert _hits(VisualSearch(replica), _image(catalogue40, 3))[0][0] == "P3"
+
+
+def test_only_the_projections_of_recorded_recipes_are_kept(tiny_settings, catalogue40):
+    VisualSearch(tiny_settings).index(catalogue40)
+    shas = [tune(VisualSearch(tiny_settings), dataclasses.replace(FAST, epochs=5, seed=seed, force=True))
+            .projection_sha256 for seed in range(3)]
+    vs = VisualSearch(tiny_settings)
+    with vs.sessions() as session:
+        kept = set(session.scalars(sa.select(StoredProjection.sha256)))
+        recorded = {record.projection_sha256 for record in catalogue.data_recipes(session)}
+    # The answering definition and the newest one (the same after the last switch).
+    assert kept == recorded and shas[-1] in kept and shas[0] not in kept

@@ -111,6 +111,8 @@ class Embedder:
         backbone: registered backbone name.
         recipe: a recipe (or its registered name) for that backbone; default: its own.
         projection_dir: where the recipe's projection file lives (the data directory).
+        projection: the recipe's projection, already loaded (then ``projection_dir`` is
+            not read; a Ray actor gets it from the driver).
         weights_path: explicit weights file; otherwise the spec's sources are tried.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         threads: intra-op CPU threads for torch (``None`` keeps torch's default).
@@ -123,13 +125,17 @@ class Embedder:
     """
 
     def __init__(self, backbone: str, *, recipe: Recipe | str | None = None,
-                 projection_dir: str | os.PathLike | None = None, weights_path: str | os.PathLike | None = None,
-                 device: str = "cpu", threads: int | None = None, allow_download: bool = True):
+                 projection_dir: str | os.PathLike | None = None, projection: Projection | None = None,
+                 weights_path: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
+                 allow_download: bool = True):
         self.spec = get_backbone(backbone)
         if isinstance(recipe, str):
             recipe = choose_recipe(recipe=recipe, backbone=backbone, default_backbone=backbone)
         self.recipe: Recipe = resolve_recipe(recipe, self.spec) if recipe else default_recipe(backbone, self.spec)
-        self.projection: Projection | None = load_projection(self.recipe, projection_dir)
+        if projection is not None and not self.recipe.projection:
+            raise ConfigurationError(f"recipe {self.recipe.name!r} has no projection, yet one was given")
+        self.projection: Projection | None = (projection if projection is not None
+                                              else load_projection(self.recipe, projection_dir))
         if self.projection is not None and self.projection.in_dim != self.spec.embedding_dim:
             raise ConfigurationError(
                 f"the projection of recipe {self.recipe.name!r} takes {self.projection.in_dim}-dimensional "

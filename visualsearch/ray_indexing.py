@@ -28,9 +28,10 @@ What runs where:
   of the pipeline reaches the driver as one of Ray's errors, raised as the library's
   own (:func:`_library_error`).
 
-Every worker must be able to read what the manifest names, and the weights and
-recipe projection files: on one machine that is given; on a real cluster use shared
-paths (the same mount everywhere) or image URLs, and weights at a shared path.
+Every worker must be able to read what the manifest names, and the weights: on one
+machine that is given; on a real cluster use shared paths (the same mount everywhere)
+or image URLs, and weights at a shared path. A recipe's projection travels to the
+actors with their configuration.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from .indexing import (
     _NoProgress,
     _ReadImages,
 )
-from .recipes import Recipe
+from .recipes import Projection, Recipe, projection_path
 from .remote_images import FetchPolicy, RemoteFetcher
 
 if TYPE_CHECKING:
@@ -174,11 +175,14 @@ def plan_actors(device: str, *, cluster_cpus: float, cluster_gpus: float) -> Act
 @dataclass(frozen=True)
 class EmbedderConfig:
     """What an actor needs to load the driver's CNN (the spec travels too, so that a
-    backbone registered only in the driver's process is known in the workers)."""
+    backbone registered only in the driver's process is known in the workers, and so do
+    the bytes of the recipe's projection file: an actor on another node has neither the
+    driver's data directory nor a catalogue connection, and the file is small, D x d
+    float32)."""
 
     spec: BackboneSpec
     recipe: Recipe
-    projection_dir: Path
+    projection: bytes | None
     weights_path: Path
     identity: EmbedderIdentity
     device: str = "cpu"
@@ -186,7 +190,18 @@ class EmbedderConfig:
 
     @classmethod
     def of(cls, embedder: Embedder, *, projection_dir: Path, plan: ActorPlan) -> "EmbedderConfig":
-        return cls(spec=embedder.spec, recipe=embedder.recipe, projection_dir=Path(projection_dir).resolve(),
+        """The driver's ``embedder`` for actors planned by ``plan`` (its projection file
+        read from ``projection_dir``, the data directory).
+
+        Raises:
+            ConfigurationError: the projection file cannot be read.
+        """
+        path = projection_path(embedder.recipe, projection_dir)
+        try:
+            projection = path.read_bytes() if path is not None else None
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read projection file {path}: {exc}") from None
+        return cls(spec=embedder.spec, recipe=embedder.recipe, projection=projection,
                    weights_path=Path(embedder.weights_path).resolve(), identity=embedder.identity,
                    device=plan.device, threads=plan.threads)
 
@@ -200,7 +215,10 @@ class EmbedderConfig:
             get_backbone(self.spec.name)
         except ConfigurationError:
             register_backbone(self.spec)
-        embedder = Embedder(self.spec.name, recipe=self.recipe, projection_dir=self.projection_dir,
+        projection = None
+        if self.projection is not None:
+            projection = Projection.from_bytes(self.projection, source=f"recipe {self.recipe.name}'s projection")
+        embedder = Embedder(self.spec.name, recipe=self.recipe, projection=projection,
                             weights_path=self.weights_path, device=self.device, threads=self.threads,
                             allow_download=False)
         if embedder.identity != self.identity:

@@ -18,11 +18,13 @@ with it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -439,7 +441,7 @@ class Projection:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        return replace(self, sha256=_file_sha256(path))
+        return replace(self, sha256=file_sha256(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Projection":
@@ -453,17 +455,33 @@ class Projection:
             raise ConfigurationError(f"projection file {path} does not exist (recipes name it relative to the "
                                      "data directory)")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                mean = np.asarray(data["mean"], np.float32)
-                matrix = np.asarray(data["matrix"], np.float32)
-                eigenvalues = np.asarray(data["eigenvalues"]) if "eigenvalues" in data.files else None
-        except (OSError, ValueError, KeyError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise ConfigurationError(f"cannot read projection file {path}: {exc}") from None
+        return cls.from_bytes(data, source=f"projection file {path}")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "projection") -> "Projection":
+        """A projection from the bytes of a file :meth:`save` wrote (its ``sha256`` theirs).
+
+        Args:
+            source: what the bytes are, for error messages.
+
+        Raises:
+            ConfigurationError: malformed bytes.
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                mean = np.asarray(arrays["mean"], np.float32)
+                matrix = np.asarray(arrays["matrix"], np.float32)
+                eigenvalues = np.asarray(arrays["eigenvalues"]) if "eigenvalues" in arrays.files else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigurationError(f"cannot read {source}: {exc}") from None
         if matrix.ndim != 2 or mean.shape != (matrix.shape[0],) or not matrix.shape[1]:
-            raise ConfigurationError(f"projection file {path}: mean {mean.shape} does not fit matrix {matrix.shape}")
+            raise ConfigurationError(f"{source}: mean {mean.shape} does not fit matrix {matrix.shape}")
         if not (np.isfinite(mean).all() and np.isfinite(matrix).all()):
-            raise ConfigurationError(f"projection file {path} holds non-finite numbers")
-        return cls(mean=mean, matrix=matrix, sha256=_file_sha256(path), eigenvalues=eigenvalues)
+            raise ConfigurationError(f"{source} holds non-finite numbers")
+        return cls(mean=mean, matrix=matrix, sha256=hashlib.sha256(data).hexdigest(), eigenvalues=eigenvalues)
 
 
 def learn_pca_whitening(vectors: np.ndarray, dim: int, *, shrinkage: float = WHITENING_SHRINKAGE) -> Projection:
@@ -520,7 +538,8 @@ def load_projection(recipe: Recipe, data_dir: str | os.PathLike | None) -> Proje
     return None if path is None else Projection.load(path)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

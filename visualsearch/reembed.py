@@ -47,6 +47,7 @@ from .embedder import Embedder, EmbedderIdentity
 from .errors import ConfigurationError, VisualSearchError
 from .generations import GENERATION_KEY, WEIGHTS_PATH_KEY, GenerationRef, read_generation
 from .indexing import CnnEmbedding, ImageFailure, ImageResult, ImageTask, IndexingReport, Progress
+from .projection_cache import ensure_projection
 from .recipes import choose_recipe, recipe_matches
 from .vectors import VectorRows, VectorStore, row_tokens
 from .vectors.milvus_store import MilvusVectorStore
@@ -189,6 +190,8 @@ def reembed(vs: "VisualSearch", *, backbone: str | None = None, recipe: str | No
         if current.ref.identity is None:
             raise ConfigurationError("nothing is indexed here yet: index a catalogue with "
                                      f"'visualsearch index MANIFEST --recipe {chosen.name}' instead")
+        with vs.sessions() as session:
+            ensure_projection(session, chosen, vs.data_dir)
         embedder = Embedder(chosen.backbone, recipe=chosen, projection_dir=vs.data_dir, weights_path=weights,
                             device=vs.settings.device, threads=vs.settings.threads,
                             allow_download=vs.settings.allow_download)

@@ -36,6 +36,7 @@ from .generations import (
 )
 from .images import Crop, ImageSource
 from .indexing import ImageEmbedding, IndexingReport, Progress, check_engine, index_manifest, index_records
+from .projection_cache import ensure_projection
 from .recipes import Recipe, check_recipe, choose_recipe, pick_data_recipes
 from .reembed import ReembedReport, drop_old_generations, reembed
 from .results import Facets, ImageView, ProductView, RemoveResult, SearchResult
@@ -190,6 +191,11 @@ class VisualSearch:
         if stored is not None:
             # After a re-embedding, the weights file it was given (recorded in the catalogue).
             weights = matching_weights(stored, [self.settings.weights, ref.weights_path]) or weights
+        # A tuned projection another host learned is fetched here; one this host holds and
+        # the catalogue lacks (tuned before it kept them) is shared from here.
+        share = not self.read_only and self.write_blocked is None
+        with self.session() if share else self.sessions() as session:
+            ensure_projection(session, recipe, self.data_dir, share=share)
         embedder = Embedder(name, recipe=recipe, projection_dir=self.data_dir, weights_path=weights,
                             device=self.settings.device,
                             threads=self.settings.threads, allow_download=self.settings.allow_download)

@@ -19,7 +19,9 @@ catalogue's own images on top of the frozen backbone and recipe, then switched t
 5. **Switch**: ``W`` is saved as a :class:`~.recipes.Projection` in
    ``DATA_DIR/tuned/`` (the file name carries its hash, so the file the current vectors
    were made with is never overwritten), the recipe ``<base>+tuned`` is recorded in the
-   catalogue (:class:`~.recipes.DataRecipe`: every process resolves it from there), and
+   catalogue with the file's bytes (:class:`~.recipes.DataRecipe`: every process
+   resolves it from there, and a replica without the file fetches it:
+   :mod:`~.projection_cache`), and
    :func:`~.reembed.reembed` switches the data directory to it without downtime.
 """
 
@@ -493,19 +495,22 @@ def _base_recipe(vs: "VisualSearch", recipe: Recipe) -> Recipe:
 
 
 def _record(vs: "VisualSearch", base: Recipe, projection: Projection, report: TuneReport) -> None:
-    """Save the projection under a name carrying its hash and record the recipe that applies it."""
+    """Save the projection under a name carrying its hash and record the recipe that applies it,
+    with the projection's bytes in the catalogue (the file here is only this host's cache)."""
     folder = vs.data_dir / TUNED_DIR
     safe = "".join(char if char.isalnum() or char in "_.-" else "_" for char in report.recipe)
     temporary = folder / f".{safe}.{os.getpid()}.pending.npz"  # its name needs its hash
     pending = projection.save(temporary)
     name = f"{safe}-{pending.sha256[:12]}.npz"
     os.replace(temporary, folder / name)
+    data = (folder / name).read_bytes()
     recipe = replace(base, name=report.recipe, projection=f"{TUNED_DIR}/{name}", hidden=True,
                      description=f"{base.name} projected to {projection.out_dim} dimensions, learned from this "
                                  "catalogue (visualsearch tune)")
     report.projection, report.projection_sha256 = str(Path(TUNED_DIR) / name), pending.sha256
     with vs.session() as session:
         stored = catalogue.stored_identity(session)
+        catalogue.store_projection(session, data)
         catalogue.record_data_recipe(session, DataRecipe(recipe, base=base.name, projection_sha256=pending.sha256),
                                      keep_fingerprint=stored.recipe_hash if stored else None)
     logger.info("tune: recorded recipe %s (projection %s)", recipe.name, name)

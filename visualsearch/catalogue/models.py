@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -151,3 +152,15 @@ class CatalogueCountDelta(Base):
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
     txid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StoredProjection(Base):
+    """A tuned recipe's projection file (``visualsearch tune``), by its SHA-256. The
+    catalogue is what replicas share: a data directory's copy is only a cache, fetched
+    from here where it is missing (see :mod:`visualsearch.projection_cache`)."""
+
+    __tablename__ = "projections"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -7,6 +7,7 @@ of products or a flush of images, and no query ever loads every row.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ..catalogue_manifest import ProductRecord
 from ..errors import BackboneMismatchError, ImageNotFoundError, ProductNotFoundError
 from ..recipes import DataRecipe, check_recipe
 from .counters import read_counts
-from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, ProductImage
+from .models import UPLOAD_PATH_PATTERN, CatalogueMeta, ImageStatus, Product, ProductImage, StoredProjection
 
 # SQLite accepts 32,766 bound parameters per statement; stay far below.
 IN_CHUNK = 500
@@ -164,6 +165,23 @@ def record_data_recipe(session: Session, record: DataRecipe, *, keep_fingerprint
             if item.recipe.name != record.recipe.name
             or (item.fingerprint() == keep_fingerprint and item.fingerprint() != record.fingerprint())]
     set_meta(session, DATA_RECIPES_KEY, json.dumps([item.to_dict() for item in [*kept, record]]))
+    # The projections of the definitions dropped here are needed by no vectors any more.
+    referenced = {item.projection_sha256 for item in [*kept, record] if item.projection_sha256}
+    session.execute(delete(StoredProjection).where(StoredProjection.sha256.not_in(referenced)))
+
+
+def store_projection(session: Session, data: bytes) -> str:
+    """Keep a projection file's bytes in the catalogue (once per content), so that any
+    process sharing the catalogue can load the recipe. Returns their SHA-256."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    if session.scalar(select(StoredProjection.sha256).where(StoredProjection.sha256 == sha256)) is None:
+        session.add(StoredProjection(sha256=sha256, data=data))
+    return sha256
+
+
+def projection_bytes(session: Session, sha256: str) -> bytes | None:
+    """The bytes :func:`store_projection` kept under ``sha256`` (None: none)."""
+    return session.scalar(select(StoredProjection.data).where(StoredProjection.sha256 == sha256))
 
 
 # --- products -------------------------------------------------------------------
