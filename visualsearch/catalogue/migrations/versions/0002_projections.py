@@ -16,6 +16,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("projections"):
+        return  # a catalogue whose revision table was lost, stamped at the baseline again
     # Written out rather than taken from the models, which later revisions may change.
     op.create_table(
         "projections",
