@@ -76,18 +76,28 @@ class PostgresServer:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise RuntimeError(f"{tool} {' '.join(args)} failed: {result.stderr or result.stdout}\n{tail}")
 
+    def _options(self) -> str:
+        return " ".join([f"-p {self.port}", f"-k {self.root}",
+                         *(f"-c {name}={value}" for name, value in SERVER_SETTINGS.items())])
+
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "-U", SERVER_USER, "--auth=trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")
-        options = " ".join([f"-p {self.port}", f"-k {self.root}",
-                            *(f"-c {name}={value}" for name, value in SERVER_SETTINGS.items())])
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
-                  "-o", options, "start")
+                  "-o", self._options(), "start")
         from visualsearch.catalogue import open_catalogue
 
         self._admin(f"CREATE DATABASE {TEMPLATE}")
         sessions = open_catalogue(self.url(TEMPLATE))  # the migrated schema every copy starts with
         sessions.kw["bind"].dispose()
+
+    def halt(self) -> None:
+        """Stop the server but keep its data (an outage); :meth:`resume` starts it again."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
+                  "-o", self._options(), "start")
 
     def stop(self) -> None:
         try:
