@@ -34,10 +34,29 @@ def chromium() -> Iterator:
             browser.close()
 
 
+def closing_responses(app):
+    """``app``, with each response closed however its sending ends. A browser that drops a
+    connection mid-image (a results grid re-rendered while its thumbnails load) makes
+    werkzeug's development server skip the response's ``close()``: the image file it was
+    sending then stays open until collected, a ResourceWarning that the suite's
+    warnings-as-errors turns into a failure of whichever test runs then."""
+
+    def wrapped(environ, start_response):
+        response = app(environ, start_response)
+        try:
+            yield from response
+        finally:
+            close = getattr(response, "close", None)
+            if close is not None:
+                close()
+
+    return wrapped
+
+
 @contextmanager
 def serve(app) -> Iterator[str]:
     """Serve a WSGI app on a free local port; yields its origin (``http://127.0.0.1:PORT``)."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", 0, closing_responses(app), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

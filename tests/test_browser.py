@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import random
 import shutil
-import threading
 
 import pytest
 from playwright.sync_api import expect
-from werkzeug.serving import make_server
 
 from benchmarks.demo_retrieval import DEMO_MANIFEST, shopper_photo
 from web import create_app
+
+from .browsers import serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -45,13 +45,8 @@ def page(browser):
 
 @pytest.fixture
 def live_server(demo_settings):
-    app = create_app(settings=demo_settings)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join()
+    with serve(create_app(settings=demo_settings)) as origin:
+        yield origin
 
 
 def test_upload_a_photo_and_open_a_result(page, live_server, tmp_path):

@@ -52,6 +52,7 @@ MAX_TOP_K = 16_384
 MAX_NAME = 255
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
+LITE_CONNECT_SECONDS = 60.0
 # Options of ?index=... that tune each search, not the index build (nlist, M, efConstruction).
 SEARCH_PARAMS = ("nprobe", "ef")
 # Rows per upsert call: well under gRPC's 64 MiB message limit at any vector size.
@@ -180,7 +181,10 @@ def connect(target: MilvusTarget, collection: str | None = None):
                                  f"{INSTALL_HINT}") from None
     with milvus_errors(target, "connect to", collection or target.collection):
         try:
-            return MilvusClient(uri=target.uri, token=target.token)
+            # A Lite file starts its server in-process: on a busy machine that has taken
+            # more than pymilvus' 10 s default (seen in CI); nothing remote can hang here.
+            return MilvusClient(uri=target.uri, token=target.token, timeout=LITE_CONNECT_SECONDS if target.lite
+                                else None)
         except Exception as exc:
             if target.lite and "Open local milvus failed" in str(exc):
                 raise ConfigurationError(
