@@ -1,10 +1,13 @@
 """Throughput of the whole indexing pipeline (read + decode + CNN + catalogue + index).
 
     python -m benchmarks.index_throughput [--images 1000] [--workers 0,2] [--batch-size 16]
+                                          [--engine ray]
 
 Builds a catalogue of distinct 512 px JPEGs (random crops of the demo photos, so every
 file has its own content hash and real decoding cost), indexes it into a fresh data
 directory once per worker count, and prints images/s with the time of each stage.
+``--engine ray`` runs the same job on a local Ray (started inside the timing: its
+start-up is part of what a run costs) instead of the worker counts.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts to compare")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local")
     args = parser.parse_args()
 
     from visualsearch.service import VisualSearch
@@ -52,21 +56,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         manifest = build_catalogue(Path(folder) / "catalogue", args.images)
-        for workers in (int(value) for value in args.workers.split(",")):
+        worker_counts = [int(value) for value in args.workers.split(",")] if args.engine == "local" else [0]
+        for workers in worker_counts:
             settings = Settings.from_env({}, data_dir=Path(folder) / f"data-{workers}", workers=workers,
                                          batch_size=args.batch_size, device=args.device)
             vs = VisualSearch(settings)
             vs.embedder  # load the model outside the timing
             started = time.perf_counter()
-            report = vs.index(manifest)
+            report = vs.index(manifest, engine=args.engine)
             seconds = time.perf_counter() - started
             stages = ", ".join(f"{name} {value:.1f}s" for name, value in report.stage_seconds.items())
             index = vs.stats()["index"]
-            print(f"workers {workers}, batch {settings.batch_size}: {report.embedded} images in {seconds:.1f}s "
+            print(f"engine {args.engine}, workers {workers}, batch {settings.batch_size}: "
+                  f"{report.embedded} images in {seconds:.1f}s "
                   f"= {report.embedded / seconds:.1f} images/s (main-process time: {stages}); "
                   f"index {index['type']}, {index['segments']} segment(s)")
             rerun = time.perf_counter()
-            again = vs.index(manifest)
+            again = vs.index(manifest, engine=args.engine)
             print(f"  re-run (all unchanged): {again.unchanged} skipped in {time.perf_counter() - rerun:.2f}s")
 
 

@@ -5,7 +5,6 @@ API and a bad row named by its line from the indexer, and nothing is written."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -14,24 +13,14 @@ from visualsearch.catalogue.limits import FIELD_LENGTHS, MAX_IMAGE_PATH_BYTES
 from visualsearch.errors import InvalidRequestError, ProductNotFoundError
 from visualsearch.service import VisualSearch
 from visualsearch.storage_errors import invalid_value_from
-from web import create_app
 
+from . import test_api_writes
 from .conftest import make_image, write_catalogue
 
-AUTH = {"Authorization": "Bearer s3cret"}
+# The write tests' fixtures: an app over the indexed small catalogue, with a write key.
+AUTH, settings, client = test_api_writes.AUTH, test_api_writes.settings, test_api_writes.client
 
 pytestmark = pytest.mark.catalogue_databases("sqlite", "postgresql")
-
-
-@pytest.fixture
-def settings(tiny_settings):
-    return replace(tiny_settings, api_key="s3cret")
-
-
-@pytest.fixture
-def client(settings, small_catalogue):
-    VisualSearch(settings).index(small_catalogue)
-    return create_app({"TESTING": True}, settings=settings).test_client()
 
 
 def test_the_limits_are_the_columns_lengths():

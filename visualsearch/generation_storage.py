@@ -31,6 +31,7 @@ from .vectors.milvus_store import (
     connect,
     milvus_errors,
     parse_vector_store,
+    release_client,
 )
 from .vectors.store import SEGMENTS_DIR
 
@@ -142,7 +143,7 @@ class MilvusGenerations(GenerationStorage):
         try:
             yield client
         finally:
-            client.close()
+            release_client(client)
 
     def locations(self) -> list[str]:
         found = []

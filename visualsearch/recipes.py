@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from .durable import write_file_atomic
 from .errors import BackboneMismatchError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -431,17 +431,10 @@ class Projection:
         arrays = {"mean": self.mean.astype(np.float32), "matrix": self.matrix.astype(np.float32)}
         if self.eigenvalues is not None:
             arrays["eigenvalues"] = self.eigenvalues.astype(np.float64)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as output:
-                np.savez(output, **arrays)
-                output.flush()
-                os.fsync(output.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return replace(self, sha256=file_sha256(path))
+        data = io.BytesIO()
+        np.savez(data, **arrays)
+        write_file_atomic(path, data.getvalue())
+        return replace(self, sha256=hashlib.sha256(data.getvalue()).hexdigest())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Projection":

@@ -36,7 +36,6 @@ processes to PostgreSQL directly or through session pooling.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import time
@@ -48,6 +47,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import StorageError, WriterBusyError
+from ..file_locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -122,29 +122,9 @@ def catalogue_lock(catalogue: Engine | sessionmaker[Session], name: str, *, data
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout: float, busy_message: str) -> Iterator[HeldLock]:
-    """Hold an ``flock`` on ``path`` (created if missing) for the block: the processes of one machine.
-
-    Raises:
-        WriterBusyError: (with ``busy_message``) another holder kept it for ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    with open(path, "a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise WriterBusyError(busy_message) from None
-                time.sleep(POLL_SECONDS)
-        try:
-            yield HeldLock(path.name)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-_file_lock = file_lock
+def _file_lock(path: Path, timeout: float, busy_message: str) -> Iterator[HeldLock]:
+    with file_lock(path, timeout, busy_message):
+        yield HeldLock(path.name)  # held as long as this process lives: nothing to check
 
 
 @contextlib.contextmanager

@@ -33,8 +33,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 
-from ..catalogue.locks import file_lock
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, StorageError, WriterBusyError
+from ..file_locks import file_lock
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning
 from .planner import IndexPlan
@@ -179,7 +179,8 @@ def connect(target: MilvusTarget, collection: str | None = None):
     except ImportError:
         raise ConfigurationError(f"VISUALSEARCH_VECTOR_STORE names Milvus but pymilvus is not installed: "
                                  f"{INSTALL_HINT}") from None
-    with milvus_errors(target, "connect to", collection or target.collection):
+    with milvus_errors(target, "connect to", collection or target.collection), _CONNECTIONS:
+        _close_retired_clients()
         try:
             # A Lite file starts its server in-process: on a busy machine that has taken
             # more than pymilvus' 10 s default (seen in CI); nothing remote can hang here.
@@ -226,7 +227,7 @@ def filter_expression(filters: SearchFilters | None) -> str:
 
 def local_commit_lock(path: Path) -> Callable[[float], contextlib.AbstractContextManager[None]]:
     """A commit lock for the processes of one machine: ``flock`` on ``path`` (see
-    :func:`~visualsearch.catalogue.locks.file_lock`)."""
+    :func:`~visualsearch.file_locks.file_lock`)."""
 
     @contextlib.contextmanager
     def hold(timeout: float) -> Iterator[None]:
@@ -312,7 +313,9 @@ class MilvusVectorStore:
     def close(self) -> None:
         """Release the connection to Milvus (pymilvus shares one between the clients of a
         URI and closes it with the last); the store cannot be used afterwards."""
-        self._closer()
+        self._closer()  # queues the client (see _CONNECTIONS) ...
+        with _CONNECTIONS:
+            _close_retired_clients()  # ... and closes it now
 
     @property
     def closed(self) -> bool:
@@ -641,9 +644,32 @@ class MilvusVectorStore:
             self._manifest = None
 
 
+# Connections are made and closed under this lock. A store's finalizer runs wherever the
+# garbage collector does, possibly inside another store's MilvusClient() for the same
+# Milvus Lite file: closing the last client there stopped the in-process server that
+# the new client was connecting to ("Fail connecting to server on 127.0.0.1:PORT").
+# So a finalizer only queues its client; it is closed at the next connect or close.
+_CONNECTIONS = threading.Lock()
+_RETIRED_CLIENTS: list = []
+
+
 def _close_client(client) -> None:
-    with contextlib.suppress(Exception):
-        client.close()
+    _RETIRED_CLIENTS.append(client)  # (list.append: safe anywhere, even inside the collector)
+
+
+def release_client(client) -> None:
+    """Close a client that :func:`connect` made (under the connections lock)."""
+    _close_client(client)
+    with _CONNECTIONS:
+        _close_retired_clients()
+
+
+def _close_retired_clients() -> None:
+    """Close the queued clients (the caller holds ``_CONNECTIONS``)."""
+    while _RETIRED_CLIENTS:
+        client = _RETIRED_CLIENTS.pop()
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def _loaded():

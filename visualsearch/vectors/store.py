@@ -19,7 +19,6 @@ The Lucene / Milvus segment model, on one machine:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import threading
@@ -33,6 +32,7 @@ import numpy as np
 
 from ..durable import writer_gone
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
+from ..file_locks import file_lock
 from .arrayfile import ArrayFileError
 from .codec import MAX_TRAIN_POINTS, Codec, read_ann, search_segment
 from .filters import SearchFilters
@@ -382,19 +382,9 @@ class VectorStore:
         if not self._write_mutex.acquire(timeout=max(timeout, 0.001)):
             raise WriterBusyError(f"the vector index in {self.data_dir} is busy; try again")
         try:
-            with open(self.segments_dir / LOCK_FILE, "a") as handle:
-                delay = 0.005
-                while True:
-                    try:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise WriterBusyError(
-                                f"another process has held the vector index of {self.data_dir} for "
-                                f"{timeout:.0f}s; try again later") from None
-                        time.sleep(delay)
-                        delay = min(delay * 2, 0.1)
+            with file_lock(self.segments_dir / LOCK_FILE, max(deadline - time.monotonic(), 0.0),
+                           f"another process has held the vector index of {self.data_dir} for {timeout:.0f}s; "
+                           "try again later"):
                 self._writer = threading.get_ident()
                 try:
                     with self._lock:
@@ -402,7 +392,6 @@ class VectorStore:
                     yield
                 finally:
                     self._writer = None
-                    fcntl.flock(handle, fcntl.LOCK_UN)
         finally:
             self._write_mutex.release()
 
