@@ -9,19 +9,27 @@ import pytest
 from visualsearch.vectors.planner import (
     CODE_DIM,
     CODE_SHARE_OF_BUDGET,
+    EXACT_ROW_COST_IN_CODES,
     EXACT_SCAN_BYTES,
     MAX_NLIST,
     MAX_SEGMENT_ROWS,
     MERGE_FACTOR,
     MERGE_FLOOR_ROWS,
     MIN_NLIST,
+    RECALL_PLATEAU,
     REPLAN_FACTOR,
+    RETUNE_FACTOR,
     IndexPlan,
+    TuningTrial,
+    choose_tuning,
     escalate,
     needs_compaction,
     needs_replan,
+    needs_retune,
     plan_index,
     plan_merge,
+    recall_plateaued,
+    search_cost,
     segment_level,
 )
 
@@ -165,6 +173,58 @@ PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
 ])
 def test_needs_replan(plan, count, dim, budget, expected):
     assert needs_replan(plan, count, dim, budget) is expected
+
+
+# --- needs_retune ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("tuned_for", "count", "expected"), [
+    (1 * M, 1 * M, False),
+    (1 * M, int(RETUNE_FACTOR * M), False),          # grown 1.5x: the measured recall still holds
+    (1 * M, int(RETUNE_FACTOR * M) + 1, True),       # grown more: measure again
+    (5_100 * K, 10 * M, True),                       # the 10M benchmark's case (0.960 measured, 0.932 got)
+    (1 * M, 10 * K, False),                          # shrinking only makes searching easier
+    (0, 1, True),                                    # never measured at a known size
+])
+def test_needs_retune(tuned_for, count, expected):
+    assert needs_retune(tuned_for, count) is expected
+
+
+# --- tuning: cost of search parameters, when probing more stops helping, the choice ---------
+
+def test_search_cost_adds_the_probed_codes_and_the_re_ranked_rows():
+    assert search_cost(6, 300, 1 * M, 1000) == 6 * 1000 + 300 * EXACT_ROW_COST_IN_CODES
+    assert search_cost(0, 100, 1 * M, 1000) == 100 * EXACT_ROW_COST_IN_CODES
+    # The 1M benchmark's two tunings, in the order of their measured p50 (4.5 vs 10.5 ms).
+    assert search_cost(6, 300, 1 * M, 1024) < search_cost(4, 1000, 1 * M, 1024)
+
+
+@pytest.mark.parametrize(("recalls", "expected"), [
+    ([], False),
+    ([0.80, 0.80], False),                                      # too few steps to tell
+    ([0.80, 0.90, 0.93], False),                                # still rising
+    ([0.93, 0.931, 0.932], True),                               # two flat steps: the depth limits it
+    ([0.93, 0.931, 0.94], False),                               # the last step still helped
+    ([0.90, 0.93, 0.93 + RECALL_PLATEAU, 0.93 + RECALL_PLATEAU], False),
+])
+def test_recall_plateaued(recalls, expected):
+    assert recall_plateaued(recalls) is expected
+
+
+@pytest.mark.parametrize(("trials", "expected"), [
+    # The cheapest of those that reach the target, not the first found nor the smallest depth.
+    ([TuningTrial(96, 300, 0.951), TuningTrial(8, 500, 0.955), TuningTrial(4, 1000, 0.97)], TuningTrial(8, 500, 0.955)),
+    ([TuningTrial(4, 100, 0.951), TuningTrial(2, 300, 0.99)], TuningTrial(4, 100, 0.951)),
+    # None reached it: the best recall, and the cheaper setting of equals.
+    ([TuningTrial(1024, 1000, 0.93), TuningTrial(16, 2000, 0.94), TuningTrial(8, 2000, 0.94)],
+     TuningTrial(8, 2000, 0.94)),
+])
+def test_choose_tuning(trials, expected):
+    assert choose_tuning(trials, 0.95, 1 * M, 1024) == expected
+
+
+def test_choose_tuning_needs_a_trial():
+    with pytest.raises(ValueError):
+        choose_tuning([], 0.95, 1 * M, 1024)
 
 
 def ivf(dim: int, reduce_dim: int | None, planned_for: int = 1 * M) -> IndexPlan:

@@ -561,6 +561,27 @@ def three_segments(store: VectorStore, catalogue: Catalogue, rng: np.random.Gene
     assert (stats.segments, stats.rows, stats.vectors) == (3, 1750, 1670)
 
 
+def test_search_parameters_are_measured_again_once_the_catalogue_has_grown(tmp_path, ann_thresholds, ivf_wanted,
+                                                                             ann_search_works):
+    """More vectors near each query lower the recall tuned parameters give: past
+    RETUNE_FACTOR times the size they were measured at, maintenance tunes again."""
+    require_ann("ivf", ann_search_works)
+    store, catalogue = open_store(tmp_path / "data"), Catalogue()
+    rng = np.random.default_rng(31)
+    catalogue.commit(store, make_rows(rng, range(1000)))
+    store.rebuild(plan=PLANS["ivf"])
+    tuned = store.manifest.tuning
+    assert (tuned.codec, tuned.vectors) == (store.manifest.codec, 1000)
+    assert store.maintenance() is None
+    catalogue.commit(store, make_rows(rng, range(1000, 1500)))   # 1.5x: still as measured
+    assert store.maintenance() is None
+    catalogue.commit(store, make_rows(rng, range(1500, 1600)))
+    assert store.maintain() == "tune"
+    assert store.manifest.tuning.vectors == 1600 and store.manifest.tuning.measured_at > tuned.measured_at
+    assert store.maintenance() is None
+    check_search(store, catalogue, catalogue.queries(rng, 20), min_recall=0.9)
+
+
 def test_rebuild_re_encodes_each_segment_in_place(tmp_path, ann_thresholds, ann_search_works):
     """A rebuild gives every big segment the new codec's lists and small ones none, under
     the same uids: the vectors (.vseg) are never rewritten, dead rows stay (that is a

@@ -33,6 +33,7 @@ class Tuning:
     queries: int = 0
     measured_at: float | None = None
     codec: str | None = None  # the codec it was measured with
+    vectors: int = 0          # live vectors when it was measured (0: before this was recorded)
 
 
 @dataclass(frozen=True)

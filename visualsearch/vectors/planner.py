@@ -45,6 +45,19 @@ MIN_NLIST, MAX_NLIST = 64, 4096
 # Re-plan (train a new codec) once the catalogue has grown or shrunk this much
 # since the codec was planned: nlist then no longer suits the list lengths.
 REPLAN_FACTOR = 4
+# Measure the search parameters again once the catalogue has grown this much since
+# they were tuned: more vectors near each query need more lists or a deeper re-rank
+# for the same recall (parameters tuned at 5.1M images measured 0.960 there and gave
+# 0.932 at 10M, where the codec, planned for growth by REPLAN_FACTOR, still suited).
+RETUNE_FACTOR = 1.5
+# An exact row (a scattered read of its float32 vector, then a dot product) costs about
+# this many ANN code distances (measured at 1M: a price range keeping 10 % of each
+# segment ran 14.8 ms p50 exact, 6 ms on the lists). Used to choose between an exact
+# scan and the lists for a filter, and between search parameters when tuning.
+EXACT_ROW_COST_IN_CODES = 50
+# Tuning stops probing more lists at a re-rank depth once two steps each raised the
+# recall by less than this.
+RECALL_PLATEAU = 0.002
 # Tiered merging (Lucene's LogMergePolicy): MERGE_FACTOR segments of one size level
 # become one segment of the next level, so each vector is rewritten about
 # log_MERGE_FACTOR(count / MERGE_FLOOR_ROWS) times in its life.
@@ -156,6 +169,49 @@ def needs_replan(plan: IndexPlan | None, count: int, dim: int, memory_budget: in
     # Larger codes than plan_index would pick are fine (an escalation chose them for
     # recall) as long as they still fit the budget.
     return grown or plan.code_bytes * count > memory_budget * CODE_SHARE_OF_BUDGET
+
+
+def needs_retune(tuned_for: int, count: int) -> bool:
+    """True when ``count`` vectors are enough more than the ``tuned_for`` the search
+    parameters were measured on that their recall may have fallen below target.
+    Shrinking never triggers it: fewer neighbours only make the search easier."""
+    return count > tuned_for * RETUNE_FACTOR
+
+
+@dataclass(frozen=True)
+class TuningTrial:
+    """Search parameters tried by tuning and the recall@10 they measured."""
+
+    nprobe: int
+    rerank: int
+    recall: float
+
+
+def search_cost(nprobe: int, rerank: int, count: int, nlist: int) -> float:
+    """What an unfiltered search costs, in ANN code distances: the codes of ``nprobe``
+    lists (each about count / nlist long) plus ``rerank`` exact rows. At 1M images,
+    nprobe 6 / re-rank 300 (cost 20,900) measured 4.5 ms p50 and nprobe 4 / re-rank
+    1,000 (53,900) 10.5 ms."""
+    return nprobe * count / max(nlist, 1) + rerank * EXACT_ROW_COST_IN_CODES
+
+
+def recall_plateaued(recalls: Sequence[float]) -> bool:
+    """True when the last two steps of probing more lists raised the recall by less
+    than RECALL_PLATEAU each: the re-rank depth is what limits it."""
+    if len(recalls) < 3:
+        return False
+    return recalls[-1] - recalls[-2] < RECALL_PLATEAU and recalls[-2] - recalls[-3] < RECALL_PLATEAU
+
+
+def choose_tuning(trials: Sequence[TuningTrial], target: float, count: int, nlist: int) -> TuningTrial:
+    """The cheapest trial (:func:`search_cost`) that reached ``target``; when none did,
+    the one with the best recall (the cheapest of those). Raises ValueError on no trials."""
+    if not trials:
+        raise ValueError("no tuning trials")
+    reached = [trial for trial in trials if trial.recall >= target]
+    if reached:
+        return min(reached, key=lambda t: search_cost(t.nprobe, t.rerank, count, nlist))
+    return min(trials, key=lambda t: (-t.recall, search_cost(t.nprobe, t.rerank, count, nlist)))
 
 
 def segment_level(rows: int) -> int:

@@ -241,21 +241,42 @@ class Segment:
             ann = read_ann(directory / ann_file_name(uid, codec_id))
         return cls(uid, rows, arrays["deletes"], meta, ann=ann, codec_id=codec_id)
 
-    def read_vectors(self, rows: np.ndarray) -> np.ndarray:
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Ask the kernel to start reading the stored vectors of ``rows`` (sorted), all at
+        once, without waiting. Re-ranking reads hundreds of scattered rows per query;
+        once the float32 vectors outgrow the page cache (10M images: 51 GB) most of them
+        come from disk, and one blocking read after another costs a disk round trip each
+        (1,000 cold rows: 198 ms), where requests issued together are served in parallel
+        by the device's queue (15 ms). On cached rows it costs ~0.6 us a row."""
+        if self._fd is None or len(rows) == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        row_bytes = self.rows.vectors.shape[1] * 4
+        base = self.rows.vectors.offset
+        for start, end in _runs(rows):
+            os.posix_fadvise(self._fd, base + int(rows[start]) * row_bytes, (end - start) * row_bytes,
+                             os.POSIX_FADV_WILLNEED)
+
+    def read_vectors(self, rows: np.ndarray, *, prefetch: bool = True) -> np.ndarray:
         """The stored vectors of ``rows`` (sorted), read with pread rather than through the
         mapping: re-ranking reads ~100 scattered rows per query, and faulting them in
         through the mapping pulls whole page-cache folios (up to 2 MiB each) into the
-        process, so a server's resident memory grew by ~1 MB per re-ranked row."""
+        process, so a server's resident memory grew by ~1 MB per re-ranked row.
+
+        Args:
+            prefetch: first issue the reads of every run of rows together
+                (:meth:`prefetch`); False when the caller already did.
+        """
         vectors = self.rows.vectors
         if self._fd is None or len(rows) == 0:
             return np.asarray(vectors[rows])
+        runs = _runs(rows)
+        if prefetch and len(runs) > 1:
+            self.prefetch(rows)
         dim = vectors.shape[1]
         out = np.empty((len(rows), dim), dtype=np.float32)
         row_bytes = dim * 4
         fd = self._fd
-        # One read per run of consecutive rows (filters often select neighbours).
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for start, end in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
+        for start, end in runs:
             want = (end - start) * row_bytes
             read = os.preadv(fd, [memoryview(out[start:end]).cast("B")], vectors.offset + int(rows[start]) * row_bytes)
             if read != want:
@@ -298,6 +319,13 @@ class Segment:
             if filters.max_price is not None:
                 mask &= prices <= filters.max_price
         return mask
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) positions of the runs of consecutive values in sorted ``rows``: one
+    read per run (filters often select neighbours)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()))
 
 
 def segment_name(uid: int) -> str:

@@ -38,14 +38,20 @@ from .codec import MAX_TRAIN_POINTS, Codec, read_ann, search_segment
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
 from .planner import (
+    EXACT_ROW_COST_IN_CODES,
     MIN_ANN_SEGMENT_ROWS,
     IndexPlan,
+    TuningTrial,
+    choose_tuning,
     escalate,
     needs_compaction,
     needs_replan,
+    needs_retune,
     plan_force_merge,
     plan_index,
     plan_merge,
+    recall_plateaued,
+    search_cost,
 )
 from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows, ann_file_name
 from .state import Snapshot, StoreState
@@ -57,13 +63,13 @@ LOCK_FILE = ".commit.lock"
 # Exact scan of a filter's rows while they are at most this many bytes of vectors;
 # beyond, the ANN lists are searched with the filter as an id selector.
 FILTER_EXACT_BYTES = 4 * 1024**2
-# ... and while that is cheaper than the ANN path: an exact row (a scattered read of its
-# float32 vector, then a dot product) costs about this many ANN code distances (measured
-# at 1M: a price range keeping 10 % of each segment ran 14.8 ms p50 exact, 6 ms on the lists).
-EXACT_ROW_COST_IN_CODES = 50
+# ... and while that is cheaper than the ANN path (planner.EXACT_ROW_COST_IN_CODES).
 DEFAULT_RERANK = 100
-# Re-ranking depths tuning tries when probing every list is not enough.
-RERANK_STEPS = (DEFAULT_RERANK, 300, 1000)
+# Re-ranking depths tuning tries (with the fewest lists that reach the target at each).
+RERANK_STEPS = (DEFAULT_RERANK, 200, 300, 500, 700, 1000, 1500, 2000)
+# Tuning re-ranks at most this share of the catalogue: a plan that needs more is
+# escalated to finer codes (rebuild) instead.
+MAX_RERANK_SHARE = 0.35
 TARGET_RECALL = 0.95
 TUNING_QUERIES = 200
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -616,7 +622,10 @@ class VectorStore:
             return "rebuild"
         if any(s.codec_id != _wanted_codec(s, manifest.codec) for s in snap.segments):
             return "reencode"
-        if manifest.codec is not None and manifest.tuning.codec != manifest.codec:
+        if manifest.codec is not None and (
+                manifest.tuning.codec != manifest.codec
+                # Tunings made before their size was recorded count as of the plan's size.
+                or needs_retune(manifest.tuning.vectors or manifest.index_plan.planned_for, snap.alive_count)):
             return "tune"
         if needs_compaction(snap.alive_count, rows):
             return "compact"
@@ -741,26 +750,45 @@ class VectorStore:
                 (self.segments_dir / f"codec-{codec_id}{suffix}").unlink(missing_ok=True)
 
     def tune(self, *, queries: int = TUNING_QUERIES, target: float = TARGET_RECALL, seed: int = 1234) -> Tuning:
-        """Choose the smallest ``nprobe`` whose recall@10 against exact search reaches
-        ``target`` on a sample of the catalogue's own vectors, and record it."""
+        """Choose the cheapest ``nprobe`` and re-rank depth whose recall@10 against exact
+        search reaches ``target`` on a sample of the catalogue's own vectors, and record it.
+
+        For each re-rank depth it probes more lists until the target is reached or the
+        recall stops rising (the depth, not the lists, then limits it); depths whose
+        re-ranking alone costs more than the best choice so far are not tried.
+        """
         snap = self.snapshot()
         sample_ids, sample = _sample_with_ids(snap, min(queries, snap.alive_count), seed + 1)
         if not len(sample):
             return self._manifest.tuning if self._manifest else Tuning()
         truth = _exact_neighbours(snap, sample, sample_ids, 10)
-        chosen = Tuning()
+        count, nlist = snap.alive_count, self._nlist()
+        trials: list[TuningTrial] = []
+        best = math.inf
         for rerank in RERANK_STEPS:
-            for nprobe in [step for step in NPROBE_STEPS if step < self._nlist()] + [self._nlist()]:
-                recall = self._recall(sample, sample_ids, truth, nprobe, rerank)
-                chosen = Tuning(nprobe=nprobe, rerank=rerank, recall_at_10=round(recall, 4),
-                                queries=len(sample), measured_at=time.time(), codec=self._manifest.codec)
-                if recall >= target:
+            if rerank > DEFAULT_RERANK and rerank > count * MAX_RERANK_SHARE:
+                break  # that is an exact search in disguise: better codes are the answer (escalate)
+            if search_cost(0, rerank, count, nlist) >= best:
+                break  # deeper re-ranks only cost more
+            recalls: list[float] = []
+            for nprobe in [step for step in NPROBE_STEPS if step < nlist] + [nlist]:
+                if search_cost(nprobe, rerank, count, nlist) >= best:
                     break
-            if (chosen.recall_at_10 or 0.0) >= target:
-                break
+                recalls.append(self._recall(sample, sample_ids, truth, nprobe, rerank))
+                trials.append(TuningTrial(nprobe, rerank, recalls[-1]))
+                if recalls[-1] >= target:
+                    best = search_cost(nprobe, rerank, count, nlist)
+                    break
+                if recall_plateaued(recalls):
+                    break
+        trial = choose_tuning(trials, target, count, nlist)
+        chosen = Tuning(nprobe=trial.nprobe, rerank=trial.rerank, recall_at_10=round(trial.recall, 4),
+                        queries=len(sample), measured_at=time.time(), codec=self._manifest.codec,
+                        vectors=count)
         with self.writing():
             self._install(list(self._state.segments), self._manifest, tuning=chosen)
-        logger.info("tuned the vector index: nprobe %s, recall@10 %.3f", chosen.nprobe, chosen.recall_at_10)
+        logger.info("tuned the vector index: nprobe %s, re-rank %s, recall@10 %.3f (%d settings tried)",
+                    chosen.nprobe, chosen.rerank, chosen.recall_at_10, len(trials))
         return chosen
 
     def _nlist(self) -> int:
@@ -855,10 +883,12 @@ def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: n
         if len(rows) > depth:
             keep = np.argpartition(-approx, depth - 1)[:depth]
             owners, rows = owners[keep], rows[keep]
-        for index in np.unique(owners).tolist():
-            segment = candidates[index][0]
-            picked = np.unique(rows[owners == index])
-            exact = segment.read_vectors(picked) @ query
+        picks = [(candidates[index][0], np.unique(rows[owners == index])) for index in np.unique(owners).tolist()]
+        # Every segment's reads are issued before any is waited for (see Segment.prefetch).
+        for segment, picked in picks:
+            segment.prefetch(picked)
+        for segment, picked in picks:
+            exact = segment.read_vectors(picked, prefetch=False) @ query
             out.append((segment, picked, exact.astype(np.float32)))
     return out
 
