@@ -38,7 +38,7 @@ def main() -> None:
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
     from visualsearch.vectors import SearchFilters, configure_threads
-    from visualsearch.vectors.segment import Segment
+    from visualsearch.vectors.segment import Segment, consecutive_runs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -55,7 +55,7 @@ def main() -> None:
         find_products(vs, query[None], top_k=10, filters=SearchFilters())
     prefetch = Segment.prefetch
     modes = {"warm cache": (prefetch, False), "cold, reads issued together": (prefetch, True),
-             "cold, one read at a time": (lambda self, rows: None, True)}
+             "cold, one read at a time": (lambda self, rows: consecutive_runs(rows), True)}
     print(f"{'p50 / p95 ms':<16}" + "".join(f"{name:>30}" for name in modes))
     for filter_name, spec in FILTERS.items():
         filters = SearchFilters.build(**spec)

@@ -486,6 +486,44 @@ def test_many_small_commits_merge_and_stay_equal_to_brute_force(fresh):
     assert_state(open_store(fresh.data_dir), catalogue.rows)
 
 
+def test_re_ranking_issues_every_segments_reads_before_waiting_for_any(fresh, monkeypatch):
+    """Once the stored vectors outgrow the page cache, the re-ranked rows come from disk:
+    their reads go out together (posix_fadvise WILLNEED, for every segment) before the
+    first blocking pread, and what is read is the stored vectors."""
+    if fresh.kind == "flat" or not hasattr(os, "posix_fadvise"):
+        pytest.skip("re-ranking reads rows of ANN segments (Linux)")
+    store, catalogue = fresh.store, fresh.catalogue
+    catalogue.commit(store, make_rows(np.random.default_rng(40), range(30_000, 30_000 + 1000)))
+    store = open_store(fresh.data_dir)
+    segments = store.snapshot().segments
+    assert sum(1 for s in segments if s.ann is not None) == 2
+    rows = np.array([0, 1, 2, 7, 500, 501, 999])
+    assert segment_module.consecutive_runs(rows) == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert np.array_equal(segments[-1].read_vectors(rows), np.asarray(segments[-1].rows.vectors)[rows])
+
+    events: list[tuple[str, int]] = []
+    real_fadvise, real_preadv = os.posix_fadvise, os.preadv
+
+    def fadvise(fd, offset, length, advice):
+        events.append(("advise", fd))
+        return real_fadvise(fd, offset, length, advice)
+
+    def preadv(fd, buffers, offset):
+        events.append(("read", fd))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(os, "preadv", preadv)
+    query = catalogue.queries(np.random.default_rng(41), 1)
+    store.search(query, 10, rerank=200)
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("advise") >= 100 and kinds.count("read") == kinds.count("advise")
+    assert "read" not in kinds[:kinds.count("advise")]  # every read issued before the first wait
+    assert len({fd for kind, fd in events if kind == "advise"}) == 2  # both segments'
+    monkeypatch.undo()
+    check_search(store, catalogue, catalogue.queries(np.random.default_rng(42), 20), min_recall=0.9)
+
+
 def test_a_big_commit_after_a_rebuild_is_encoded_with_the_codec(fresh, ann_calls):
     store, catalogue = fresh.store, fresh.catalogue
     rng = np.random.default_rng(7)

@@ -241,37 +241,39 @@ class Segment:
             ann = read_ann(directory / ann_file_name(uid, codec_id))
         return cls(uid, rows, arrays["deletes"], meta, ann=ann, codec_id=codec_id)
 
-    def prefetch(self, rows: np.ndarray) -> None:
+    def prefetch(self, rows: np.ndarray) -> list[tuple[int, int]]:
         """Ask the kernel to start reading the stored vectors of ``rows`` (sorted), all at
-        once, without waiting. Re-ranking reads hundreds of scattered rows per query;
-        once the float32 vectors outgrow the page cache (10M images: 51 GB) most of them
-        come from disk, and one blocking read after another costs a disk round trip each
+        once, without waiting; returns the runs of consecutive rows for
+        :meth:`read_vectors`. Re-ranking reads hundreds of scattered rows per query; once
+        the float32 vectors outgrow the page cache (10M images: 51 GB) most of them come
+        from disk, and one blocking read after another costs a disk round trip each
         (1,000 cold rows: 198 ms), where requests issued together are served in parallel
         by the device's queue (15 ms). On cached rows it costs ~0.6 us a row."""
-        if self._fd is None or len(rows) == 0 or not hasattr(os, "posix_fadvise"):
-            return
+        runs = consecutive_runs(rows)
+        if self._fd is None or len(runs) < 2 or not hasattr(os, "posix_fadvise"):
+            return runs
         row_bytes = self.rows.vectors.shape[1] * 4
         base = self.rows.vectors.offset
-        for start, end in _runs(rows):
+        for start, end in runs:
             os.posix_fadvise(self._fd, base + int(rows[start]) * row_bytes, (end - start) * row_bytes,
                              os.POSIX_FADV_WILLNEED)
+        return runs
 
-    def read_vectors(self, rows: np.ndarray, *, prefetch: bool = True) -> np.ndarray:
+    def read_vectors(self, rows: np.ndarray, *, runs: list[tuple[int, int]] | None = None) -> np.ndarray:
         """The stored vectors of ``rows`` (sorted), read with pread rather than through the
         mapping: re-ranking reads ~100 scattered rows per query, and faulting them in
         through the mapping pulls whole page-cache folios (up to 2 MiB each) into the
         process, so a server's resident memory grew by ~1 MB per re-ranked row.
 
         Args:
-            prefetch: first issue the reads of every run of rows together
-                (:meth:`prefetch`); False when the caller already did.
+            runs: what :meth:`prefetch` returned for ``rows`` when the caller issued the
+                reads already (several segments' reads go out together); else this does.
         """
         vectors = self.rows.vectors
         if self._fd is None or len(rows) == 0:
             return np.asarray(vectors[rows])
-        runs = _runs(rows)
-        if prefetch and len(runs) > 1:
-            self.prefetch(rows)
+        if runs is None:
+            runs = self.prefetch(rows)
         dim = vectors.shape[1]
         out = np.empty((len(rows), dim), dtype=np.float32)
         row_bytes = dim * 4
@@ -321,7 +323,7 @@ class Segment:
         return mask
 
 
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) positions of the runs of consecutive values in sorted ``rows``: one
     read per run (filters often select neighbours)."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1

@@ -885,10 +885,9 @@ def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: n
             owners, rows = owners[keep], rows[keep]
         picks = [(candidates[index][0], np.unique(rows[owners == index])) for index in np.unique(owners).tolist()]
         # Every segment's reads are issued before any is waited for (see Segment.prefetch).
-        for segment, picked in picks:
-            segment.prefetch(picked)
-        for segment, picked in picks:
-            exact = segment.read_vectors(picked, prefetch=False) @ query
+        runs = [segment.prefetch(picked) for segment, picked in picks]
+        for (segment, picked), segment_runs in zip(picks, runs):
+            exact = segment.read_vectors(picked, runs=segment_runs) @ query
             out.append((segment, picked, exact.astype(np.float32)))
     return out
 
