@@ -1,4 +1,5 @@
-"""Searches whose stored vectors come from disk, with and without prefetching (docs/performance.md).
+"""Searches whose stored vectors come from disk, with and without prefetching (docs/performance.md,
+"Vectors that outgrow the page cache").
 
 At 10M images the float32 vectors (51 GB) outgrow the page cache of a 24 GB machine,
 so most rows a search re-ranks (or scans exactly, for a small filter) are read from
@@ -62,17 +63,19 @@ def main() -> None:
         cells = []
         for prefetcher, cold in modes.values():
             Segment.prefetch = prefetcher
-            if not cold:  # the same searches once before, so that their rows are cached
+            try:
+                if not cold:  # the same searches once before, so that their rows are cached
+                    for query in timed:
+                        find_products(vs, query[None], top_k=10, filters=filters)
+                took = []
                 for query in timed:
+                    if cold:
+                        evict(segments_dir)
+                    started = time.perf_counter()
                     find_products(vs, query[None], top_k=10, filters=filters)
-            took = []
-            for query in timed:
-                if cold:
-                    evict(segments_dir)
-                started = time.perf_counter()
-                find_products(vs, query[None], top_k=10, filters=filters)
-                took.append(time.perf_counter() - started)
-            Segment.prefetch = prefetch
+                    took.append(time.perf_counter() - started)
+            finally:
+                Segment.prefetch = prefetch
             cells.append(f"{np.median(took) * 1000:.1f} / {np.percentile(took, 95) * 1000:.1f}")
         print(f"{filter_name:<16}" + "".join(f"{cell:>30}" for cell in cells))
 

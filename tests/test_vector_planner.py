@@ -202,9 +202,9 @@ def test_search_cost_adds_the_probed_codes_and_the_re_ranked_rows():
     ([], False),
     ([0.80, 0.80], False),                                      # too few steps to tell
     ([0.80, 0.90, 0.93], False),                                # still rising
-    ([0.93, 0.931, 0.932], True),                               # two flat steps: the depth limits it
+    ([0.93, 0.931, 0.9315], True),                              # two flat steps: the depth limits it
     ([0.93, 0.931, 0.94], False),                               # the last step still helped
-    ([0.90, 0.93, 0.93 + RECALL_PLATEAU, 0.93 + RECALL_PLATEAU], False),
+    ([0.90, 0.93, 0.93 + 2 * RECALL_PLATEAU, 0.93 + 2 * RECALL_PLATEAU], False),  # one flat step only
 ])
 def test_recall_plateaued(recalls, expected):
     assert recall_plateaued(recalls) is expected
@@ -214,9 +214,12 @@ def test_recall_plateaued(recalls, expected):
     # The cheapest of those that reach the target, not the first found nor the smallest depth.
     ([TuningTrial(96, 300, 0.951), TuningTrial(8, 500, 0.955), TuningTrial(4, 1000, 0.97)], TuningTrial(8, 500, 0.955)),
     ([TuningTrial(4, 100, 0.951), TuningTrial(2, 300, 0.99)], TuningTrial(4, 100, 0.951)),
-    # None reached it: the best recall, and the cheaper setting of equals.
+    # None reached it: the best recall, and the cheaper setting of equals ...
     ([TuningTrial(1024, 1000, 0.93), TuningTrial(16, 2000, 0.94), TuningTrial(8, 2000, 0.94)],
      TuningTrial(8, 2000, 0.94)),
+    # ... or of those a noise-sized step below it.
+    ([TuningTrial(1024, 2000, 0.9405), TuningTrial(8, 1000, 0.9395), TuningTrial(4, 100, 0.90)],
+     TuningTrial(8, 1000, 0.9395)),
 ])
 def test_choose_tuning(trials, expected):
     assert choose_tuning(trials, 0.95, 1 * M, 1024) == expected

@@ -501,25 +501,27 @@ def test_re_ranking_issues_every_segments_reads_before_waiting_for_any(fresh, mo
     assert segment_module.consecutive_runs(rows) == [(0, 3), (3, 4), (4, 6), (6, 7)]
     assert np.array_equal(segments[-1].read_vectors(rows), np.asarray(segments[-1].rows.vectors)[rows])
 
-    events: list[tuple[str, int]] = []
+    events: list[tuple[str, int, int, int]] = []  # (what, fd, offset, length)
     real_fadvise, real_preadv = os.posix_fadvise, os.preadv
 
     def fadvise(fd, offset, length, advice):
-        events.append(("advise", fd))
+        assert advice == os.POSIX_FADV_WILLNEED
+        events.append(("advise", fd, offset, length))
         return real_fadvise(fd, offset, length, advice)
 
     def preadv(fd, buffers, offset):
-        events.append(("read", fd))
+        events.append(("read", fd, offset, sum(memoryview(b).nbytes for b in buffers)))
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
     monkeypatch.setattr(os, "preadv", preadv)
     query = catalogue.queries(np.random.default_rng(41), 1)
     store.search(query, 10, rerank=200)
-    kinds = [kind for kind, _ in events]
-    assert kinds.count("advise") >= 100 and kinds.count("read") == kinds.count("advise")
-    assert "read" not in kinds[:kinds.count("advise")]  # every read issued before the first wait
-    assert len({fd for kind, fd in events if kind == "advise"}) == 2  # both segments'
+    advised = [event[1:] for event in events if event[0] == "advise"]
+    read = [event[1:] for event in events if event[0] == "read"]
+    assert len(advised) >= 100 and sorted(advised) == sorted(read)  # the very ranges it then reads
+    assert all(event[0] == "advise" for event in events[:len(advised)])  # all issued before the first wait
+    assert len({fd for fd, _, _ in advised}) == 2  # both segments'
     monkeypatch.undo()
     check_search(store, catalogue, catalogue.queries(np.random.default_rng(42), 20), min_recall=0.9)
 
@@ -597,6 +599,40 @@ def three_segments(store: VectorStore, catalogue: Catalogue, rng: np.random.Gene
     catalogue.commit(store, make_rows(rng, [*range(1600, 1700), *range(0, 50)]), deletes=range(1000, 1030))
     stats = store.stats()
     assert (stats.segments, stats.rows, stats.vectors) == (3, 1750, 1670)
+
+
+def test_tuning_takes_the_cheapest_settings_that_reach_the_target(fresh, monkeypatch):
+    """Per re-rank depth, more lists until the target or a plateau (the depth limits the
+    recall); depths whose re-ranking alone costs more than the best found are skipped."""
+    if fresh.kind == "flat":
+        pytest.skip("exact search has nothing to tune")
+    ceiling = {100: 0.90, 200: 0.94, 300: 0.97, 500: 0.99, 700: 0.99, 1000: 0.99}
+    tried: list[tuple[int, int]] = []
+
+    def recall(self, sample, sample_ids, truth, nprobe, rerank):
+        tried.append((nprobe, rerank))
+        return ceiling[rerank] * min(1.0, nprobe / 4)
+
+    monkeypatch.setattr(VectorStore, "_recall", recall)
+    tuning = fresh.store.tune()
+    assert (tuning.nprobe, tuning.rerank, tuning.recall_at_10) == (4, 300, 0.97)
+    assert tried == [(n, 100) for n in (1, 2, 3, 4, 6, 8)] + [(n, 200) for n in (1, 2, 3, 4, 6, 8)] + \
+        [(n, 300) for n in (1, 2, 3, 4)]  # 500 re-ranked rows alone cost more than nprobe 4 + 300
+    assert fresh.store.manifest.tuning == tuning and tuning.vectors == ROWS
+
+
+def test_a_re_tune_short_of_the_target_escalates_to_finer_codes(fresh, monkeypatch, ivf_wanted):
+    if fresh.kind != "ivf_pca":
+        pytest.skip("escalation replaces PCA-reduced codes")
+    store, catalogue = fresh.store, fresh.catalogue
+    catalogue.commit(store, make_rows(np.random.default_rng(43), range(30_000, 30_000 + ROWS // 2 + 100)))
+    monkeypatch.setattr(VectorStore, "_recall", lambda self, *args: 0.5)  # the grown catalogue defeats PCA16
+    assert store.maintenance() == "tune"
+    assert store.maintain() == "rebuild"
+    assert store.manifest.index_plan.reduce_dim is None  # full-dimension codes
+    monkeypatch.undo()
+    lower_thresholds(monkeypatch)
+    check_search(store, catalogue, catalogue.queries(np.random.default_rng(44), 20), min_recall=0.9)
 
 
 def test_search_parameters_are_measured_again_once_the_catalogue_has_grown(tmp_path, ann_thresholds, ivf_wanted,

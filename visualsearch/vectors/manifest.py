@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,10 @@ def read_store_manifest(directory: Path) -> StoreManifest | None:
         )
     try:
         raw["segments"] = tuple(raw.get("segments", ()))
-        raw["tuning"] = Tuning(**raw.get("tuning", {}))
+        # Fields a newer version added to the tuning are dropped, not refused, so that
+        # an older process still serves a store a newer one has tuned.
+        known = {f.name for f in fields(Tuning)}
+        raw["tuning"] = Tuning(**{key: value for key, value in raw.get("tuning", {}).items() if key in known})
         return StoreManifest(**raw)
     except TypeError as exc:
         raise IndexCorruptError(f"{path} is not an index manifest of this version: {exc}") from None

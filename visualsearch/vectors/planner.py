@@ -189,9 +189,10 @@ class TuningTrial:
 
 def search_cost(nprobe: int, rerank: int, count: int, nlist: int) -> float:
     """What an unfiltered search costs, in ANN code distances: the codes of ``nprobe``
-    lists (each about count / nlist long) plus ``rerank`` exact rows. At 1M images,
-    nprobe 6 / re-rank 300 (cost 20,900) measured 4.5 ms p50 and nprobe 4 / re-rank
-    1,000 (53,900) 10.5 ms."""
+    lists (each about count / nlist long) plus ``rerank`` exact rows. At 1M images
+    (IVF1024), nprobe 6 / re-rank 500 (cost 30,900) measured 4.5 ms p50 and nprobe 4 /
+    re-rank 1,000 (53,900) 10.5 ms. The row cost is that of a cached row; rows read
+    from disk cost more, so at sizes past the page cache this favours deep re-ranks."""
     return nprobe * count / max(nlist, 1) + rerank * EXACT_ROW_COST_IN_CODES
 
 
@@ -205,13 +206,15 @@ def recall_plateaued(recalls: Sequence[float]) -> bool:
 
 def choose_tuning(trials: Sequence[TuningTrial], target: float, count: int, nlist: int) -> TuningTrial:
     """The cheapest trial (:func:`search_cost`) that reached ``target``; when none did,
-    the one with the best recall (the cheapest of those). Raises ValueError on no trials."""
+    the cheapest of those within RECALL_PLATEAU of the best recall (a hair more recall
+    from the costliest setting is noise, not a gain). Raises ValueError on no trials."""
     if not trials:
         raise ValueError("no tuning trials")
     reached = [trial for trial in trials if trial.recall >= target]
-    if reached:
-        return min(reached, key=lambda t: search_cost(t.nprobe, t.rerank, count, nlist))
-    return min(trials, key=lambda t: (-t.recall, search_cost(t.nprobe, t.rerank, count, nlist)))
+    if not reached:
+        best = max(trial.recall for trial in trials)
+        reached = [trial for trial in trials if trial.recall >= best - RECALL_PLATEAU]
+    return min(reached, key=lambda t: (search_cost(t.nprobe, t.rerank, count, nlist), -t.recall))
 
 
 def segment_level(rows: int) -> int:

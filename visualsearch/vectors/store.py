@@ -63,7 +63,7 @@ LOCK_FILE = ".commit.lock"
 # Exact scan of a filter's rows while they are at most this many bytes of vectors;
 # beyond, the ANN lists are searched with the filter as an id selector.
 FILTER_EXACT_BYTES = 4 * 1024**2
-# ... and while that is cheaper than the ANN path (planner.EXACT_ROW_COST_IN_CODES).
+# ... and while that is cheaper than the ANN path (EXACT_ROW_COST_IN_CODES, in the planner).
 DEFAULT_RERANK = 100
 # Re-ranking depths tuning tries (with the fewest lists that reach the target at each).
 RERANK_STEPS = (DEFAULT_RERANK, 200, 300, 500, 700, 1000, 1500, 2000)
@@ -606,8 +606,9 @@ class VectorStore:
 
     def maintenance(self) -> str | None:
         """What the store needs: "rebuild" (the plan no longer suits the vector count),
-        "reencode" (big segments not encoded with the current codec), "compact" (too many
-        dead rows), or None."""
+        "reencode" (big segments not encoded with the current codec), "tune" (the search
+        parameters were never measured with the current codec, or at a much smaller
+        catalogue), "compact" (too many dead rows), or None."""
         manifest = self._manifest
         if manifest is None:
             return None
@@ -641,7 +642,15 @@ class VectorStore:
             with self.writing():
                 self._forget_unused_codecs()
         elif needed == "tune":
-            self.tune()
+            tuning = self.tune()
+            plan = self._manifest.index_plan
+            better = escalate(plan, self.memory_budget) if plan else None
+            if (tuning.recall_at_10 or 0.0) < TARGET_RECALL and better is not None:
+                # The catalogue outgrew what these codes can reach: finer ones, as a rebuild would.
+                logger.info("recall@10 %.3f with %s after growth: rebuilding with %s", tuning.recall_at_10,
+                            plan.description, better.description)
+                self.rebuild(plan=better)
+                needed = "rebuild"
         elif needed == "compact":
             self.compact(force_merge=False)  # packing every segment is for `visualsearch compact`
         return needed
@@ -758,6 +767,7 @@ class VectorStore:
         re-ranking alone costs more than the best choice so far are not tried.
         """
         snap = self.snapshot()
+        codec = self._manifest.codec if self._manifest else None
         sample_ids, sample = _sample_with_ids(snap, min(queries, snap.alive_count), seed + 1)
         if not len(sample):
             return self._manifest.tuning if self._manifest else Tuning()
@@ -783,9 +793,13 @@ class VectorStore:
                     break
         trial = choose_tuning(trials, target, count, nlist)
         chosen = Tuning(nprobe=trial.nprobe, rerank=trial.rerank, recall_at_10=round(trial.recall, 4),
-                        queries=len(sample), measured_at=time.time(), codec=self._manifest.codec,
-                        vectors=count)
+                        queries=len(sample), measured_at=time.time(), codec=codec, vectors=count)
         with self.writing():
+            if self._manifest.codec != codec:
+                # A rebuild replaced the codec while this measured the old one (minutes at
+                # 10M): these settings say nothing about the new codec, which tunes itself.
+                logger.info("the codec changed while tuning; the measured settings are dropped")
+                return chosen
             self._install(list(self._state.segments), self._manifest, tuning=chosen)
         logger.info("tuned the vector index: nprobe %s, re-rank %s, recall@10 %.3f (%d settings tried)",
                     chosen.nprobe, chosen.rerank, chosen.recall_at_10, len(trials))
