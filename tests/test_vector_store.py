@@ -486,12 +486,13 @@ def test_many_small_commits_merge_and_stay_equal_to_brute_force(fresh):
     assert_state(open_store(fresh.data_dir), catalogue.rows)
 
 
+@pytest.mark.parametrize("built", ["ivf_pca"], indirect=True)
 def test_re_ranking_issues_every_segments_reads_before_waiting_for_any(fresh, monkeypatch):
     """Once the stored vectors outgrow the page cache, the re-ranked rows come from disk:
     their reads go out together (posix_fadvise WILLNEED, for every segment) before the
     first blocking pread, and what is read is the stored vectors."""
-    if fresh.kind == "flat" or not hasattr(os, "posix_fadvise"):
-        pytest.skip("re-ranking reads rows of ANN segments (Linux)")
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here (macOS): rows are read one after another")
     store, catalogue = fresh.store, fresh.catalogue
     catalogue.commit(store, make_rows(np.random.default_rng(40), range(30_000, 30_000 + 1000)))
     store = open_store(fresh.data_dir)
@@ -601,11 +602,10 @@ def three_segments(store: VectorStore, catalogue: Catalogue, rng: np.random.Gene
     assert (stats.segments, stats.rows, stats.vectors) == (3, 1750, 1670)
 
 
+@pytest.mark.parametrize("built", ["ivf", "ivf_pca"], indirect=True)
 def test_tuning_takes_the_cheapest_settings_that_reach_the_target(fresh, monkeypatch):
     """Per re-rank depth, more lists until the target or a plateau (the depth limits the
     recall); depths whose re-ranking alone costs more than the best found are skipped."""
-    if fresh.kind == "flat":
-        pytest.skip("exact search has nothing to tune")
     ceiling = {100: 0.90, 200: 0.94, 300: 0.97, 500: 0.99, 700: 0.99, 1000: 0.99}
     tried: list[tuple[int, int]] = []
 
@@ -621,9 +621,8 @@ def test_tuning_takes_the_cheapest_settings_that_reach_the_target(fresh, monkeyp
     assert fresh.store.manifest.tuning == tuning and tuning.vectors == ROWS
 
 
+@pytest.mark.parametrize("built", ["ivf_pca"], indirect=True)  # escalation replaces PCA-reduced codes
 def test_a_re_tune_short_of_the_target_escalates_to_finer_codes(fresh, monkeypatch, ivf_wanted):
-    if fresh.kind != "ivf_pca":
-        pytest.skip("escalation replaces PCA-reduced codes")
     store, catalogue = fresh.store, fresh.catalogue
     catalogue.commit(store, make_rows(np.random.default_rng(43), range(30_000, 30_000 + ROWS // 2 + 100)))
     monkeypatch.setattr(VectorStore, "_recall", lambda self, *args: 0.5)  # the grown catalogue defeats PCA16
