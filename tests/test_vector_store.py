@@ -565,41 +565,6 @@ def test_refine_codes_narrow_the_candidates_before_float32_vectors_are_read(fres
     check_search(store, catalogue, queries, nprobe=NLIST, rerank=400)  # the exact top 10
 
 
-@pytest.mark.parametrize("built", ["ivf_refine"], indirect=True)
-def test_refine_codes_narrow_a_small_filters_exact_scan(fresh, ann_thresholds, ann_calls, monkeypatch):
-    """A filter keeping few rows is scanned exactly; with refine codes, float32 vectors
-    are read only for the rows whose refine scores leave a chance, and nothing is lost."""
-    store, catalogue = fresh.store, fresh.catalogue
-    filters = SearchFilters.build(category="bags", brand="initech")
-    passes = lambda r: (r.category, r.brand) == ("Bags", "Initech")  # noqa: E731
-    passing = len(catalogue.passing(passes))
-    assert 40 <= passing <= EXACT_FILTER_ROWS
-    monkeypatch.setattr(store_module, "filter_scans_exactly", lambda *args: True)  # whatever the tuned nprobe
-    read = []
-    real = Segment.read_vectors
-
-    def read_vectors(self, rows, **kwargs):
-        read.append(len(rows))
-        return real(self, rows, **kwargs)
-
-    monkeypatch.setattr(Segment, "read_vectors", read_vectors)
-    queries = catalogue.queries(np.random.default_rng(45), 20)
-    check_search(store, catalogue, queries, k=3, filters=filters, passes=passes)  # the exact top 3
-    assert ann_calls == []  # scanned exactly
-    assert sum(read) < 20 * passing / 2
-
-
-@pytest.mark.parametrize(("scores", "k", "margin", "expected"), [
-    ([0.9, 0.5, 0.8, 0.1], 2, 0.05, [True, False, True, False]),   # the 2nd best is 0.8: 0.75 and up
-    ([0.9, 0.5, 0.8, 0.1], 2, 0.35, [True, True, True, False]),
-    ([0.9, 0.5, 0.8, 0.1], 4, 0.0, [True, True, True, True]),     # no more than k: all
-    ([0.9, 0.5], 3, 0.0, [True, True]),
-    ([0.9, 0.9, 0.9, 0.2], 1, 0.0, [True, True, True, False]),    # ties with the k-th stay
-])
-def test_within_margin(scores, k, margin, expected):
-    assert store_module.within_margin(np.array(scores, dtype=np.float32), k, margin).tolist() == expected
-
-
 def test_the_refine_margin_matches_the_refine_codes_error():
     """Codec.refine_margin models the refine codes' score error (independent uniform
     errors per dimension): the observed spread is what it predicts, at every query."""
@@ -1628,5 +1593,3 @@ def test_a_merge_copies_codes_exactly_as_encoding_again_would(kind, tmp_path, an
     for segment in segments:
         assert _lists(segment.ann) == _lists(codec.encode(np.asarray(segment.rows.vectors)))
     check_search(store, catalogue, catalogue.queries(np.random.default_rng(3), 20), min_recall=0.9)
-
-

@@ -33,9 +33,8 @@ KMEANS_ITERATIONS = 10
 REFINER_SUFFIX = ".rfq"
 
 
-# Refine encodings: (FAISS quantizer type, bins per dimension's range: FAISS's 4-bit
-# codec decodes code c as (c + 0.5) / 15 of the range, so its bins are 1/15 wide).
-REFINE_TYPES = {"SQ4": (faiss.ScalarQuantizer.QT_4bit, 15)}
+# Refine encodings: (FAISS quantizer type, levels per dimension).
+REFINE_TYPES = {"SQ4": (faiss.ScalarQuantizer.QT_4bit, 16)}
 # The refine step keeps every candidate whose approximate score is within this many
 # standard deviations of the codes' error (see refine_margin) of the k-th best. Measured
 # (200k vectors, the 1,500 exact best of 100 queries each, SQ4): the largest error seen
@@ -43,10 +42,6 @@ REFINE_TYPES = {"SQ4": (faiss.ScalarQuantizer.QT_4bit, 15)}
 # exact top 10, keeping 65 of 1,500 on average for the synthetic 1,280-d benchmark
 # vectors and 320 for isotropic 64-d ones (a fixed 50 lost a quarter of their top 10).
 REFINE_MARGIN_SIGMAS = 6.0
-# Each dimension's refine range is the sample's [min, max] widened by this share of it
-# on both sides (FAISS's RS_minmax argument): 5 % wider bins, and vectors beyond the
-# sample's extremes are rarely clipped.
-REFINE_RANGE_MARGIN = 0.05
 
 
 class Codec:
@@ -61,11 +56,11 @@ class Codec:
         self.refiner = refiner    # trained, empty: encodes and decodes refine codes
         self._error_variance = None
         if refiner is not None:
-            # Uniform quantization of each dimension's trained range [vmin, vmin + vdiff]
-            # into equal bins: an error uniform over one bin, variance bin^2 / 12.
-            bins = REFINE_TYPES[plan.refine][1]
+            # Uniform quantization over each dimension's trained range [vmin, vmin + vdiff]
+            # into `levels` bins: an error uniform over one bin, variance bin^2 / 12.
+            levels = REFINE_TYPES[plan.refine][1]
             vdiff = faiss.vector_to_array(refiner.sq.trained)[plan.dim:]
-            self._error_variance = ((vdiff / bins) ** 2 / 12).astype(np.float32)
+            self._error_variance = ((vdiff / levels) ** 2 / 12).astype(np.float32)
 
     @property
     def quantizer(self) -> faiss.Index:
@@ -80,7 +75,6 @@ class Codec:
         """
         if plan.kind != "ivf":
             raise ValueError(f"a codec needs an IVF plan, not {plan.kind!r}")
-        everything = np.ascontiguousarray(sample, dtype=np.float32)
         wanted = min(MAX_TRAIN_POINTS, plan.nlist * TRAIN_POINTS_PER_LIST)
         if len(sample) > wanted:
             rng = np.random.default_rng(seed)
@@ -91,13 +85,12 @@ class Codec:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(os.cpu_count() or 1)  # searches run on one; training wants all
         try:
-            return cls._train(codec_id, plan, sample, everything, seed)
+            return cls._train(codec_id, plan, sample, seed)
         finally:
             faiss.omp_set_num_threads(threads)
 
     @classmethod
-    def _train(cls, codec_id: str, plan: IndexPlan, sample: np.ndarray, everything: np.ndarray,
-               seed: int) -> "Codec":
+    def _train(cls, codec_id: str, plan: IndexPlan, sample: np.ndarray, seed: int) -> "Codec":
         pca = None
         reduced = sample
         if plan.reduce_dim:
@@ -116,11 +109,7 @@ class Codec:
         refiner = None
         if plan.refine:
             refiner = faiss.IndexScalarQuantizer(plan.dim, REFINE_TYPES[plan.refine][0], faiss.METRIC_INNER_PRODUCT)
-            # Each dimension's range from the whole sample (k-means needs only part of it),
-            # widened a little: a value outside it is clipped, and a clipped error is
-            # outside the error model of refine_margin.
-            refiner.sq.rangestat_arg = REFINE_RANGE_MARGIN
-            refiner.train(everything)  # every dimension of the stored vectors, not the PCA's
+            refiner.train(sample)  # every dimension of the stored vectors, not the PCA's
         return cls(codec_id, plan, template, pca, refiner)
 
     def reduce(self, vectors: np.ndarray) -> np.ndarray:
@@ -131,15 +120,11 @@ class Codec:
         """(n, plan.refine_bytes) uint8 refine codes of full-dimension ``vectors``."""
         return self.refiner.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
 
-    def refine_decode(self, codes: np.ndarray) -> np.ndarray:
-        """(n, dim) float32 approximations of the vectors behind refine ``codes``."""
-        if not len(codes):
-            return np.zeros((0, self.plan.dim), np.float32)
-        return self.refiner.sa_decode(np.ascontiguousarray(codes))
-
     def refine_scores(self, codes: np.ndarray, query: np.ndarray) -> np.ndarray:
         """Approximate inner products of ``query`` with the vectors behind ``codes``."""
-        return self.refine_decode(codes) @ query
+        if not len(codes):
+            return np.zeros(0, np.float32)
+        return self.refiner.sa_decode(np.ascontiguousarray(codes)) @ query
 
     def refine_margin(self, query: np.ndarray) -> float:
         """How far below the k-th best refine score a candidate may score and still be

@@ -325,8 +325,6 @@ class VectorStore:
             vectors = segment.rows.vectors
         else:
             rows = np.flatnonzero(allowed)
-            if segment.refine is not None and len(rows) > k:
-                rows = self._refined(segment, rows, queries, k)
             vectors = segment.read_vectors(rows)
         scores = queries @ np.asarray(vectors).T  # (Q, n)
         take = min(k, scores.shape[1])
@@ -335,17 +333,6 @@ class VectorStore:
         picked = np.take_along_axis(scores, top, axis=1).ravel()
         top = top.ravel()
         return (top if rows is None else rows[top]), picked
-
-    def _refined(self, segment: Segment, rows: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-        """Of a filter's allowed ``rows`` (a small filter, scanned exactly), those whose
-        refine scores leave a chance of being among the ``k`` best for some query: the
-        codes are an eighth of the float32 vectors, and stay cached where those do not."""
-        codec = self._codecs[segment.codec_id]
-        scores = queries @ codec.refine_decode(segment.read_refine(rows)).T  # (Q, n)
-        keep = np.zeros(len(rows), dtype=bool)
-        for query, row_scores in zip(queries, scores):
-            keep |= within_margin(row_scores, k, codec.refine_margin(query))
-        return rows[keep]
 
     def _ann(self, segment: Segment, queries: np.ndarray, probes: int, depth: int, bitmap: np.ndarray | None,
              coarse_cache: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -937,20 +924,13 @@ def _refine(picks: list[tuple[Segment, np.ndarray]], query: np.ndarray, k: int,
     runs = [segment.prefetch_refine(picked) for segment, picked in picks]  # all issued first
     scores = [codecs[segment.codec_id].refine_scores(segment.read_refine(picked, runs=segment_runs), query)
               for (segment, picked), segment_runs in zip(picks, runs)]
+    flat = np.concatenate(scores)
+    if len(flat) <= k:
+        return picks
     margin = max(codecs[codec_id].refine_margin(query) for codec_id in {segment.codec_id for segment, _ in picks})
-    keep = within_margin(np.concatenate(scores), k, margin)
-    bounds = np.cumsum([0] + [len(part) for part in scores])
-    return [(segment, picked[keep[start:end]]) for (segment, picked), start, end in zip(picks, bounds, bounds[1:])
-            if keep[start:end].any()]
-
-
-def within_margin(scores: np.ndarray, k: int, margin: float) -> np.ndarray:
-    """Mask of the ``scores`` at most ``margin`` below the ``k``-th best (all when there
-    are no more than ``k``): with approximate scores off by less than margin / 2 each,
-    the exact ``k`` best are among them."""
-    if len(scores) <= k:
-        return np.ones(len(scores), dtype=bool)
-    return scores >= np.partition(scores, len(scores) - k)[len(scores) - k] - margin
+    floor = np.partition(flat, len(flat) - k)[len(flat) - k] - margin  # the k-th best, less the margin
+    return [(segment, picked[part >= floor]) for (segment, picked), part in zip(picks, scores)
+            if np.any(part >= floor)]
 
 
 def _best(ids: np.ndarray, products: np.ndarray, scores: np.ndarray, k: int) -> StoreHits:
