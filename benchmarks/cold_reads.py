@@ -7,12 +7,9 @@ disk. This reproduces that on a smaller DIR: before every timed search it evicts
 store's vector files from the page cache (``posix_fadvise(DONTNEED)``: no root
 needed; the ANN codes stay cached, as they do at 10M), then compares the reads issued
 together (``Segment.prefetch``, the engine's way) with one blocking read after another.
-It is a worst case: at 10M about half of the rows are still cached. A store with a
-refine step (``Refine(SQ4)`` in its index type) keeps its refine codes cached, as the
-ANN codes: holding them in the page cache is what the step is for. ``--no-refine``
-measures the same searches with every candidate re-ranked from the float32 vectors.
+It is a worst case: at 10M about half of the rows are still cached.
 
-    python -m benchmarks.cold_reads --data-dir DIR [--no-refine]   # a DIR built by benchmarks.scale
+    python -m benchmarks.cold_reads --data-dir DIR    # a DIR built by benchmarks.scale
 """
 
 from __future__ import annotations
@@ -42,12 +39,11 @@ def main() -> None:
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
     from visualsearch.vectors import SearchFilters, configure_threads
-    from visualsearch.vectors.segment import RowReader, consecutive_runs
+    from visualsearch.vectors.segment import Segment, consecutive_runs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=60)
-    parser.add_argument("--no-refine", action="store_true", help="ignore the refine codes (re-rank every candidate)")
     args = parser.parse_args()
     if not hasattr(os, "posix_fadvise"):
         raise SystemExit("this benchmark needs posix_fadvise (Linux)")
@@ -55,15 +51,10 @@ def main() -> None:
     queries = np.load(args.data_dir / "bench" / "queries.npy")
     warm, timed = queries[:100], queries[100:100 + args.queries]
     vs = VisualSearch(Settings(data_dir=args.data_dir), read_only=True)
-    store = vs.store()
-    segments_dir = store.segments_dir
-    if args.no_refine:
-        for segment in store.snapshot().segments:
-            segment.refine = None  # this process only: every candidate is re-ranked exactly
-    print(f"{store.stats().index_type}{' (refine codes ignored)' if args.no_refine else ''}")
+    segments_dir = vs.store().segments_dir
     for query in warm:
         find_products(vs, query[None], top_k=10, filters=SearchFilters())
-    prefetch = RowReader.prefetch
+    prefetch = Segment.prefetch
     modes = {"warm cache": (prefetch, False), "cold, reads issued together": (prefetch, True),
              "cold, one read at a time": (lambda self, rows: consecutive_runs(rows), True)}
     print(f"{'p50 / p95 ms':<16}" + "".join(f"{name:>30}" for name in modes))
@@ -71,7 +62,7 @@ def main() -> None:
         filters = SearchFilters.build(**spec)
         cells = []
         for prefetcher, cold in modes.values():
-            RowReader.prefetch = prefetcher
+            Segment.prefetch = prefetcher
             try:
                 if not cold:  # the same searches once before, so that their rows are cached
                     for query in timed:
@@ -84,7 +75,7 @@ def main() -> None:
                     find_products(vs, query[None], top_k=10, filters=filters)
                     took.append(time.perf_counter() - started)
             finally:
-                RowReader.prefetch = prefetch
+                Segment.prefetch = prefetch
             cells.append(f"{np.median(took) * 1000:.1f} / {np.percentile(took, 95) * 1000:.1f}")
         print(f"{filter_name:<16}" + "".join(f"{cell:>30}" for cell in cells))
 

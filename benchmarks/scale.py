@@ -253,10 +253,8 @@ def rss_mb() -> tuple[float, float]:
     return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["RssAnon"].split()[0]) / 1024)
 
 
-def serve_probe(data_dir: Path, queries_file: Path, no_refine: bool = False) -> dict:
-    """Run in a fresh process: open the data directory as a server worker would, then search.
-    ``no_refine``: ignore the store's refine codes (every candidate re-ranked from the
-    float32 vectors), to compare with the refine step on the same directory."""
+def serve_probe(data_dir: Path, queries_file: Path) -> dict:
+    """Run in a fresh process: open the data directory as a server worker would, then search."""
     from visualsearch.search import find_products
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
@@ -269,9 +267,6 @@ def serve_probe(data_dir: Path, queries_file: Path, no_refine: bool = False) -> 
     store = vs.store()
     find_products(vs, queries[:1], top_k=10, filters=SearchFilters())
     load_seconds = time.perf_counter() - started
-    if no_refine:
-        for segment in store.snapshot().segments:
-            segment.refine = None  # this process only (a read-only server never reloads here)
     rss_loaded = rss_mb()
     # A server's steady state: it has answered other searches before (first touches of
     # the mapped inverted lists and the filter caches are paid by these, not timed).
@@ -294,25 +289,6 @@ def serve_probe(data_dir: Path, queries_file: Path, no_refine: bool = False) -> 
                                 "p95_ms": round(1000 * float(np.percentile(timings, 95)), 2), "ids": found}
     out["rss_after_queries_mb"] = rss_mb()
     return out
-
-
-def cached_exact_top10(data_dir: Path, queries: np.ndarray) -> dict[str, list[list[int]]]:
-    """:func:`exact_top10`, kept in DIR/bench for a search-only re-measurement of the
-    same catalogue (at 10M it reads 51 GB). Keyed by the queries and the store's segments:
-    any write adds a segment, and a re-encoding (``rebuild-index``) changes no vector."""
-    from visualsearch.service import VisualSearch
-    from visualsearch.settings import Settings
-
-    store = VisualSearch(Settings(data_dir=data_dir), read_only=True).store()
-    key = [hashlib.sha256(queries.tobytes()).hexdigest(), list(store.manifest.segments)]
-    path = data_dir / "bench" / "exact-top10.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["key"] == key:
-            return saved["truth"]
-    truth = exact_top10(data_dir, queries)
-    path.write_text(json.dumps({"key": key, "truth": truth}))
-    return truth
 
 
 def exact_top10(data_dir: Path, queries: np.ndarray) -> dict[str, list[list[int]]]:
@@ -444,13 +420,8 @@ def main() -> None:
                         help="with --measure-only: load, RAM and searches only (no writes, no re-run)")
     parser.add_argument("--grow", type=int, metavar="N",
                         help="index N new images into a DIR built before and report the write path's rate")
-    parser.add_argument("--no-refine", action="store_true",
-                        help="with --measure-only --search-only: ignore the index's refine codes (every candidate "
-                             "re-ranked from the float32 vectors), to compare with the refine step")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # internal: the serving process
     args = parser.parse_args()
-    if args.no_refine and not args.probe and not (args.measure_only and args.search_only):
-        parser.error("--no-refine needs --measure-only --search-only")
     if args.grow:
         grown = grow(args.data_dir, args.grow, SIZES[args.size], SyntheticVectors(real_embeddings()))
         (args.data_dir / "bench-scale-grow.json").write_text(json.dumps(grown, indent=2) + "\n")
@@ -458,7 +429,7 @@ def main() -> None:
               f"{grown['write_path_images_per_s']:,.0f} images/s through the write path (merges included)")
         return
     if args.probe:
-        print(json.dumps(serve_probe(args.data_dir, args.probe, args.no_refine)))
+        print(json.dumps(serve_probe(args.data_dir, args.probe)))
         return
 
     size = SIZES[args.size]
@@ -478,10 +449,9 @@ def main() -> None:
     warm_keys = rng.choice(size // 2, WARM_UP_QUERIES, replace=False)
     np.save(queries_file.with_name("warm-up.npy"), generator.images(generator.centres(warm_keys), rng))
     probe = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--data-dir", str(args.data_dir),
-                            "--probe", str(queries_file)] + (["--no-refine"] if args.no_refine else []),
-                           capture_output=True, text=True, cwd=REPO, check=True)
+                            "--probe", str(queries_file)], capture_output=True, text=True, cwd=REPO, check=True)
     served = json.loads(probe.stdout)
-    truth = cached_exact_top10(args.data_dir, queries)
+    truth = exact_top10(args.data_dir, queries)
     results["serve"] = {"load_seconds": served["load_seconds"], "rss_after_load_mb": served["rss_after_load_mb"],
                         "rss_after_queries_mb": served["rss_after_queries_mb"], "index": served["index"]}
     results["search"] = {label: {"p50_ms": entry["p50_ms"], "p95_ms": entry["p95_ms"],
@@ -490,8 +460,7 @@ def main() -> None:
     if not args.search_only:
         results["writes"] = write_latencies(args.data_dir, generator, size)
         results["rerun"] = rerun_unchanged(args.data_dir)
-    name = ("bench-scale-search-no-refine.json" if args.no_refine else "bench-scale-search.json") \
-        if args.search_only else "bench-scale.json"
+    name = "bench-scale-search.json" if args.search_only else "bench-scale.json"
     (args.data_dir / name).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 
