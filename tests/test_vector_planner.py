@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -18,7 +17,6 @@ from visualsearch.vectors.planner import (
     MERGE_FLOOR_ROWS,
     MIN_NLIST,
     RECALL_PLATEAU,
-    REFINE_ABOVE_BUDGETS,
     REPLAN_FACTOR,
     RETUNE_FACTOR,
     IndexPlan,
@@ -45,24 +43,19 @@ PLAN_TABLE = [
     # dim 32: up to 524,288 vectors are one 64 MiB scan; beyond, full-size SQ8 codes always fit.
     *[(count, 32, budget, FLAT) for count in (0, 1 * K, 10 * K, 100 * K) for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     *[(1 * M, 32, budget, "IVF2048,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
-    # 10M x 32 floats are 1.3 GB: more than two 512 MiB budgets, so candidates are refined first.
-    (10 * M, 32, 512 * MiB, "IVF4096,SQ8,Refine(SQ4) + exact re-rank"),
-    *[(10 * M, 32, budget, "IVF4096,SQ8 + exact re-rank") for budget in (4 * GiB, 8 * GiB)],
+    *[(10 * M, 32, budget, "IVF4096,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     (100 * M, 32, 512 * MiB, None),                       # 3.2 GB of the smallest (32-byte) codes
-    (100 * M, 32, 8 * GiB, "IVF4096,SQ8 + exact re-rank"),  # 12.8 GB of floats: within two 8 GiB budgets
+    (100 * M, 32, 8 * GiB, "IVF4096,SQ8 + exact re-rank"),
     # dim 1280: up to 13,107 vectors are scanned exactly; beyond, PCA to CODE_DIM (256) dimensions.
     *[(count, 1280, budget, FLAT) for count in (0, 1 * K, 10 * K) for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     *[(100 * K, 1280, budget, "PCA256,IVF512,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
-    # 1M x 1280 floats are 5.1 GB: refined under a 512 MiB budget, cached as they are under 4 GiB.
-    (1 * M, 1280, 512 * MiB, "PCA256,IVF2048,SQ8,Refine(SQ4) + exact re-rank"),
-    *[(1 * M, 1280, budget, "PCA256,IVF2048,SQ8 + exact re-rank") for budget in (4 * GiB, 8 * GiB)],
-    # 10M x 256 bytes need 3.7 GB: under 512 MiB the codes shrink to 32 dimensions. 51 GB of
-    # floats: refined under every budget.
-    (10 * M, 1280, 512 * MiB, "PCA32,IVF4096,SQ8,Refine(SQ4) + exact re-rank"),
-    (10 * M, 1280, 4 * GiB, "PCA256,IVF4096,SQ8,Refine(SQ4) + exact re-rank"),
-    (10 * M, 1280, 8 * GiB, "PCA256,IVF4096,SQ8,Refine(SQ4) + exact re-rank"),
+    *[(1 * M, 1280, budget, "PCA256,IVF2048,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    # 10M x 256 bytes need 3.7 GB: under 512 MiB the codes shrink to 32 dimensions.
+    (10 * M, 1280, 512 * MiB, "PCA32,IVF4096,SQ8 + exact re-rank"),
+    (10 * M, 1280, 4 * GiB, "PCA256,IVF4096,SQ8 + exact re-rank"),
+    (10 * M, 1280, 8 * GiB, "PCA256,IVF4096,SQ8 + exact re-rank"),
     (20 * M, 1280, 512 * MiB, None),                      # 640 MB of 32-byte codes
-    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8,Refine(SQ4) + exact re-rank"),
+    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8 + exact re-rank"),
 ]
 
 
@@ -84,8 +77,6 @@ def test_plan_index_table(count, dim, budget, expected):
         assert plan.kind == "ivf" and plan.encoding == "SQ8"
         assert plan.code_bytes == (plan.reduce_dim or dim)  # one byte per kept dimension
         assert count * plan.code_bytes <= budget * CODE_SHARE_OF_BUDGET
-        refined = count * dim * 4 > REFINE_ABOVE_BUDGETS * budget
-        assert (plan.refine, plan.refine_bytes) == (("SQ4", dim // 2) if refined else ("", 0))
 
 
 def test_the_exact_scan_limit_is_the_flat_ivf_boundary():
@@ -161,9 +152,6 @@ def test_nlist_is_a_bounded_power_of_two_with_enough_training_points():
 IVF_1M = plan_index(1 * M, 1280, 4 * GiB)   # PCA256,IVF2048
 FLAT_10K = plan_index(10 * K, 1280, 4 * GiB)
 PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
-REFINED_1M = plan_index(1 * M, 1280, 512 * MiB)
-# A 10M plan made before refine steps existed (the manifest has no refine fields).
-UNREFINED_10M = dataclasses.replace(plan_index(10 * M, 1280, 4 * GiB), refine="", refine_bytes=0)
 
 
 @pytest.mark.parametrize(("plan", "count", "dim", "budget", "expected"), [
@@ -173,9 +161,7 @@ UNREFINED_10M = dataclasses.replace(plan_index(10 * M, 1280, 4 * GiB), refine=""
     (FLAT_10K, 0, 1280, 4 * GiB, False),
     (FLAT_10K, 20 * K, 1280, 4 * GiB, True),                         # grown past the exact scan
     (IVF_1M, 1 * M, 1280, 4 * GiB, False),
-    (IVF_1M, 1_600 * K, 1280, 4 * GiB, False),                       # grown: its floats still within two budgets
-    (IVF_1M, REPLAN_FACTOR * M, 1280, 16 * GiB, False),              # grown 4x: still fine
-    (IVF_1M, REPLAN_FACTOR * M, 1280, 4 * GiB, True),                # grown 4x past two budgets of floats: refine
+    (IVF_1M, REPLAN_FACTOR * M, 1280, 4 * GiB, False),               # grown 4x: still fine
     (IVF_1M, REPLAN_FACTOR * M + 1, 1280, 4 * GiB, True),            # grown more than 4x
     (IVF_1M, M // REPLAN_FACTOR, 1280, 4 * GiB, False),              # shrunk 4x: still fine
     (IVF_1M, M // REPLAN_FACTOR - 1, 1280, 4 * GiB, True),           # shrunk more than 4x
@@ -184,9 +170,6 @@ UNREFINED_10M = dataclasses.replace(plan_index(10 * M, 1280, 4 * GiB), refine=""
     (IVF_1M, 1 * M, 1280, 256 * MiB, True),                          # the codes no longer fit the budget
     (IVF_1M, 1 * M, 1280, 8 * GiB, False),                           # a bigger budget alone changes nothing
     (PCA32_10M, 10 * M, 1280, 8 * GiB, False),                       # small codes kept under a bigger budget
-    (UNREFINED_10M, 10 * M, 1280, 4 * GiB, True),                    # the vectors now call for a refine step
-    (UNREFINED_10M, 3 * M, 1280, 4 * GiB, True),                     # (15 GB of floats: still more than 8 GiB)
-    (REFINED_1M, 1 * M, 1280, 4 * GiB, False),                       # one no longer needed is kept (no flapping)
 ])
 def test_needs_replan(plan, count, dim, budget, expected):
     assert needs_replan(plan, count, dim, budget) is expected
@@ -247,10 +230,9 @@ def test_choose_tuning_needs_a_trial():
         choose_tuning([], 0.95, 1 * M, 1024)
 
 
-def ivf(dim: int, reduce_dim: int | None, planned_for: int = 1 * M, refine: str = "") -> IndexPlan:
+def ivf(dim: int, reduce_dim: int | None, planned_for: int = 1 * M) -> IndexPlan:
     return IndexPlan(kind="ivf", dim=dim, planned_for=planned_for, nlist=2048, reduce_dim=reduce_dim,
-                     encoding="SQ8", code_bytes=reduce_dim or dim, refine=refine,
-                     refine_bytes=dim // 2 if refine else 0)
+                     encoding="SQ8", code_bytes=reduce_dim or dim)
 
 
 @pytest.mark.parametrize(("plan", "budget", "expected"), [
@@ -262,7 +244,6 @@ def ivf(dim: int, reduce_dim: int | None, planned_for: int = 1 * M, refine: str 
     (ivf(1280, 512), 1 * GiB, None),                  # 1M x 1280 bytes do not fit 1 GiB
     (ivf(1280, 32), math.ceil(1 * M * 64 / CODE_SHARE_OF_BUDGET) - 1024, None),
     (ivf(32, 16), 8 * GiB, "full"),                   # no escalation size between 16 and 32
-    (ivf(1280, 256, refine="SQ4"), 8 * GiB, 512),     # the refine step stays
 ])
 def test_escalate(plan, budget, expected):
     better = escalate(plan, budget)
@@ -272,7 +253,6 @@ def test_escalate(plan, budget, expected):
     assert better.reduce_dim == (None if expected == "full" else expected)
     assert better.code_bytes == (better.reduce_dim or plan.dim)
     assert (better.nlist, better.planned_for, better.dim) == (plan.nlist, plan.planned_for, plan.dim)
-    assert (better.refine, better.refine_bytes) == (plan.refine, plan.refine_bytes)
     assert better.code_bytes * plan.planned_for <= budget * CODE_SHARE_OF_BUDGET
 
 
@@ -402,10 +382,7 @@ def test_needs_compaction(alive, total, expected):
 def test_plan_round_trips_through_a_dict():
     plan = plan_index(10 * M, 1280, 512 * MiB)
     assert IndexPlan(**plan.to_dict()) == plan
-    assert plan.description == "PCA32,IVF4096,SQ8,Refine(SQ4) + exact re-rank"
-    # A manifest written before refine steps existed has no refine fields: a plan without one.
-    older = {key: value for key, value in plan.to_dict().items() if not key.startswith("refine")}
-    assert IndexPlan(**older) == dataclasses.replace(plan, refine="", refine_bytes=0)
+    assert plan.description == "PCA32,IVF4096,SQ8 + exact re-rank"
 
 
 def test_an_escalated_plan_is_not_re_planned_while_it_fits_the_budget():

@@ -51,13 +51,9 @@ PLANS: dict[str, IndexPlan | None] = {
     "ivf": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, encoding="SQ8", code_bytes=DIM),
     "ivf_pca": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=16, encoding="SQ8",
                          code_bytes=16),
-    # what the planner picks once the float32 vectors outgrow the page cache (10M images)
-    "ivf_refine": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=16, encoding="SQ8",
-                            code_bytes=16, refine="SQ4", refine_bytes=DIM // 2),
 }
 DESCRIPTIONS = {"flat": "Flat (exact)", "ivf": "IVF16,SQ8 + exact re-rank",
-                "ivf_pca": "PCA16,IVF16,SQ8 + exact re-rank",
-                "ivf_refine": "PCA16,IVF16,SQ8,Refine(SQ4) + exact re-rank"}
+                "ivf_pca": "PCA16,IVF16,SQ8 + exact re-rank"}
 # Lowered thresholds (see the module docstring): filters passing at most this many rows
 # of a segment are scanned exactly, and segments of this many rows are ANN-encoded.
 EXACT_FILTER_ROWS = 150
@@ -219,13 +215,8 @@ def assert_encodings(store: VectorStore) -> None:
         assert (segment.ann is not None) == (wanted is not None)
         if wanted is not None:
             assert segment.ann.ntotal == len(segment)  # every row, dead ones too: masked at search time
-        refined = wanted is not None and bool(manifest.codec_plan(wanted).refine)
-        assert (segment.refine is not None) == refined
-        if refined:
-            assert segment.refine.shape == (len(segment), manifest.codec_plan(wanted).refine_bytes)
         assert segment.file_names() == [segment_name(segment.uid) + SEGMENT_SUFFIX] + (
-            [ann_file_name(segment.uid, wanted)] if wanted else []) + (
-            [segment_module.refine_file_name(segment.uid, wanted)] if refined else [])
+            [ann_file_name(segment.uid, wanted)] if wanted else [])
     assert manifest.ann == {str(s.uid): s.codec_id for s in segments if s.codec_id}
 
 
@@ -534,53 +525,6 @@ def test_re_ranking_issues_every_segments_reads_before_waiting_for_any(fresh, mo
     assert len({fd for fd, _, _ in advised}) == 2  # both segments'
     monkeypatch.undo()
     check_search(store, catalogue, catalogue.queries(np.random.default_rng(42), 20), min_recall=0.9)
-
-
-@pytest.mark.parametrize("built", ["ivf_refine"], indirect=True)
-def test_refine_codes_narrow_the_candidates_before_float32_vectors_are_read(fresh, monkeypatch):
-    """With a refine step, every candidate's refine codes are read, but float32 vectors
-    only for those the codes' error margin leaves a chance, and nothing is lost."""
-    store, catalogue = fresh.store, fresh.catalogue
-    queries = catalogue.queries(np.random.default_rng(43), 20)
-    read: dict[str, int] = {"refine": 0, "vectors": 0}
-    real_refine, real_vectors = Segment.read_refine, Segment.read_vectors
-
-    def count(kind, real):
-        def reader(self, rows, **kwargs):
-            read[kind] += len(rows)
-            return real(self, rows, **kwargs)
-        return reader
-
-    monkeypatch.setattr(Segment, "read_refine", count("refine", real_refine))
-    monkeypatch.setattr(Segment, "read_vectors", count("vectors", real_vectors))
-    refined = [store.search(query, 10, nprobe=NLIST, rerank=400) for query in queries]
-    assert read["refine"] >= 20 * 390  # every candidate (dead and filtered rows never are)
-    assert 20 * 10 <= read["vectors"] <= read["refine"] // 4
-    monkeypatch.undo()
-    for segment in store.snapshot().segments:  # the same searches, every candidate re-ranked exactly
-        monkeypatch.setattr(segment, "refine", None)
-    for query, hits in zip(queries, refined):
-        assert hits.ids.tolist() == store.search(query, 10, nprobe=NLIST, rerank=400).ids.tolist()
-    monkeypatch.undo()
-    check_search(store, catalogue, queries, nprobe=NLIST, rerank=400)  # the exact top 10
-
-
-def test_the_refine_margin_matches_the_refine_codes_error():
-    """Codec.refine_margin models the refine codes' score error (independent uniform
-    errors per dimension): the observed spread is what it predicts, at every query."""
-    from visualsearch.vectors.codec import REFINE_MARGIN_SIGMAS, Codec
-
-    rng = np.random.default_rng(44)
-    vectors = clustered(rng, 3000)
-    codec = Codec.train("t", PLANS["ivf_refine"], vectors)
-    codes = codec.refine_codes(vectors)
-    assert codes.shape == (3000, DIM // 2) and codes.dtype == np.uint8
-    for query in Catalogue({i: Row(i, i, v, None, "", "") for i, v in enumerate(vectors)}).queries(rng, 10):
-        errors = codec.refine_scores(codes, query) - vectors @ query
-        predicted = codec.refine_margin(query) / REFINE_MARGIN_SIGMAS
-        assert 0.7 * predicted <= errors.std() <= 1.3 * predicted
-        # As rare beyond half the margin as a normal error beyond 3 deviations (0.27 %).
-        assert np.mean(np.abs(errors) > REFINE_MARGIN_SIGMAS / 2 * predicted) <= 0.01
 
 
 def test_a_big_commit_after_a_rebuild_is_encoded_with_the_codec(fresh, ann_calls):
@@ -1342,7 +1286,7 @@ def leftover_names(data_dir: Path, store: VectorStore) -> set[str]:
     for segment in store.snapshot().segments:
         keep.update(segment.file_names())
     for codec_id in store.manifest.codecs if store.manifest else {}:
-        keep.update(f"codec-{codec_id}{suffix}" for suffix in (".ivf", ".pca", ".rfq"))
+        keep.update({f"codec-{codec_id}.ivf", f"codec-{codec_id}.pca"})
     drafts = {path.name for path in data_dir.glob(".manifest.json.*.tmp")}
     return ({path.name for path in segments_dir.iterdir()} - keep) | drafts
 

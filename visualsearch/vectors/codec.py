@@ -1,8 +1,7 @@
 """The trained part of an ANN plan, shared by every segment encoded with it.
 
 A codec holds an optional PCA reduction, the IVF coarse centroids and the SQ8
-ranges, and for plans with a refine step the ranges of its full-dimension 4-bit codes.
-All ANN segments of one codec share the centroids, so a query is reduced
+ranges. All ANN segments of one codec share the centroids, so a query is reduced
 and coarse-assigned once and then scans each segment's inverted lists
 (``search_preassigned``); merging segments only re-encodes their rows.
 """
@@ -28,39 +27,17 @@ logger = logging.getLogger(__name__)
 TRAIN_POINTS_PER_LIST = 39
 MAX_TRAIN_POINTS = 39 * 4096
 KMEANS_ITERATIONS = 10
-# The trained refine quantizer of a codec (``codec-<id>.rfq``) and a segment's refine
-# codes (``seg-<uid>.<codec>.rfc``).
-REFINER_SUFFIX = ".rfq"
-
-
-# Refine encodings: (FAISS quantizer type, levels per dimension).
-REFINE_TYPES = {"SQ4": (faiss.ScalarQuantizer.QT_4bit, 16)}
-# The refine step keeps every candidate whose approximate score is within this many
-# standard deviations of the codes' error (see refine_margin) of the k-th best. Measured
-# (200k vectors, the 1,500 exact best of 100 queries each, SQ4): the largest error seen
-# was 4.6-4.9 deviations; keeping candidates within 6 (3 on each side) lost none of the
-# exact top 10, keeping 65 of 1,500 on average for the synthetic 1,280-d benchmark
-# vectors and 320 for isotropic 64-d ones (a fixed 50 lost a quarter of their top 10).
-REFINE_MARGIN_SIGMAS = 6.0
 
 
 class Codec:
-    """Trained PCA (optional) + IVF centroids + SQ8 ranges (+ refine ranges) for one :class:`IndexPlan`."""
+    """Trained PCA (optional) + IVF centroids + SQ8 ranges for one :class:`IndexPlan`."""
 
     def __init__(self, codec_id: str, plan: IndexPlan, template: faiss.IndexIVF,
-                 pca: faiss.PCAMatrix | None, refiner: faiss.IndexScalarQuantizer | None = None):
+                 pca: faiss.PCAMatrix | None):
         self.codec_id = codec_id
         self.plan = plan
         self.template = template  # trained, empty
         self.pca = pca
-        self.refiner = refiner    # trained, empty: encodes and decodes refine codes
-        self._error_variance = None
-        if refiner is not None:
-            # Uniform quantization over each dimension's trained range [vmin, vmin + vdiff]
-            # into `levels` bins: an error uniform over one bin, variance bin^2 / 12.
-            levels = REFINE_TYPES[plan.refine][1]
-            vdiff = faiss.vector_to_array(refiner.sq.trained)[plan.dim:]
-            self._error_variance = ((vdiff / levels) ** 2 / 12).astype(np.float32)
 
     @property
     def quantizer(self) -> faiss.Index:
@@ -106,31 +83,11 @@ class Codec:
         template = faiss.IndexIVFScalarQuantizer(quantizer, dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
                                                  faiss.METRIC_INNER_PRODUCT)
         template.train(reduced)  # the quantizer is already trained: this learns the SQ ranges
-        refiner = None
-        if plan.refine:
-            refiner = faiss.IndexScalarQuantizer(plan.dim, REFINE_TYPES[plan.refine][0], faiss.METRIC_INNER_PRODUCT)
-            refiner.train(sample)  # every dimension of the stored vectors, not the PCA's
-        return cls(codec_id, plan, template, pca, refiner)
+        return cls(codec_id, plan, template, pca)
 
     def reduce(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         return self.pca.apply(vectors) if self.pca is not None else vectors
-
-    def refine_codes(self, vectors: np.ndarray) -> np.ndarray:
-        """(n, plan.refine_bytes) uint8 refine codes of full-dimension ``vectors``."""
-        return self.refiner.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
-
-    def refine_scores(self, codes: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Approximate inner products of ``query`` with the vectors behind ``codes``."""
-        if not len(codes):
-            return np.zeros(0, np.float32)
-        return self.refiner.sa_decode(np.ascontiguousarray(codes)) @ query
-
-    def refine_margin(self, query: np.ndarray) -> float:
-        """How far below the k-th best refine score a candidate may score and still be
-        among the exact k best: the errors of the refine codes are independent per
-        dimension, so a score's error has variance sum(query_i^2 * error variance_i)."""
-        return float(REFINE_MARGIN_SIGMAS * np.sqrt(np.dot(query * query, self._error_variance)))
 
     def encode(self, vectors: np.ndarray) -> faiss.IndexIVF:
         """A new IVF index of ``vectors``, labelled with their row numbers 0..n-1."""
@@ -186,24 +143,19 @@ class Codec:
         _write_atomic(lambda writer: faiss.write_index(self.template, writer), directory / names[0])
         if self.pca is not None:
             names.append(f"codec-{self.codec_id}.pca")
-            _write_atomic(lambda writer: faiss.write_VectorTransform(self.pca, writer), directory / names[-1])
-        if self.refiner is not None:
-            names.append(f"codec-{self.codec_id}{REFINER_SUFFIX}")
-            _write_atomic(lambda writer: faiss.write_index(self.refiner, writer), directory / names[-1])
+            _write_atomic(lambda writer: faiss.write_VectorTransform(self.pca, writer), directory / names[1])
         return names
 
     @classmethod
     def load(cls, directory: Path, codec_id: str, plan: IndexPlan) -> "Codec":
         """Raises RuntimeError (from FAISS) when a file is missing or damaged."""
         template = faiss.read_index(str(directory / f"codec-{codec_id}.ivf"))
-        pca = refiner = None
+        pca = None
         if plan.reduce_dim:
             pca = faiss.read_VectorTransform(str(directory / f"codec-{codec_id}.pca"))
-        if plan.refine:
-            refiner = faiss.read_index(str(directory / f"codec-{codec_id}{REFINER_SUFFIX}"))
         # FAISS's Python readers return the concrete class already; downcasting again would
         # make a second, non-owning proxy while the owning one is freed with the index.
-        return cls(codec_id, plan, template, pca, refiner)
+        return cls(codec_id, plan, template, pca)
 
 
 def _write_atomic(write, path: Path) -> None:

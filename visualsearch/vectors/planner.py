@@ -16,15 +16,7 @@ index" (https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-i
   candidates re-ranked exactly from the stored float32 vectors. PCA makes k-means,
   list assignment and the code scan cheaper in proportion, and CNN embeddings keep
   most of their variance in their first few hundred components; the re-ranking wins
-  back the precision the codes lose;
-- once the float32 vectors outgrow what the page cache can be expected to hold
-  (:data:`REFINE_ABOVE_BUDGETS` times the memory budget), a refine step between the two
-  (FAISS's ``IndexRefine``): 4-bit codes of every dimension, kept in their own files
-  (1/8 of the float32 vectors), score the candidates, and only those whose score could
-  still be among the best after the codes' error (:meth:`Codec.refine_margin`) are
-  re-ranked from the float32 vectors. Re-ranking 1,500 candidates at 10M images read
-  7.5 MB of mostly uncached float32 vectors per query; the refine codes of all 10M
-  images (6.4 GB) stay in the page cache.
+  back the precision the codes lose.
 """
 
 from __future__ import annotations
@@ -66,13 +58,6 @@ EXACT_ROW_COST_IN_CODES = 50
 # Tuning stops probing more lists at a re-rank depth once two steps each raised the
 # recall by less than this.
 RECALL_PLATEAU = 0.002
-# Plan the refine step once the float32 vectors are this many times the memory budget:
-# the page cache of a machine sized for the index cannot be expected to hold them, and
-# re-ranking then reads its candidates from disk (1M images, 5 GB: cached; 10M, 51 GB:
-# 37 ms p50 searching against 17.7 ms with every candidate cached).
-REFINE_ABOVE_BUDGETS = 2
-# Refine codes: FAISS's 4-bit scalar quantizer over every dimension (dim / 2 bytes).
-REFINE_ENCODING = "SQ4"
 # Tiered merging (Lucene's LogMergePolicy): MERGE_FACTOR segments of one size level
 # become one segment of the next level, so each vector is rewritten about
 # log_MERGE_FACTOR(count / MERGE_FLOOR_ROWS) times in its life.
@@ -97,8 +82,6 @@ class IndexPlan:
     reduce_dim: int | None = None   # PCA output size; None: the codes keep every dimension
     encoding: str = ""              # "SQ8"
     code_bytes: int = 0             # bytes of one vector's code
-    refine: str = ""                # "SQ4": candidates scored with these codes before the exact re-rank
-    refine_bytes: int = 0           # bytes of one vector's refine code (on disk, read per candidate)
 
     @property
     def description(self) -> str:
@@ -106,8 +89,7 @@ class IndexPlan:
         if self.kind == "flat":
             return "Flat (exact)"
         pca = f"PCA{self.reduce_dim}," if self.reduce_dim else ""
-        refine = f",Refine({self.refine})" if self.refine else ""
-        return f"{pca}IVF{self.nlist},{self.encoding}{refine} + exact re-rank"
+        return f"{pca}IVF{self.nlist},{self.encoding} + exact re-rank"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,25 +108,16 @@ def plan_index(count: int, dim: int, memory_budget: int) -> IndexPlan:
     nlist = _nlist_for(count)
     code_budget = memory_budget * CODE_SHARE_OF_BUDGET / count
     choices = ([None] if dim <= CODE_DIM else []) + [d for d in PCA_DIMS if d < dim]
-    refine = _refine_for(count, dim, memory_budget)
     for reduce_dim in choices:
         code_bytes = reduce_dim or dim  # SQ8: one byte per dimension
         if code_bytes <= code_budget:
             return IndexPlan(kind="ivf", dim=dim, planned_for=count, nlist=nlist,
-                             reduce_dim=reduce_dim, encoding="SQ8", code_bytes=code_bytes, **refine)
+                             reduce_dim=reduce_dim, encoding="SQ8", code_bytes=code_bytes)
     smallest = min(PCA_DIMS[-1], dim)  # the last choice tried
     raise ValueError(
         f"{count:,} vectors need at least {_human(count * smallest / CODE_SHARE_OF_BUDGET)} of index memory; "
         f"raise VISUALSEARCH_INDEX_MEMORY (now {_human(memory_budget)})"
     )
-
-
-def _refine_for(count: int, dim: int, memory_budget: int) -> dict:
-    """The refine fields of an IVF plan for ``count`` vectors: a refine step when their
-    float32 copies are more than REFINE_ABOVE_BUDGETS memory budgets (none otherwise)."""
-    if count * dim * 4 <= REFINE_ABOVE_BUDGETS * memory_budget:
-        return {}
-    return {"refine": REFINE_ENCODING, "refine_bytes": (dim + 1) // 2}
 
 
 def _human(size: float) -> str:
@@ -179,8 +152,7 @@ def escalate(plan: IndexPlan, memory_budget: int) -> IndexPlan | None:
         code_bytes = reduce_dim or plan.dim
         if code_bytes <= budget:
             return IndexPlan(kind="ivf", dim=plan.dim, planned_for=plan.planned_for, nlist=plan.nlist,
-                             reduce_dim=reduce_dim, encoding=plan.encoding, code_bytes=code_bytes,
-                             refine=plan.refine, refine_bytes=plan.refine_bytes)
+                             reduce_dim=reduce_dim, encoding=plan.encoding, code_bytes=code_bytes)
     return None
 
 
@@ -194,12 +166,9 @@ def needs_replan(plan: IndexPlan | None, count: int, dim: int, memory_budget: in
     if plan.kind == "flat":
         return False
     grown = count > plan.planned_for * REPLAN_FACTOR or count * REPLAN_FACTOR < plan.planned_for
-    # A refine step the vectors now call for (never its absence: one that is no longer
-    # needed costs a little time, and dropping it near the threshold would flap).
-    unrefined = bool(wanted.refine) and not plan.refine
     # Larger codes than plan_index would pick are fine (an escalation chose them for
     # recall) as long as they still fit the budget.
-    return grown or unrefined or plan.code_bytes * count > memory_budget * CODE_SHARE_OF_BUDGET
+    return grown or plan.code_bytes * count > memory_budget * CODE_SHARE_OF_BUDGET
 
 
 def needs_retune(tuned_for: int, count: int) -> bool:

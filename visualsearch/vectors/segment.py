@@ -1,8 +1,7 @@
 """Immutable segments: rows of vectors with their filter fields, plus deletes of older rows.
 
-A segment is written once (``seg-<uid>.vseg``, and ``seg-<uid>.<codec>.ivf`` when its
-rows are ANN-encoded, plus ``seg-<uid>.<codec>.rfc`` when the codec has a refine step)
-and never modified. A row is an image: its id, its product's id,
+A segment is written once (``seg-<uid>.vseg``, and ``seg-<uid>.ivf`` when its rows
+are ANN-encoded) and never modified. A row is an image: its id, its product's id,
 its float32 unit vector (the durable copy the index is rebuilt from), its
 product's price and its filter tokens. ``deletes`` lists ids whose rows in *older*
 segments are dead from this segment on; a newer row with the same id replaces an
@@ -28,7 +27,6 @@ from .filters import SearchFilters
 
 SEGMENT_SUFFIX = ".vseg"
 ANN_SUFFIX = ".ivf"
-REFINE_SUFFIX = ".rfc"
 # Filter masks kept per segment (one byte per row each); segments never change, so
 # a cached mask is valid for the segment's whole life.
 TOKEN_MASK_CACHE = 32
@@ -115,20 +113,24 @@ class Segment:
     """
 
     def __init__(self, uid: int, rows: VectorRows, deletes: np.ndarray, meta: dict, *,
-                 ann: faiss.IndexIVF | None = None, codec_id: str | None = None,
-                 refine: np.ndarray | None = None):
+                 ann: faiss.IndexIVF | None = None, codec_id: str | None = None):
         self.uid = uid
         self.rows = rows
         self.deletes = deletes
         self.meta = meta
         self.ann = ann
         self.codec_id = codec_id if ann is not None else None
-        # (rows, refine_bytes) uint8 refine codes of the codec, when it has a refine step.
-        self.refine = refine if ann is not None else None
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._masks_lock = threading.Lock()
-        self._vector_reader = RowReader(rows.vectors)
-        self._refine_reader = RowReader(self.refine) if self.refine is not None else None
+        # Opened now, while the file surely exists: a merge may delete it later, and a
+        # search that took its snapshot before must still read it (as the mapping can).
+        self._fd: int | None = None
+        if isinstance(rows.vectors, np.memmap):
+            try:
+                self._fd = os.open(rows.vectors.filename, os.O_RDONLY)
+                weakref.finalize(self, os.close, self._fd)
+            except FileNotFoundError:
+                pass  # read through the mapping instead
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -141,12 +143,8 @@ class Segment:
     def ann_file(self) -> str | None:
         return ann_file_name(self.uid, self.codec_id) if self.codec_id else None
 
-    @property
-    def refine_file(self) -> str | None:
-        return refine_file_name(self.uid, self.codec_id) if self.refine is not None else None
-
     def file_names(self) -> list[str]:
-        return [self.name + SEGMENT_SUFFIX] + [name for name in (self.ann_file, self.refine_file) if name]
+        return [self.name + SEGMENT_SUFFIX] + ([self.ann_file] if self.ann_file else [])
 
     # --- writing and reading ---------------------------------------------------------
 
@@ -191,7 +189,6 @@ class Segment:
         builder = ArrayFileBuilder(directory / (segment_name(uid) + SEGMENT_SUFFIX), specs, meta)
         ann = codec.encode(np.zeros((0, dim), np.float32)) if codec is not None and count else None
         ann_path = directory / ann_file_name(uid, codec.codec_id) if ann is not None else None
-        refine = _refine_builder(directory, uid, codec, count) if ann is not None else None
         try:
             out = builder.arrays
             if len(deletes):
@@ -210,25 +207,15 @@ class Segment:
                     out["tokens"][tok:tok + len(part.tokens)] = part.tokens
                     if ann is not None and not _has_codes(seg, codec):
                         ann.add_with_ids(codec.reduce(part.vectors), np.arange(row, end, dtype=np.int64))
-                    if refine is not None:
-                        # Copied when the input has them (a merge re-encodes nothing it need not).
-                        refine.arrays["codes"][row:end] = \
-                            seg.refine[rows[start:start + MERGE_CHUNK_ROWS]] if _has_refine(seg, codec) \
-                            else codec.refine_codes(part.vectors)
                     row, tok = end, tok + len(part.tokens)
             if ann is not None:
                 ann = _with_copied_codes(ann, codec, inputs, alive_rows)
                 write_ann(ann, ann_path)
-            if refine is not None:
-                refine.commit()
             builder.commit()
         except BaseException:
             builder.abort()
             if ann_path is not None:
                 ann_path.unlink(missing_ok=True)
-            if refine is not None:
-                refine.abort()
-                refine.path.unlink(missing_ok=True)
             raise
         return cls.load(directory, uid, codec_id=codec.codec_id if ann is not None else None)
 
@@ -236,24 +223,12 @@ class Segment:
         """This segment with its rows (all of them: dead ones are masked at search time)
         ANN-encoded by ``codec``, written to its own file; the rows are shared."""
         ann = codec.encode(np.zeros((0, codec.plan.dim), np.float32))
-        refine = _refine_builder(directory, self.uid, codec, len(self))
-        try:
-            for start in range(0, len(self), MERGE_CHUNK_ROWS):
-                part = np.asarray(self.rows.vectors[start:start + MERGE_CHUNK_ROWS])
-                ann.add_with_ids(codec.reduce(part), np.arange(start, start + len(part), dtype=np.int64))
-                if refine is not None:
-                    refine.arrays["codes"][start:start + len(part)] = codec.refine_codes(part)
-            if refine is not None:
-                refine.commit()
-            write_ann(ann, directory / ann_file_name(self.uid, codec.codec_id))
-        except BaseException:
-            if refine is not None:
-                refine.abort()
-                refine.path.unlink(missing_ok=True)
-            raise
+        for start in range(0, len(self), MERGE_CHUNK_ROWS):
+            part = np.asarray(self.rows.vectors[start:start + MERGE_CHUNK_ROWS])
+            ann.add_with_ids(codec.reduce(part), np.arange(start, start + len(part), dtype=np.int64))
+        write_ann(ann, directory / ann_file_name(self.uid, codec.codec_id))
         return Segment(self.uid, self.rows, self.deletes, self.meta,
-                       ann=read_ann(directory / ann_file_name(self.uid, codec.codec_id)), codec_id=codec.codec_id,
-                       refine=read_refine(directory, self.uid, codec.codec_id))
+                       ann=read_ann(directory / ann_file_name(self.uid, codec.codec_id)), codec_id=codec.codec_id)
 
     @classmethod
     def load(cls, directory: Path, uid: int, *, codec_id: str | None = None) -> "Segment":
@@ -261,11 +236,10 @@ class Segment:
         arrays, meta = read_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX))
         rows = VectorRows(arrays["ids"], arrays["product_ids"], arrays["vectors"], arrays["prices"],
                           arrays["token_offsets"], arrays["tokens"])
-        ann = refine = None
+        ann = None
         if codec_id and len(rows):
             ann = read_ann(directory / ann_file_name(uid, codec_id))
-            refine = read_refine(directory, uid, codec_id)
-        return cls(uid, rows, arrays["deletes"], meta, ann=ann, codec_id=codec_id, refine=refine)
+        return cls(uid, rows, arrays["deletes"], meta, ann=ann, codec_id=codec_id)
 
     def prefetch(self, rows: np.ndarray) -> list[tuple[int, int]]:
         """Ask the kernel to start reading the stored vectors of ``rows`` (sorted), all at
@@ -276,7 +250,18 @@ class Segment:
         where requests issued together are served in parallel by the device's queue
         (10M, rows evicted: 107 -> 52 ms p50, `benchmarks.cold_reads`). On cached rows
         it costs one system call a run."""
-        return self._vector_reader.prefetch(rows)
+        runs = consecutive_runs(rows)
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
+            return runs
+        for offset, length in self._byte_ranges(rows, runs):
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        return runs
+
+    def _byte_ranges(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(file offset, length) of each run's stored vectors."""
+        vectors = self.rows.vectors
+        row_bytes = vectors.shape[1] * vectors.dtype.itemsize
+        return [(vectors.offset + int(rows[start]) * row_bytes, (end - start) * row_bytes) for start, end in runs]
 
     def read_vectors(self, rows: np.ndarray, *, runs: list[tuple[int, int]] | None = None) -> np.ndarray:
         """The stored vectors of ``rows`` (sorted), read with pread rather than through the
@@ -288,15 +273,16 @@ class Segment:
             runs: what :meth:`prefetch` returned for ``rows`` when the caller issued the
                 reads already (several segments' reads go out together); else this does.
         """
-        return self._vector_reader.read(rows, runs)
-
-    def prefetch_refine(self, rows: np.ndarray) -> list[tuple[int, int]]:
-        """:meth:`prefetch` for the refine codes of ``rows`` (the segment must have them)."""
-        return self._refine_reader.prefetch(rows)
-
-    def read_refine(self, rows: np.ndarray, *, runs: list[tuple[int, int]] | None = None) -> np.ndarray:
-        """The refine codes of ``rows`` (sorted), as :meth:`read_vectors` reads vectors."""
-        return self._refine_reader.read(rows, runs)
+        vectors = self.rows.vectors
+        if self._fd is None or len(rows) == 0:
+            return np.asarray(vectors[rows])
+        if runs is None:
+            runs = self.prefetch(rows)
+        out = np.empty((len(rows), vectors.shape[1]), dtype=vectors.dtype)
+        for (start, end), (offset, length) in zip(runs, self._byte_ranges(rows, runs)):
+            if os.preadv(self._fd, [memoryview(out[start:end]).cast("B")], offset) != length:
+                raise OSError(f"short read of vector segment {self.uid} at row {int(rows[start])}")
+        return out
 
     # --- filters --------------------------------------------------------------------
 
@@ -336,51 +322,6 @@ class Segment:
         return mask
 
 
-class RowReader:
-    """Reads scattered rows of one memory-mapped 2-D array of an array file with pread.
-
-    The file is opened now, while it surely exists: a merge may delete it later, and a
-    search that took its snapshot before must still read it (as the mapping can)."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.fd: int | None = None
-        if isinstance(array, np.memmap):
-            try:
-                self.fd = os.open(array.filename, os.O_RDONLY)
-                weakref.finalize(self, os.close, self.fd)
-            except FileNotFoundError:
-                pass  # read through the mapping instead
-
-    def prefetch(self, rows: np.ndarray) -> list[tuple[int, int]]:
-        """posix_fadvise(WILLNEED) for every run of ``rows`` (sorted); returns the runs."""
-        runs = consecutive_runs(rows)
-        if self.fd is None or not hasattr(os, "posix_fadvise"):
-            return runs
-        for offset, length in self._byte_ranges(rows, runs):
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
-        return runs
-
-    def _byte_ranges(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(file offset, length) of each run's rows."""
-        array = self.array
-        row_bytes = array.shape[1] * array.dtype.itemsize
-        return [(array.offset + int(rows[start]) * row_bytes, (end - start) * row_bytes) for start, end in runs]
-
-    def read(self, rows: np.ndarray, runs: list[tuple[int, int]] | None = None) -> np.ndarray:
-        """The rows (sorted); ``runs`` from :meth:`prefetch` when it was called already."""
-        array = self.array
-        if self.fd is None or len(rows) == 0:
-            return np.asarray(array[rows])
-        if runs is None:
-            runs = self.prefetch(rows)
-        out = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
-        for (start, end), (offset, length) in zip(runs, self._byte_ranges(rows, runs)):
-            if os.preadv(self.fd, [memoryview(out[start:end]).cast("B")], offset) != length:
-                raise OSError(f"short read of {array.filename} at row {int(rows[start])}")
-        return out
-
-
 def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) positions of the runs of consecutive values in sorted ``rows``: one
     read per run (filters often select neighbours)."""
@@ -396,38 +337,8 @@ def ann_file_name(uid: int, codec_id: str) -> str:
     return f"{segment_name(uid)}.{codec_id}{ANN_SUFFIX}"
 
 
-def refine_file_name(uid: int, codec_id: str) -> str:
-    return f"{segment_name(uid)}.{codec_id}{REFINE_SUFFIX}"
-
-
-def read_refine(directory: Path, uid: int, codec_id: str) -> np.ndarray | None:
-    """A segment's refine codes (memory-mapped, read with pread), or None when its codec
-    has no refine step. A codec with one writes them before the manifest names it.
-
-    Raises:
-        ArrayFileError: the file is damaged.
-    """
-    try:
-        arrays, _ = read_array_file(directory / refine_file_name(uid, codec_id))
-    except FileNotFoundError:
-        return None
-    return arrays["codes"]
-
-
-def _refine_builder(directory: Path, uid: int, codec: Codec, count: int) -> ArrayFileBuilder | None:
-    """A builder of ``count`` rows of refine codes, or None when the codec has no refine step."""
-    if codec.refiner is None or not count:
-        return None
-    return ArrayFileBuilder(directory / refine_file_name(uid, codec.codec_id),
-                            {"codes": (np.uint8, (count, codec.plan.refine_bytes))}, {"uid": uid})
-
-
 def _has_codes(segment: "Segment", codec: Codec) -> bool:
     return segment.ann is not None and segment.codec_id == codec.codec_id
-
-
-def _has_refine(segment: "Segment", codec: Codec) -> bool:
-    return _has_codes(segment, codec) and segment.refine is not None
 
 
 def _with_copied_codes(ann: faiss.IndexIVF, codec: Codec, inputs: Sequence[tuple["Segment", np.ndarray]],

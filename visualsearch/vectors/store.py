@@ -34,7 +34,7 @@ from ..durable import writer_gone
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from ..file_locks import file_lock
 from .arrayfile import ArrayFileError
-from .codec import MAX_TRAIN_POINTS, REFINER_SUFFIX, Codec, read_ann, search_segment
+from .codec import MAX_TRAIN_POINTS, Codec, read_ann, search_segment
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
 from .planner import (
@@ -53,13 +53,10 @@ from .planner import (
     recall_plateaued,
     search_cost,
 )
-from .segment import ANN_SUFFIX, REFINE_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows, ann_file_name, read_refine
+from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows, ann_file_name
 from .state import Snapshot, StoreState
 
 logger = logging.getLogger(__name__)
-
-# A codec's files: its IVF template, its PCA and its refine quantizer (when it has them).
-CODEC_SUFFIXES = (ANN_SUFFIX, ".pca", REFINER_SUFFIX)
 
 SEGMENTS_DIR = "vectors"
 LOCK_FILE = ".commit.lock"
@@ -190,8 +187,7 @@ class VectorStore:
         if segment is not None and segment.codec_id != codec_id:
             # Same rows, new encoding (a re-plan): keep the mapped rows, load the new lists.
             segment = Segment(uid, segment.rows, segment.deletes, segment.meta,
-                              ann=self._read_ann(uid, codec_id), codec_id=codec_id,
-                              refine=read_refine(self.segments_dir, uid, codec_id)) if codec_id else \
+                              ann=self._read_ann(uid, codec_id), codec_id=codec_id) if codec_id else \
                 Segment(uid, segment.rows, segment.deletes, segment.meta)
         if segment is None:
             try:
@@ -309,7 +305,7 @@ class VectorStore:
                 continue
             bitmap = None if n_allowed == len(segment) else self._bitmap(segment, allowed, mask is None)
             candidates.append((segment, *self._ann(segment, queries, probes, depth, bitmap, coarse_cache)))
-        for segment, rows, scores in _rerank(candidates, queries, depth, k, self._codecs):
+        for segment, rows, scores in _rerank(candidates, queries, depth):
             found_ids.append(np.asarray(segment.rows.ids)[rows])
             found_products.append(np.asarray(segment.rows.product_ids)[rows])
             found_scores.append(scores)
@@ -743,8 +739,8 @@ class VectorStore:
                     order[uids.index(segment.uid)] = encoded
                     self._install(order, self._manifest)
                 else:
-                    for name in encoded.file_names()[1:]:  # its encoding, never the rows
-                        (self.segments_dir / name).unlink(missing_ok=True)
+                    if encoded.ann_file:
+                        (self.segments_dir / encoded.ann_file).unlink(missing_ok=True)
                     if not current:
                         return
 
@@ -759,7 +755,7 @@ class VectorStore:
         self._install(list(self._state.segments), manifest, codecs=codecs)
         for codec_id in unused:
             self._codecs.pop(codec_id, None)
-            for suffix in CODEC_SUFFIXES:
+            for suffix in (".ivf", ".pca"):
                 (self.segments_dir / f"codec-{codec_id}{suffix}").unlink(missing_ok=True)
 
     def tune(self, *, queries: int = TUNING_QUERIES, target: float = TARGET_RECALL, seed: int = 1234) -> Tuning:
@@ -839,14 +835,13 @@ class VectorStore:
             for segment in self._state.segments:
                 keep.update(segment.file_names())
             for codec_id in (manifest.codecs if manifest else {}):
-                keep.update(f"codec-{codec_id}{suffix}" for suffix in CODEC_SUFFIXES)
+                keep.update({f"codec-{codec_id}.ivf", f"codec-{codec_id}.pca"})
             now = time.time()
             for path in self.segments_dir.iterdir():
                 name = path.name
                 if name == LOCK_FILE or name in keep:
                     continue
-                ours = name.endswith((SEGMENT_SUFFIX, REFINE_SUFFIX, *CODEC_SUFFIXES, ".tmp")) or \
-                    name.startswith(".seg-")
+                ours = name.endswith((SEGMENT_SUFFIX, ANN_SUFFIX, ".pca", ".tmp")) or name.startswith(".seg-")
                 if not ours:
                     continue
                 try:
@@ -885,13 +880,11 @@ def _wanted_codec(segment: Segment, codec: str | None) -> str | None:
 
 
 def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: np.ndarray,
-            depth: int, k: int, codecs: dict[str, Codec]) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
+            depth: int) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
     """Exact scores for the ``depth`` best approximate candidates of each query, over all
     ANN segments together (the segments share a codec, so their approximate scores
     compare): re-ranking reads ``depth`` stored vectors per query, however many
-    segments there are. Segments with refine codes first narrow their candidates to
-    those the codes' scores leave a chance of being among the ``k`` best, so that only
-    they are read as float32 vectors."""
+    segments there are."""
     out = []
     for q, query in enumerate(queries):
         pooled = [(index, rows[q], scores[q]) for index, (_, rows, scores) in enumerate(candidates)]
@@ -905,32 +898,12 @@ def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: n
             keep = np.argpartition(-approx, depth - 1)[:depth]
             owners, rows = owners[keep], rows[keep]
         picks = [(candidates[index][0], np.unique(rows[owners == index])) for index in np.unique(owners).tolist()]
-        refined = [(segment, picked) for segment, picked in picks if segment.refine is not None]
-        if refined:
-            picks = [pick for pick in picks if pick[0].refine is None] + \
-                _refine(refined, query, k, codecs)
         # Every segment's reads are issued before any is waited for (see Segment.prefetch).
         runs = [segment.prefetch(picked) for segment, picked in picks]
         for (segment, picked), segment_runs in zip(picks, runs):
             exact = segment.read_vectors(picked, runs=segment_runs) @ query
             out.append((segment, picked, exact.astype(np.float32)))
     return out
-
-
-def _refine(picks: list[tuple[Segment, np.ndarray]], query: np.ndarray, k: int,
-            codecs: dict[str, Codec]) -> list[tuple[Segment, np.ndarray]]:
-    """Of ``picks`` (segment, sorted rows), those whose refine score is within the codes'
-    error margin of the ``k``-th best: the others cannot be among the exact ``k`` best."""
-    runs = [segment.prefetch_refine(picked) for segment, picked in picks]  # all issued first
-    scores = [codecs[segment.codec_id].refine_scores(segment.read_refine(picked, runs=segment_runs), query)
-              for (segment, picked), segment_runs in zip(picks, runs)]
-    flat = np.concatenate(scores)
-    if len(flat) <= k:
-        return picks
-    margin = max(codecs[codec_id].refine_margin(query) for codec_id in {segment.codec_id for segment, _ in picks})
-    floor = np.partition(flat, len(flat) - k)[len(flat) - k] - margin  # the k-th best, less the margin
-    return [(segment, picked[part >= floor]) for (segment, picked), part in zip(picks, scores)
-            if np.any(part >= floor)]
 
 
 def _best(ids: np.ndarray, products: np.ndarray, scores: np.ndarray, k: int) -> StoreHits:
