@@ -16,6 +16,7 @@ from visualsearch.vectors.planner import (
     MERGE_FACTOR,
     MERGE_FLOOR_ROWS,
     MIN_NLIST,
+    RABITQ_BITS,
     RECALL_PLATEAU,
     REPLAN_FACTOR,
     RETUNE_FACTOR,
@@ -28,6 +29,7 @@ from visualsearch.vectors.planner import (
     needs_retune,
     plan_index,
     plan_merge,
+    rabitq_code_bytes,
     recall_plateaued,
     search_cost,
     segment_level,
@@ -46,16 +48,22 @@ PLAN_TABLE = [
     *[(10 * M, 32, budget, "IVF4096,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     (100 * M, 32, 512 * MiB, None),                       # 3.2 GB of the smallest (32-byte) codes
     (100 * M, 32, 8 * GiB, "IVF4096,SQ8 + exact re-rank"),
-    # dim 1280: up to 13,107 vectors are scanned exactly; beyond, PCA to CODE_DIM (256) dimensions.
+    # dim 1280: up to 13,107 vectors are scanned exactly; beyond, 168-byte RaBitQ codes with
+    # lists assigned in PCA256 space, or SQ8 codes of fewer PCA dimensions where those do not fit.
     *[(count, 1280, budget, FLAT) for count in (0, 1 * K, 10 * K) for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
-    *[(100 * K, 1280, budget, "PCA256,IVF512,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
-    *[(1 * M, 1280, budget, "PCA256,IVF2048,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
-    # 10M x 256 bytes need 3.7 GB: under 512 MiB the codes shrink to 32 dimensions.
+    *[(100 * K, 1280, budget, "IVF512,RaBitQ (lists assigned in PCA256) + exact re-rank")
+      for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    *[(1 * M, 1280, budget, "IVF2048,RaBitQ (lists assigned in PCA256) + exact re-rank")
+      for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    # 10M x 168 bytes need 1.7 GB: under 512 MiB the codes shrink to SQ8 of 32 dimensions.
     (10 * M, 1280, 512 * MiB, "PCA32,IVF4096,SQ8 + exact re-rank"),
-    (10 * M, 1280, 4 * GiB, "PCA256,IVF4096,SQ8 + exact re-rank"),
-    (10 * M, 1280, 8 * GiB, "PCA256,IVF4096,SQ8 + exact re-rank"),
+    (10 * M, 1280, 4 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + exact re-rank"),
+    (10 * M, 1280, 8 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + exact re-rank"),
     (20 * M, 1280, 512 * MiB, None),                      # 640 MB of 32-byte codes
-    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8 + exact re-rank"),
+    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8 + exact re-rank"),   # 3.4 GB of RaBitQ codes do not fit
+    (20 * M, 1280, 8 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + exact re-rank"),
+    # dim 512 (a PCA-512 recipe's vectors): 72-byte RaBitQ codes.
+    (1 * M, 512, 4 * GiB, "IVF2048,RaBitQ (lists assigned in PCA256) + exact re-rank"),
 ]
 
 
@@ -73,10 +81,16 @@ def test_plan_index_table(count, dim, budget, expected):
     if plan.kind == "flat":
         assert count * dim * 4 <= EXACT_SCAN_BYTES
         assert (plan.nlist, plan.reduce_dim, plan.code_bytes) == (0, None, 0)
+    elif plan.encoding == "RaBitQ":
+        assert plan.kind == "ivf" and dim > CODE_DIM and plan.reduce_dim == CODE_DIM
+        assert plan.code_bytes == rabitq_code_bytes(dim, 1) == dim // 8 + 8  # one bit per dimension + 2 floats
+        assert count * plan.code_bytes <= budget * CODE_SHARE_OF_BUDGET
     else:
         assert plan.kind == "ivf" and plan.encoding == "SQ8"
         assert plan.code_bytes == (plan.reduce_dim or dim)  # one byte per kept dimension
         assert count * plan.code_bytes <= budget * CODE_SHARE_OF_BUDGET
+        # SQ8 of reduced vectors only where RaBitQ codes do not fit
+        assert dim <= CODE_DIM or count * rabitq_code_bytes(dim, 1) > budget * CODE_SHARE_OF_BUDGET
 
 
 def test_the_exact_scan_limit_is_the_flat_ivf_boundary():
@@ -86,10 +100,23 @@ def test_the_exact_scan_limit_is_the_flat_ivf_boundary():
 
 
 def test_the_largest_codes_that_fit_are_chosen():
-    # 1M x 1280 at a budget that holds 256-byte codes, and just below it.
-    budget = math.ceil(1 * M * CODE_DIM / CODE_SHARE_OF_BUDGET)
-    assert plan_index(1 * M, 1280, budget).reduce_dim == CODE_DIM
-    assert plan_index(1 * M, 1280, budget - 1024).reduce_dim == 128
+    # 1M x 1280 at a budget that holds 168-byte RaBitQ codes, and just below it (SQ8 of PCA128).
+    budget = math.ceil(1 * M * rabitq_code_bytes(1280, 1) / CODE_SHARE_OF_BUDGET)
+    assert plan_index(1 * M, 1280, budget).encoding == "RaBitQ"
+    below = plan_index(1 * M, 1280, budget - 1024)
+    assert (below.encoding, below.reduce_dim) == ("SQ8", 128)
+
+
+@pytest.mark.parametrize("dim", [32, 257, 512, 1280, 1281])
+@pytest.mark.parametrize("bits", RABITQ_BITS)
+def test_rabitq_code_sizes_are_faiss_s(dim, bits):
+    import faiss
+    import numpy as np
+
+    quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(np.eye(4, dim, dtype=np.float32))
+    index = faiss.IndexIVFRaBitQ(quantizer, dim, 4, faiss.METRIC_INNER_PRODUCT, True, bits)
+    assert rabitq_code_bytes(dim, bits) == index.code_size
 
 
 def test_codes_keep_every_dimension_only_up_to_the_code_dimension():
@@ -149,7 +176,7 @@ def test_nlist_is_a_bounded_power_of_two_with_enough_training_points():
 
 # --- needs_replan ------------------------------------------------------------------------------
 
-IVF_1M = plan_index(1 * M, 1280, 4 * GiB)   # PCA256,IVF2048
+IVF_1M = plan_index(1 * M, 1280, 4 * GiB)   # IVF2048,RaBitQ
 FLAT_10K = plan_index(10 * K, 1280, 4 * GiB)
 PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
 
@@ -167,7 +194,7 @@ PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
     (IVF_1M, M // REPLAN_FACTOR - 1, 1280, 4 * GiB, True),           # shrunk more than 4x
     (IVF_1M, 10 * K, 1280, 4 * GiB, True),                           # small enough to scan
     (IVF_1M, REPLAN_FACTOR * M, 1280, 512 * MiB, True),              # grown 4x past the budget
-    (IVF_1M, 1 * M, 1280, 256 * MiB, True),                          # the codes no longer fit the budget
+    (IVF_1M, 1 * M, 1280, 128 * MiB, True),                          # the codes no longer fit the budget
     (IVF_1M, 1 * M, 1280, 8 * GiB, False),                           # a bigger budget alone changes nothing
     (PCA32_10M, 10 * M, 1280, 8 * GiB, False),                       # small codes kept under a bigger budget
 ])
@@ -254,6 +281,28 @@ def test_escalate(plan, budget, expected):
     assert better.code_bytes == (better.reduce_dim or plan.dim)
     assert (better.nlist, better.planned_for, better.dim) == (plan.nlist, plan.planned_for, plan.dim)
     assert better.code_bytes * plan.planned_for <= budget * CODE_SHARE_OF_BUDGET
+
+
+@pytest.mark.parametrize(("count", "budget", "expected"), [
+    (1 * M, 8 * GiB, "RaBitQ2"),                       # one bit -> two bits per dimension
+    (1 * M, math.ceil(1 * M * rabitq_code_bytes(1280, 2) / CODE_SHARE_OF_BUDGET), "RaBitQ2"),
+    (1 * M, math.ceil(1 * M * rabitq_code_bytes(1280, 2) / CODE_SHARE_OF_BUDGET) - 1024, None),
+    (5 * M, 8 * GiB, "RaBitQ4"),                       # from two bits: four (3.3 GB at 5M)
+    (10 * M, 4 * GiB, None),                           # 10M x 340 bytes do not fit 70 % of 4 GiB
+])
+def test_escalate_rabitq_adds_bits(count, budget, expected):
+    plan = plan_index(count, 1280, 4 * GiB)
+    assert plan.encoding == "RaBitQ"
+    if expected == "RaBitQ4":
+        plan = escalate(plan, budget)
+    better = escalate(plan, budget)
+    if expected is None:
+        assert better is None
+        return
+    assert better.encoding == expected and better.rabitq_bits == int(expected[-1])
+    assert better.code_bytes == rabitq_code_bytes(1280, better.rabitq_bits)
+    assert (better.nlist, better.planned_for, better.reduce_dim) == (plan.nlist, plan.planned_for, CODE_DIM)
+    assert better.description == f"IVF{plan.nlist},{expected} (lists assigned in PCA256) + exact re-rank"
 
 
 # --- merges ------------------------------------------------------------------------------------

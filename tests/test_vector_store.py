@@ -51,9 +51,13 @@ PLANS: dict[str, IndexPlan | None] = {
     "ivf": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, encoding="SQ8", code_bytes=DIM),
     "ivf_pca": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=16, encoding="SQ8",
                          code_bytes=16),
+    # What the planner picks for long vectors: 1-bit codes of every dimension, lists assigned in PCA space.
+    "ivf_rabitq": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=16, encoding="RaBitQ",
+                            code_bytes=12),
 }
 DESCRIPTIONS = {"flat": "Flat (exact)", "ivf": "IVF16,SQ8 + exact re-rank",
-                "ivf_pca": "PCA16,IVF16,SQ8 + exact re-rank"}
+                "ivf_pca": "PCA16,IVF16,SQ8 + exact re-rank",
+                "ivf_rabitq": "IVF16,RaBitQ (lists assigned in PCA16) + exact re-rank"}
 # Lowered thresholds (see the module docstring): filters passing at most this many rows
 # of a segment are scanned exactly, and segments of this many rows are ANN-encoded.
 EXACT_FILTER_ROWS = 150
@@ -1511,7 +1515,7 @@ def _lists(index) -> dict[int, set[tuple[int, bytes]]]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivf_pca"])
+@pytest.mark.parametrize("kind", ["ivf", "ivf_pca", "ivf_rabitq"])
 def test_a_merge_copies_codes_exactly_as_encoding_again_would(kind, tmp_path, ann_thresholds, ann_search_works,
                                                               monkeypatch):
     """Merged segments reuse their inputs' codes (renumbered, dead rows dropped) instead

@@ -1,9 +1,15 @@
 """The trained part of an ANN plan, shared by every segment encoded with it.
 
-A codec holds an optional PCA reduction, the IVF coarse centroids and the SQ8
-ranges. All ANN segments of one codec share the centroids, so a query is reduced
-and coarse-assigned once and then scans each segment's inverted lists
-(``search_preassigned``); merging segments only re-encodes their rows.
+A codec holds an optional PCA reduction, the IVF coarse centroids and the code
+parameters (SQ8 ranges, or nothing to train for RaBitQ). All ANN segments of one codec
+share the centroids, so a query is reduced and coarse-assigned once and then scans
+each segment's inverted lists (``search_preassigned``); merging segments copies codes.
+
+Lists are always assigned in the PCA space when there is one. SQ8 codes encode the
+reduced vector; RaBitQ codes encode the full vector's offset from its list centre, the
+PCA centroid mapped back to the full space (PCA's rows are orthonormal, so mapping it
+back and reducing again gives the same point): assigning a 1,280-d vector to one of
+4,096 full-dimension centroids would cost five times as much, in the write path.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from .planner import IndexPlan
 
 logger = logging.getLogger(__name__)
 
+# Bits per dimension of a RaBitQ query (FAISS's default is 4): 8 measured the recalls
+# the planner quotes, and scanning costs the same.
+RABITQ_QUERY_BITS = 8
 # k-means points per centroid: the least FAISS accepts without a warning; more buys
 # little for our use
 # (re-ranking from exact vectors absorbs small centroid errors) and costs training time.
@@ -30,7 +39,7 @@ KMEANS_ITERATIONS = 10
 
 
 class Codec:
-    """Trained PCA (optional) + IVF centroids + SQ8 ranges for one :class:`IndexPlan`."""
+    """Trained PCA (optional) + IVF centroids + code parameters for one :class:`IndexPlan`."""
 
     def __init__(self, codec_id: str, plan: IndexPlan, template: faiss.IndexIVF,
                  pca: faiss.PCAMatrix | None):
@@ -38,10 +47,14 @@ class Codec:
         self.plan = plan
         self.template = template  # trained, empty
         self.pca = pca
-
-    @property
-    def quantizer(self) -> faiss.Index:
-        return self.template.quantizer
+        if plan.rabitq_bits and pca is not None:
+            # The template's quantizer holds the full-space centres the codes are offsets
+            # from; lists are assigned with the same centres in the PCA space.
+            centres = self.template.quantizer.reconstruct_n(0, plan.nlist)
+            self.quantizer = faiss.IndexFlatIP(plan.reduce_dim)
+            self.quantizer.add(pca.apply(np.ascontiguousarray(centres)))
+        else:
+            self.quantizer = self.template.quantizer
 
     @classmethod
     def train(cls, codec_id: str, plan: IndexPlan, sample: np.ndarray, *, seed: int = 1234) -> "Codec":
@@ -78,24 +91,54 @@ class Codec:
         kmeans = faiss.Kmeans(dim, plan.nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
                               max_points_per_centroid=TRAIN_POINTS_PER_LIST * 4)
         kmeans.train(reduced)
-        quantizer = faiss.IndexFlatIP(dim)
-        quantizer.add(kmeans.centroids)
-        template = faiss.IndexIVFScalarQuantizer(quantizer, dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
-                                                 faiss.METRIC_INNER_PRODUCT)
-        template.train(reduced)  # the quantizer is already trained: this learns the SQ ranges
+        if plan.rabitq_bits:
+            centres = kmeans.centroids
+            if pca is not None:  # back to the full space: x = mean + A^T y
+                rows = faiss.vector_to_array(pca.A).reshape(plan.reduce_dim, plan.dim)
+                centres = (faiss.vector_to_array(pca.mean) + centres @ rows).astype(np.float32)
+            quantizer = faiss.IndexFlatIP(plan.dim)
+            quantizer.add(np.ascontiguousarray(centres))
+            template = faiss.IndexIVFRaBitQ(quantizer, plan.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT, True,
+                                            plan.rabitq_bits)
+            template.qb = RABITQ_QUERY_BITS
+            template.train(sample)  # the quantizer is already trained: this only sets up the encoder
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
+            quantizer.add(kmeans.centroids)
+            template = faiss.IndexIVFScalarQuantizer(quantizer, dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                     faiss.METRIC_INNER_PRODUCT)
+            template.train(reduced)  # the quantizer is already trained: this learns the SQ ranges
         return cls(codec_id, plan, template, pca)
 
     def reduce(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         return self.pca.apply(vectors) if self.pca is not None else vectors
 
+    def scanned(self, vectors: np.ndarray, reduced: np.ndarray) -> np.ndarray:
+        """What the codes compare queries with: the reduced vectors (SQ8 of PCA) or the
+        vectors themselves (RaBitQ codes keep every dimension)."""
+        return np.ascontiguousarray(vectors, dtype=np.float32) if self.plan.rabitq_bits else reduced
+
     def encode(self, vectors: np.ndarray) -> faiss.IndexIVF:
         """A new IVF index of ``vectors``, labelled with their row numbers 0..n-1."""
         index = faiss.clone_index(self.template)
-        reduced = self.reduce(vectors)
-        if len(reduced):
-            index.add_with_ids(reduced, np.arange(len(reduced), dtype=np.int64))
+        if len(vectors):
+            self.add(index, vectors, 0)
         return index
+
+    def add(self, index: faiss.IndexIVF, vectors: np.ndarray, first_row: int) -> None:
+        """Encode ``vectors`` into ``index`` (built by this codec) as rows first_row, first_row + 1..."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not len(vectors):
+            return
+        reduced = self.reduce(vectors)
+        _, lists = self.quantizer.search(reduced, 1)
+        lists = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+        scanned = np.ascontiguousarray(self.scanned(vectors, reduced))
+        rows = np.arange(first_row, first_row + len(vectors), dtype=np.int64)
+        # add_core takes the list numbers computed here, in the PCA space (the arrays must
+        # stay referenced during the call: swig_ptr does not keep them alive).
+        index.add_core(len(scanned), faiss.swig_ptr(scanned), faiss.swig_ptr(rows), faiss.swig_ptr(lists))
 
     def merge_lists(self, parts: Sequence[tuple[faiss.IndexIVF, np.ndarray]]) -> faiss.IndexIVF:
         """A new IVF index holding the codes of ``parts``, renumbered, without encoding again.
@@ -150,6 +193,8 @@ class Codec:
     def load(cls, directory: Path, codec_id: str, plan: IndexPlan) -> "Codec":
         """Raises RuntimeError (from FAISS) when a file is missing or damaged."""
         template = faiss.read_index(str(directory / f"codec-{codec_id}.ivf"))
+        if plan.rabitq_bits:
+            template.qb = RABITQ_QUERY_BITS
         pca = None
         if plan.reduce_dim:
             pca = faiss.read_VectorTransform(str(directory / f"codec-{codec_id}.pca"))
@@ -188,29 +233,34 @@ def read_ann(path: Path) -> faiss.IndexIVF:
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
 
 
-def search_segment(index: faiss.IndexIVF, reduced: np.ndarray, coarse: tuple[np.ndarray, np.ndarray], k: int,
+def search_segment(index: faiss.IndexIVF, scanned: np.ndarray, coarse: tuple[np.ndarray, np.ndarray], k: int,
                    allowed_bitmap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` (approximate scores, row numbers) of one segment for preassigned queries.
+    """Top ``k`` (approximate scores, row numbers) of one segment for preassigned queries
+    (``scanned``: the queries as :meth:`Codec.scanned` gives them).
 
     ``allowed_bitmap`` (little-endian packed bits over the segment's rows) restricts
     the rows considered: dead rows and rows a filter excludes never take a slot.
     """
     distances, lists = coarse
-    n = len(reduced)
+    n = len(scanned)
     k = max(1, min(k, index.ntotal))
     scores = np.empty((n, k), dtype=np.float32)
     rows = np.empty((n, k), dtype=np.int64)
-    params = faiss.SearchParametersIVF(nprobe=lists.shape[1])
+    if isinstance(index, faiss.IndexIVFRaBitQ):
+        params = faiss.IVFRaBitQSearchParameters()
+        params.nprobe, params.qb = lists.shape[1], RABITQ_QUERY_BITS
+    else:
+        params = faiss.SearchParametersIVF(nprobe=lists.shape[1])
     selector = None
     if allowed_bitmap is not None:
         selector = faiss.IDSelectorBitmap(allowed_bitmap)
         params.sel = selector
     lists = np.ascontiguousarray(lists, dtype=np.int64)
     distances = np.ascontiguousarray(distances, dtype=np.float32)
-    reduced = np.ascontiguousarray(reduced, dtype=np.float32)
+    scanned = np.ascontiguousarray(scanned, dtype=np.float32)
     # The Python wrapper of search_preassigned refuses search parameters; the C++
     # method takes them (the selector must outlive the call: ``selector`` holds it).
-    index.search_preassigned_c(n, faiss.swig_ptr(reduced), k, faiss.swig_ptr(lists), faiss.swig_ptr(distances),
+    index.search_preassigned_c(n, faiss.swig_ptr(scanned), k, faiss.swig_ptr(lists), faiss.swig_ptr(distances),
                                faiss.swig_ptr(scores), faiss.swig_ptr(rows), False, params)
     del selector
     return scores, rows

@@ -206,7 +206,7 @@ class Segment:
                     out["token_offsets"][row + 1:end + 1] = part.token_offsets[1:] + tok
                     out["tokens"][tok:tok + len(part.tokens)] = part.tokens
                     if ann is not None and not _has_codes(seg, codec):
-                        ann.add_with_ids(codec.reduce(part.vectors), np.arange(row, end, dtype=np.int64))
+                        codec.add(ann, part.vectors, row)
                     row, tok = end, tok + len(part.tokens)
             if ann is not None:
                 ann = _with_copied_codes(ann, codec, inputs, alive_rows)
@@ -225,7 +225,7 @@ class Segment:
         ann = codec.encode(np.zeros((0, codec.plan.dim), np.float32))
         for start in range(0, len(self), MERGE_CHUNK_ROWS):
             part = np.asarray(self.rows.vectors[start:start + MERGE_CHUNK_ROWS])
-            ann.add_with_ids(codec.reduce(part), np.arange(start, start + len(part), dtype=np.int64))
+            codec.add(ann, part, start)
         write_ann(ann, directory / ann_file_name(self.uid, codec.codec_id))
         return Segment(self.uid, self.rows, self.deletes, self.meta,
                        ann=read_ann(directory / ann_file_name(self.uid, codec.codec_id)), codec_id=codec.codec_id)

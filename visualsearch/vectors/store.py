@@ -337,10 +337,10 @@ class VectorStore:
         cached = coarse_cache.get(segment.codec_id)
         if cached is None or cached[1][1].shape[1] < probes:
             reduced = codec.reduce(queries)
-            cached = coarse_cache[segment.codec_id] = (reduced, codec.coarse(reduced, probes))
-        reduced, (distances, lists) = cached
+            cached = coarse_cache[segment.codec_id] = (codec.scanned(queries, reduced), codec.coarse(reduced, probes))
+        scanned, (distances, lists) = cached
         coarse = (distances[:, :probes], lists[:, :probes])
-        scores, rows = search_segment(segment.ann, reduced, coarse, depth, bitmap)
+        scores, rows = search_segment(segment.ann, scanned, coarse, depth, bitmap)
         return rows, scores
 
     def _alive_count(self, uid: int, alive: np.ndarray) -> int:
