@@ -71,6 +71,11 @@ RERANK_STEPS = (DEFAULT_RERANK, 200, 300, 500, 700, 1000, 1500, 2000)
 # escalated to finer codes (rebuild) instead.
 MAX_RERANK_SHARE = 0.35
 TARGET_RECALL = 0.95
+# Tuning aims this high on its sample: 200 queries x 10 neighbours measure a recall near
+# 0.95 within about 0.005 (one standard error), and the sample's queries are catalogue
+# vectors, easier than shoppers' photos. Settings tuned to 0.956 on the sample gave
+# 0.948 on the 1M scale benchmark's queries.
+TUNING_GOAL = TARGET_RECALL + 0.01
 TUNING_QUERIES = 200
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Merges up to this size run while holding the commit lock (well under a second);
@@ -758,7 +763,7 @@ class VectorStore:
             for suffix in (".ivf", ".pca"):
                 (self.segments_dir / f"codec-{codec_id}{suffix}").unlink(missing_ok=True)
 
-    def tune(self, *, queries: int = TUNING_QUERIES, target: float = TARGET_RECALL, seed: int = 1234) -> Tuning:
+    def tune(self, *, queries: int = TUNING_QUERIES, target: float = TUNING_GOAL, seed: int = 1234) -> Tuning:
         """Choose the cheapest ``nprobe`` and re-rank depth whose recall@10 against exact
         search reaches ``target`` on a sample of the catalogue's own vectors, and record it.
 
