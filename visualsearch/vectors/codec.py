@@ -27,8 +27,8 @@ from .planner import IndexPlan
 
 logger = logging.getLogger(__name__)
 
-# Bits per dimension of a RaBitQ query (FAISS's default is 4): 8 measured the recalls
-# the planner quotes, and scanning costs the same.
+# Bits per dimension of a RaBitQ query (FAISS's default is 4); the recalls in
+# docs/performance.md were measured with 8.
 RABITQ_QUERY_BITS = 8
 # k-means points per centroid: the least FAISS accepts without a warning; more buys
 # little for our use
