@@ -18,14 +18,15 @@ index" (https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-i
   of the vector's offset from its list centre plus two floats, 168 bytes at 1,280
   dimensions, whose score estimate covers every dimension. Their lists are assigned
   in a PCA-:data:`CODE_DIM` space, which makes k-means and the assignment of each new
-  vector five times cheaper at 1,280 dimensions (256 multiply-adds per centre, not 1,280). The older choice, SQ8 codes of the
-  PCA-reduced vector, remains for budgets too small for RaBitQ codes (PCA to fewer
-  dimensions). RaBitQ needs far fewer re-ranked candidates for the same recall: PCA
-  drops the dimensions in which near neighbours differ, every candidate it misranks
-  must be made up by re-ranking more rows, and at 10M those rows come from disk. On
-  60,000 real EfficientNet-Lite0 embeddings (Fashion-MNIST, nprobe 16) recall@10 was
-  0.966 with 50 candidates re-ranked against SQ8's 0.920; the synthetic 1M and 10M
-  figures are in ``docs/performance.md`` (``python -m benchmarks.ann_codes``).
+  vector five times cheaper at 1,280 dimensions (256 multiply-adds per centre, not
+  1,280). The older choice, SQ8 codes of the PCA-reduced vector, remains for budgets
+  too small for RaBitQ codes (PCA to fewer dimensions). RaBitQ needs far fewer
+  re-ranked candidates for the same recall: PCA drops the dimensions in which near
+  neighbours differ, every candidate it misranks must be made up by re-ranking more
+  rows, and at 10M those rows come from disk. On 60,000 real EfficientNet-Lite0
+  embeddings (Fashion-MNIST, nprobe 16) recall@10 was 0.966 with 50 candidates
+  re-ranked against SQ8's 0.920; the synthetic figures are in ``docs/performance.md``
+  (``python -m benchmarks.ann_codes``).
 """
 
 from __future__ import annotations
