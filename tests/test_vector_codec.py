@@ -85,9 +85,8 @@ def test_a_saved_codec_encodes_and_scores_as_the_trained_one(codec, data, tmp_pa
     original, reloaded = codec.encode(vectors), loaded.encode(vectors)
     assert lists_of(original) == lists_of(reloaded)
     reduced = codec.reduce(queries)
-    for index, used in ((original, codec), (reloaded, loaded)):
-        scores, rows = search_segment(index, used.scanned(queries, reduced), used.coarse(reduced, 4), 50, None)
-        if used is codec:
-            expected = (scores, rows)
-    np.testing.assert_array_equal(rows, expected[1])
-    np.testing.assert_allclose(scores, expected[0], rtol=1e-6)
+    scores, rows = search_segment(original, codec.scanned(queries, reduced), codec.coarse(reduced, 4), 50, None)
+    scores_after, rows_after = search_segment(reloaded, loaded.scanned(queries, reduced), loaded.coarse(reduced, 4),
+                                              50, None)
+    np.testing.assert_array_equal(rows_after, rows)
+    np.testing.assert_allclose(scores_after, scores, rtol=1e-6)
