@@ -34,7 +34,7 @@ from ..durable import writer_gone
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from ..file_locks import file_lock
 from .arrayfile import ArrayFileError
-from .codec import MAX_TRAIN_POINTS, Codec, read_ann, search_segment
+from .codec import MAX_TRAIN_POINTS, Codec, all_cores, read_ann, search_segment
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
 from .planner import (
@@ -731,7 +731,8 @@ class VectorStore:
                 return  # done, or another rebuild took over
             done.add(segment.uid)
             if codec is not None and _wanted_codec(segment, wanted_codec):
-                encoded = segment.encoded(self.segments_dir, codec)
+                with all_cores():  # a re-plan is batch work, like training
+                    encoded = segment.encoded(self.segments_dir, codec)
             else:
                 encoded = Segment(segment.uid, segment.rows, segment.deletes, segment.meta)
             with self.writing():
