@@ -60,8 +60,8 @@ class Codec:
         else:
             self.quantizer = self.template.quantizer
         # Encoding reduces and assigns with numpy's BLAS: FAISS's own PCA apply and its
-        # nearest-centroid search took 2.6 s per 20,000 1,280-d vectors on one thread
-        # here, numpy 0.6 s (benchmarks.scale's write path is mostly this at 10M).
+        # nearest-centroid search took 2.9 s per 20,000 1,280-d vectors on one thread
+        # here, numpy 0.6 s (the 10M benchmark's re-plan at 5.1M: 15 -> 6.5 minutes).
         self._centres = self.quantizer.reconstruct_n(0, self.quantizer.ntotal)
         if pca is not None:
             self._pca_matrix = np.ascontiguousarray(
