@@ -291,17 +291,19 @@ def serve_probe(data_dir: Path, queries_file: Path) -> dict:
     return out
 
 
-def exact_top10(data_dir: Path, queries: np.ndarray) -> dict[str, list[list[int]]]:
-    """Exact top-10 image ids per filter, by brute force over every live stored vector;
-    which rows pass a filter comes from the catalogue database, not from the store."""
+def exact_top10(data_dir: Path, queries: np.ndarray,
+                labels: Sequence[str] = tuple(FILTERS)) -> dict[str, list[list[int]]]:
+    """Exact top-10 image ids per filter (those of ``labels``), by brute force over every
+    live stored vector; which rows pass a filter comes from the catalogue database, not
+    from the store."""
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
 
     vs = VisualSearch(Settings(data_dir=data_dir), read_only=True)
-    allowed = _allowed_ids(vs)
+    allowed = _allowed_ids(vs, labels)
     snap = vs.store().snapshot()
     best = {label: (np.full((len(queries), 10), -np.inf, np.float32), np.full((len(queries), 10), -1, np.int64))
-            for label in FILTERS}
+            for label in labels}
     for segment in snap.segments:
         alive = snap.alive[segment.uid]
         for start in range(0, len(segment), 200_000):
@@ -310,7 +312,7 @@ def exact_top10(data_dir: Path, queries: np.ndarray) -> dict[str, list[list[int]
                 continue
             ids = np.asarray(segment.rows.ids)[rows]
             scores = queries @ np.asarray(segment.rows.vectors[rows]).T
-            for label in FILTERS:
+            for label in labels:
                 keep = np.ones(len(ids), bool) if allowed[label] is None else np.isin(ids, allowed[label])
                 if not keep.any():
                     continue
@@ -322,14 +324,15 @@ def exact_top10(data_dir: Path, queries: np.ndarray) -> dict[str, list[list[int]
     return {label: [[int(x) for x in row if x >= 0] for row in ids] for label, (_, ids) in best.items()}
 
 
-def _allowed_ids(vs) -> dict[str, np.ndarray | None]:
+def _allowed_ids(vs, labels: Sequence[str]) -> dict[str, np.ndarray | None]:
     from sqlalchemy import select
 
     from visualsearch.catalogue import ImageStatus, Product, ProductImage
 
     allowed: dict[str, np.ndarray | None] = {}
     with vs.sessions() as session:
-        for label, spec in FILTERS.items():
+        for label in labels:
+            spec = FILTERS[label]
             if not spec:
                 allowed[label] = None
                 continue

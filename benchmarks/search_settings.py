@@ -54,7 +54,7 @@ def main() -> None:
     queries = np.load(bench / "queries.npy")[:args.queries]
     warm = np.load(bench / "warm-up.npy")
     print(f"exact top 10 of {len(queries)} queries (reads every stored vector)...", flush=True)
-    truth = exact_top10(args.data_dir, queries)["none"]
+    truth = exact_top10(args.data_dir, queries, labels=("none",))["none"]
     configure_threads(serving=True)  # as a server worker searches
     store = VisualSearch(Settings(data_dir=args.data_dir), read_only=True).store()
     tuned = store.stats().tuning
