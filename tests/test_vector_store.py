@@ -34,6 +34,7 @@ from visualsearch.vectors import IndexPlan, SearchFilters, VectorRows, VectorSto
 from visualsearch.vectors import planner as planner_module
 from visualsearch.vectors import segment as segment_module
 from visualsearch.vectors import store as store_module
+from visualsearch.vectors.filter_cache import FilterCache, FilteredRows
 from visualsearch.vectors.manifest import MANIFEST_NAME, read_store_manifest
 from visualsearch.vectors.planner import MERGE_FACTOR
 from visualsearch.vectors.segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, ann_file_name, segment_name
@@ -1045,6 +1046,75 @@ def test_filters_apply_to_replaced_rows_and_newer_segments(fresh, ann_calls):
         check_search(store, catalogue, queries, filters=SearchFilters.build(category=category),
                      passes=lambda r, c=category: folded(r.category) == folded(c), min_recall=min_recall)
     assert bool(ann_calls) == (fresh.kind != "flat")
+
+
+def test_a_repeated_filter_reuses_its_rows_and_follows_later_commits(fresh, monkeypatch):
+    """The rows a filter keeps are worked out once per segment and alive mask (the
+    filter cache): the same filter again costs no pass over the segment's columns and,
+    on the exact path, no reads of its rows; a commit that deletes or replaces cached
+    rows, or adds rows, is seen by the next search."""
+    store, catalogue = fresh.store, fresh.catalogue
+    masks, reads = [], []
+    real_mask, real_read = Segment.filter_mask, Segment.read_vectors
+
+    def spy_mask(segment, filters):
+        masks.append(segment.uid)
+        return real_mask(segment, filters)
+
+    def spy_read(segment, rows, **kwargs):
+        reads.append(segment.uid)
+        return real_read(segment, rows, **kwargs)
+
+    monkeypatch.setattr(Segment, "filter_mask", spy_mask)
+    monkeypatch.setattr(Segment, "read_vectors", spy_read)
+    rng = np.random.default_rng(14)
+    queries = catalogue.queries(rng, 10)
+    cases = {case: FILTER_CASES[case] for case in ("selective", "category-lower", "price-range")}
+    min_recall = 1.0 if fresh.kind == "flat" else 0.9
+    for build_args, passes in cases.values():
+        check_search(store, catalogue, queries[:1], filters=SearchFilters.build(**build_args), passes=passes,
+                     min_recall=min_recall)
+    masks.clear()
+    reads.clear()
+    selective = SearchFilters.build(**cases["selective"][0])
+    check_search(store, catalogue, queries, filters=selective, passes=cases["selective"][1])
+    assert masks == [] and reads == [], "a repeated selective filter should reuse its rows and their vectors"
+    for build_args, passes in cases.values():
+        check_search(store, catalogue, queries, filters=SearchFilters.build(**build_args), passes=passes,
+                     min_recall=min_recall)
+    assert masks == []
+
+    selected = [r.id for r in catalogue.passing(cases["selective"][1])]
+    electronics = [r.id for r in catalogue.passing(cases["category-lower"][1])]
+    moved = [Row(id=r.id, product_id=r.product_id, vector=r.vector, price=r.price, category="Bags", brand=r.brand,
+                 attributes=r.attributes) for r in (catalogue.rows[i] for i in electronics[:40])]
+    added = [Row(id=80_000 + n, product_id=90_000 + n, vector=catalogue.rows[selected[0]].vector, price=60.0,
+                 category="Électronique", brand="Initech", attributes={"colour": "green", "in_stock": True,
+                                                                       "sizes": ["M"]}) for n in range(3)]
+    catalogue.commit(store, moved + added, deletes=selected[:5] + electronics[40:60])
+    for build_args, passes in cases.values():
+        check_search(store, catalogue, queries, filters=SearchFilters.build(**build_args), passes=passes,
+                     min_recall=min_recall)
+    found = store.search(added[0].vector, 3, SearchFilters.build(category="électronique"))
+    assert sorted(found.ids.tolist()) == [row.id for row in added], "rows added after the cache was filled"
+
+
+def test_the_filter_cache_holds_at_most_its_bytes_and_forgets_merged_segments():
+    cache = FilterCache(max_bytes=3000)
+    alive = np.ones(8000, dtype=bool)
+    filters = [SearchFilters.build(category=name) for name in ("a", "b", "c", "d")]
+    for uid, one in enumerate(filters):  # 1,000 bytes of bitmap each
+        cache.put(uid, one, FilteredRows(alive, 10, bitmap=np.zeros(1000, dtype=np.uint8)))
+    assert cache.nbytes == 3000
+    assert cache.get(0, alive, filters[0]) is None  # the least recently used went first
+    assert cache.get(1, alive, filters[1]) is not None
+    cache.put(4, filters[0], FilteredRows(alive, 10, bitmap=np.zeros(1000, dtype=np.uint8)))
+    assert cache.get(2, alive, filters[2]) is None and cache.get(1, alive, filters[1]) is not None
+    assert cache.get(1, alive.copy(), filters[1]) is None, "another alive mask: rows were deleted since"
+    cache.put(5, filters[1], FilteredRows(alive, 10, vectors=np.zeros((100, 8), dtype=np.float32)))
+    assert cache.get(5, alive, filters[1]) is None and cache.nbytes <= 3000  # alone larger than the bound
+    cache.retain({4})
+    assert cache.nbytes == 1000 and cache.get(4, alive, filters[0]) is not None
 
 
 def test_price_bounds_are_inclusive_and_rows_without_a_price_never_pass(tmp_path):

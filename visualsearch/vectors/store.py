@@ -19,6 +19,7 @@ The Lucene / Milvus segment model, on one machine:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -35,6 +36,7 @@ from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError,
 from ..file_locks import file_lock
 from .arrayfile import ArrayFileError
 from .codec import MAX_TRAIN_POINTS, Codec, all_cores, read_ann, search_segment
+from .filter_cache import FilterCache, FilteredRows
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
 from .planner import (
@@ -146,6 +148,7 @@ class VectorStore:
         self._codecs: dict[str, Codec] = {}
         self._bitmaps: dict[tuple[int, int], np.ndarray] = {}
         self._alive_counts: dict[tuple[int, int], int] = {}
+        self._filter_cache = FilterCache()
         self._writer: int | None = None  # the thread holding the commit lock
         self.refresh()
 
@@ -183,6 +186,7 @@ class VectorStore:
             self._loaded = {segment.uid: segment for segment in segments}
             self._bitmaps.clear()
             self._alive_counts.clear()
+            self._filter_cache.retain(self._loaded)
             self._manifest, self._key = manifest, key
             return
         raise IndexCorruptError(f"the vector index in {self.data_dir} keeps changing under us or lost files")
@@ -295,20 +299,22 @@ class VectorStore:
         candidates: list[tuple[Segment, np.ndarray, np.ndarray]] = []  # ANN: (segment, rows, approx scores)
         for segment in snap.segments:
             alive = snap.alive[segment.uid]
-            mask = segment.filter_mask(filters)
-            allowed = alive if mask is None else alive & mask
-            n_allowed = self._alive_count(segment.uid, alive) if mask is None else int(np.count_nonzero(allowed))
-            if n_allowed == 0:
+            if filters.active:
+                kept = self._filtered_rows(segment, alive, filters, nprobe)
+            else:
+                kept = FilteredRows(alive, self._alive_count(segment.uid, alive))
+            if kept.count == 0:
                 continue
-            share = n_allowed / len(segment)
-            probes = None if segment.ann is None else filtered_probes(nprobe, share, segment.ann.nlist)
-            if probes is None or filter_scans_exactly(n_allowed, len(segment), self.dim, probes, segment.ann.nlist):
-                rows, scores = self._exact(segment, queries, allowed, n_allowed, k)
+            probes = self._probes(segment, kept.count, nprobe)
+            if probes is None:
+                rows, scores = self._exact(segment, queries, kept, k)
                 found_ids.append(np.asarray(segment.rows.ids)[rows])
                 found_products.append(np.asarray(segment.rows.product_ids)[rows])
                 found_scores.append(scores)
                 continue
-            bitmap = None if n_allowed == len(segment) else self._bitmap(segment, allowed, mask is None)
+            bitmap = None
+            if kept.count < len(segment):
+                bitmap = kept.bitmap if filters.active else self._alive_bitmap(segment, alive)
             candidates.append((segment, *self._ann(segment, queries, probes, depth, bitmap, coarse_cache)))
         for segment, rows, scores in _rerank(candidates, queries, depth):
             found_ids.append(np.asarray(segment.rows.ids)[rows])
@@ -319,13 +325,51 @@ class VectorStore:
             return StoreHits(empty, empty, np.zeros(0, dtype=np.float32))
         return _best(np.concatenate(found_ids), np.concatenate(found_products), np.concatenate(found_scores), k)
 
-    def _exact(self, segment: Segment, queries: np.ndarray, allowed: np.ndarray, n_allowed: int,
+    def _probes(self, segment: Segment, allowed: int, nprobe: int) -> int | None:
+        """Lists to probe in ``segment`` for ``allowed`` of its rows; None: scan them exactly."""
+        if segment.ann is None:
+            return None
+        probes = filtered_probes(nprobe, allowed / len(segment), segment.ann.nlist)
+        if filter_scans_exactly(allowed, len(segment), self.dim, probes, segment.ann.nlist):
+            return None
+        return probes
+
+    def _filtered_rows(self, segment: Segment, alive: np.ndarray, filters: SearchFilters,
+                       nprobe: int) -> FilteredRows:
+        """The segment's live rows that pass ``filters``, in the form the search path will
+        need (bitmap for the lists, rows and vectors for an exact scan); cached."""
+        kept = self._filter_cache.get(segment.uid, alive, filters)
+        mask = None
+        if kept is None:
+            mask = alive & segment.filter_mask(filters)
+            kept = FilteredRows(alive, int(np.count_nonzero(mask)))
+        # None or every row: searched as if unfiltered, nothing more to keep.
+        partial = 0 < kept.count < len(segment)
+        exact = partial and self._probes(segment, kept.count, nprobe) is None
+        if partial and (kept.rows is None if exact else kept.bitmap is None):
+            if mask is None:
+                mask = alive & segment.filter_mask(filters)
+            # A new entry, never a changed one: the cache accounts bytes per entry.
+            if exact:
+                rows = np.flatnonzero(mask)
+                vectors = segment.read_vectors(rows) if len(rows) * self.dim * 4 <= FILTER_EXACT_BYTES else None
+                kept = dataclasses.replace(kept, rows=rows, vectors=vectors)
+            else:
+                kept = dataclasses.replace(kept, bitmap=np.packbits(mask, bitorder="little"))
+        if mask is not None:
+            self._filter_cache.put(segment.uid, filters, kept)
+        return kept
+
+    def _exact(self, segment: Segment, queries: np.ndarray, kept: FilteredRows,
                k: int) -> tuple[np.ndarray, np.ndarray]:
-        if n_allowed == len(segment):
+        if kept.count == len(segment):
             rows = None
             vectors = segment.rows.vectors
-        else:
-            rows = np.flatnonzero(allowed)
+        elif kept.rows is not None:
+            rows = kept.rows
+            vectors = kept.vectors if kept.vectors is not None else segment.read_vectors(rows)
+        else:  # unfiltered, some rows deleted
+            rows = np.flatnonzero(kept.alive)
             vectors = segment.read_vectors(rows)
         scores = queries @ np.asarray(vectors).T  # (Q, n)
         take = min(k, scores.shape[1])
@@ -360,13 +404,12 @@ class VectorStore:
                 self._alive_counts[key] = count
         return count
 
-    def _bitmap(self, segment: Segment, allowed: np.ndarray, cacheable: bool) -> np.ndarray:
-        if not cacheable:
-            return np.packbits(allowed, bitorder="little")
-        key = (segment.uid, id(allowed))  # an alive mask is replaced, never changed
+    def _alive_bitmap(self, segment: Segment, alive: np.ndarray) -> np.ndarray:
+        """The segment's live rows as packed bits, once per alive mask (for unfiltered searches)."""
+        key = (segment.uid, id(alive))  # an alive mask is replaced, never changed
         bitmap = self._bitmaps.get(key)
         if bitmap is None:
-            bitmap = np.packbits(allowed, bitorder="little")
+            bitmap = np.packbits(alive, bitorder="little")
             with self._lock:
                 self._bitmaps = {k: v for k, v in self._bitmaps.items() if k[0] != segment.uid}
                 self._bitmaps[key] = bitmap
@@ -477,6 +520,7 @@ class VectorStore:
         self._loaded = {segment.uid: segment for segment in order}
         self._bitmaps.clear()
         self._alive_counts.clear()
+        self._filter_cache.retain(self._loaded)
         kept = {name for segment in order for name in segment.file_names()}
         for segment in previous:
             for name in segment.file_names():
