@@ -20,7 +20,7 @@ from visualsearch.catalogue import NoCatalogueError, counters, open_catalogue, s
 from visualsearch.catalogue import store as catalogue
 from visualsearch.catalogue.locks import INDEX_LOCK, VECTOR_COMMIT_LOCK, advisory_key, catalogue_lock, lock_file
 from visualsearch.catalogue.migrations import baseline_triggers
-from visualsearch.catalogue.models import Base
+from visualsearch.catalogue.models import Base, ImageStatus
 from visualsearch.catalogue_manifest import ProductRecord
 from visualsearch.errors import ConfigurationError, StorageBusyError, StorageError, WriterBusyError
 from visualsearch.service import VisualSearch
@@ -412,6 +412,28 @@ def test_counters_stay_exact_under_concurrent_writers(tiny_settings, monkeypatch
     with sessions() as session:
         assert counted == {key: value for key, value in counters.read_counts(session).items() if value}
     assert counted["products"] == 42 and counted["images:indexed"] == 42 and counted["category:c"] == 3
+
+
+def test_an_upsert_merges_a_sku_named_twice_into_a_copy_and_hands_back_unchanged_images(tiny_settings):
+    """A chunk naming a SKU twice is merged without changing the caller's records; an
+    upsert that adds no image returns the products' image rows (the indexer then reads
+    them once), as images_of_products gives them."""
+    sessions = VisualSearch(tiny_settings).sessions
+    first = ProductRecord(sku="A", title="Tee", images=["/img/a1.png"])
+    second = ProductRecord(sku="A", category="Shirts", images=["/img/a2.png", "/img/a1.png"])
+    with sessions.begin() as session:
+        added = catalogue.upsert_products(session, [first, second, ProductRecord(sku="B", images=["/img/b.png"])])
+    assert added.images is None, "images were added: their ids are read afterwards"
+    assert (first.category, first.images, second.title) == (None, ["/img/a1.png"], None)
+    with sessions.begin() as session:
+        again = catalogue.upsert_products(session, [ProductRecord(sku="B"), ProductRecord(sku="A", price=3.0)])
+        stored = catalogue.images_of_products(session, [added.product_ids["A"], added.product_ids["B"]])
+        product = catalogue.get_product(session, "A")
+        fields = (product.title, product.category, product.price)
+    assert again.images == stored
+    assert [image.path for image in stored] == ["/img/a1.png", "/img/a2.png", "/img/b.png"]
+    assert all(image.status is ImageStatus.PENDING for image in stored)
+    assert fields == ("Tee", "Shirts", 3.0)
 
 
 # --- errors and the command line -------------------------------------------------------

@@ -308,7 +308,9 @@ def _prepare_chunk(vs: "VisualSearch", records: Sequence[ProductRecord], report:
     """Upsert the chunk's products (bounded transaction); return its images that need work."""
     with vs.session() as session:
         upsert = catalogue.upsert_products(session, records)
-        images = catalogue.images_of_products(session, list(upsert.product_ids.values()))
+        images = upsert.images
+        if images is None:  # images were added: their ids are new
+            images = catalogue.images_of_products(session, list(upsert.product_ids.values()))
     report.products += len(records)
     report.images += len(images)
     sku_of = {product_id: sku for sku, product_id in upsert.product_ids.items()}

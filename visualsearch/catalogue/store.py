@@ -194,6 +194,9 @@ class UpsertResult:
 
     product_ids: dict[str, int]
     fields_changed: set[int]
+    # The products' images (ascending ids), when the upsert added none: read anyway to
+    # find the new ones, so that an unchanged re-run reads each image row once, not twice.
+    images: list[ImageRow] | None = None
 
 
 def upsert_products(session: Session, records: Sequence[ProductRecord]) -> UpsertResult:
@@ -238,21 +241,27 @@ def upsert_products(session: Session, records: Sequence[ProductRecord]) -> Upser
             select(Product.id, Product.sku).where(Product.sku.in_([row["sku"] for row in chunk]))
         ):
             product_ids[sku] = product_id
-    _add_new_images(session, records, product_ids)
-    return UpsertResult(product_ids, changed)
+    images = _add_new_images(session, records, product_ids)
+    return UpsertResult(product_ids, changed, images)
 
 
 def _merge_duplicates(records: Sequence[ProductRecord]) -> dict[str, ProductRecord]:
     """One record per SKU (a chunk may name a SKU twice): later fields (and clears) win,
-    attributes merge (or a later replacement wins), images add up."""
+    attributes merge (or a later replacement wins), images add up. The records are not
+    changed: a SKU named twice is merged into a copy (the usual SKU, named once, is not copied)."""
     merged: dict[str, ProductRecord] = {}
+    copies: set[str] = set()
     for record in records:
         first = merged.get(record.sku)
         if first is None:
-            merged[record.sku] = ProductRecord(sku=record.sku, **{name: getattr(record, name) for name in FIELD_NAMES},
-                                               attributes=dict(record.attributes), images=list(record.images),
-                                               clear=record.clear, replace_attributes=record.replace_attributes)
+            merged[record.sku] = record
             continue
+        if record.sku not in copies:
+            first = merged[record.sku] = ProductRecord(
+                sku=first.sku, **{name: getattr(first, name) for name in FIELD_NAMES},
+                attributes=dict(first.attributes), images=list(first.images), clear=first.clear,
+                replace_attributes=first.replace_attributes)
+            copies.add(record.sku)
         for name in FIELD_NAMES:
             if getattr(record, name) is not None or name in record.clear:
                 setattr(first, name, getattr(record, name))
@@ -290,13 +299,16 @@ def _field_changes(current: dict[str, Any], record: ProductRecord) -> tuple[dict
     return changes, any(name in FILTER_FIELDS for name in changes)
 
 
-def _add_new_images(session: Session, records: dict[str, ProductRecord], product_ids: dict[str, int]) -> None:
+def _add_new_images(session: Session, records: dict[str, ProductRecord],
+                    product_ids: dict[str, int]) -> list[ImageRow] | None:
+    """Add the records' images the catalogue lacks (pending); return the products' image
+    rows when there were none to add (None: read them again for the new ids)."""
     known: dict[int, set[str]] = {}
+    rows: list[ImageRow] = []
     for chunk in _chunks(list(product_ids.values()), IN_CHUNK):
-        for product_id, path in session.execute(
-            select(ProductImage.product_id, ProductImage.path).where(ProductImage.product_id.in_(chunk))
-        ):
-            known.setdefault(product_id, set()).add(path)
+        for row in session.execute(_IMAGE_ROWS.where(ProductImage.product_id.in_(chunk))):
+            rows.append(_image_row(row))
+            known.setdefault(row.product_id, set()).add(row.path)
     new_images = []
     for sku, record in records.items():
         product_id = product_ids[sku]
@@ -308,6 +320,10 @@ def _add_new_images(session: Session, records: dict[str, ProductRecord], product
                 paths.add(path)
     for chunk in _chunks(new_images, IN_CHUNK * 4):
         _insert_ignoring_duplicates(session, ProductImage, chunk)
+    if new_images:
+        return None
+    rows.sort(key=lambda row: row.id)
+    return rows
 
 
 def _insert_ignoring_duplicates(session: Session, model: type, rows: list[dict[str, Any]]) -> None:
@@ -457,17 +473,24 @@ class ImageRow:
     source_checked_at: int | None = None  # images at URLs: last fetched or answered 304 (epoch s)
 
 
+_IMAGE_ROWS = select(ProductImage.id, ProductImage.product_id, ProductImage.path, ProductImage.status,
+                     ProductImage.file_size, ProductImage.file_mtime_ns, ProductImage.source_etag,
+                     ProductImage.sha256, ProductImage.source_checked_at)
+
+
+def _image_row(row: Any) -> ImageRow:
+    status = row.status  # the column's Enum type gives ImageStatus members already
+    if status.__class__ is not ImageStatus:
+        status = ImageStatus(status)
+    return ImageRow(row.id, row.product_id, row.path, status, row.file_size, row.file_mtime_ns, row.source_etag,
+                    row.sha256, row.source_checked_at)
+
+
 def images_of_products(session: Session, product_ids: Sequence[int]) -> list[ImageRow]:
     rows: list[ImageRow] = []
     for chunk in _chunks(list(product_ids), IN_CHUNK):
-        for row in session.execute(
-            select(ProductImage.id, ProductImage.product_id, ProductImage.path, ProductImage.status,
-                   ProductImage.file_size, ProductImage.file_mtime_ns, ProductImage.source_etag,
-                   ProductImage.sha256, ProductImage.source_checked_at)
-            .where(ProductImage.product_id.in_(chunk)).order_by(ProductImage.id)
-        ):
-            rows.append(ImageRow(row.id, row.product_id, row.path, ImageStatus(row.status), row.file_size,
-                                 row.file_mtime_ns, row.source_etag, row.sha256, row.source_checked_at))
+        for row in session.execute(_IMAGE_ROWS.where(ProductImage.product_id.in_(chunk)).order_by(ProductImage.id)):
+            rows.append(_image_row(row))
     return rows
 
 
