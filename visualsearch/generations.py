@@ -64,9 +64,9 @@ class GenerationRef:
 
 
 def read_generation(session: Session) -> GenerationRef:
-    return GenerationRef(location=catalogue.get_meta(session, GENERATION_KEY) or "",
-                         identity=catalogue.stored_identity(session),
-                         weights_path=catalogue.get_meta(session, WEIGHTS_PATH_KEY))
+    meta = catalogue.get_metas(session, (GENERATION_KEY, WEIGHTS_PATH_KEY, *catalogue.IDENTITY_KEYS))
+    return GenerationRef(location=meta.get(GENERATION_KEY) or "", identity=catalogue.identity_from_meta(meta),
+                         weights_path=meta.get(WEIGHTS_PATH_KEY))
 
 
 def matching_weights(identity: catalogue.StoredIdentity, candidates: Sequence[str | None]) -> str | None:

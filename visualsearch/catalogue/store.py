@@ -38,6 +38,13 @@ def get_meta(session: Session, key: str) -> str | None:
     return row.value if row else None
 
 
+def get_metas(session: Session, keys: Sequence[str]) -> dict[str, str]:
+    """The values of those of ``keys`` that are set, in one query (every write reads the
+    identity and the vector generation, eight keys, several times)."""
+    rows = session.execute(select(CatalogueMeta.key, CatalogueMeta.value).where(CatalogueMeta.key.in_(keys)))
+    return {key: value for key, value in rows}
+
+
 def set_meta(session: Session, key: str, value: str) -> None:
     """Set ``key`` to ``value`` in one upsert: two writers setting it at once (replicas
     claiming the identity of a new catalogue) both succeed, the later one's value winning."""
@@ -75,15 +82,24 @@ class StoredIdentity:
         return self.recipe or self.backbone
 
 
+IDENTITY_KEYS = ("backbone", "weights_sha256", "dim", *RECIPE_KEYS)
+
+
 def stored_identity(session: Session) -> StoredIdentity | None:
     """Backbone, weights hash, dimension and recipe of the vectors of this catalogue, if any."""
-    backbone = get_meta(session, "backbone")
+    return identity_from_meta(get_metas(session, IDENTITY_KEYS))
+
+
+def identity_from_meta(meta: dict[str, str]) -> StoredIdentity | None:
+    """The :class:`StoredIdentity` in ``meta`` (catalogue meta values by key, at least
+    :data:`IDENTITY_KEYS`); None if no vectors were recorded."""
+    backbone = meta.get("backbone")
     if backbone is None:
         return None
-    version = get_meta(session, "recipe_version")
-    return StoredIdentity(backbone, get_meta(session, "weights_sha256") or "", int(get_meta(session, "dim") or 0),
-                          recipe=get_meta(session, "recipe"), recipe_version=int(version) if version else None,
-                          recipe_hash=get_meta(session, "recipe_hash"))
+    version = meta.get("recipe_version")
+    return StoredIdentity(backbone, meta.get("weights_sha256") or "", int(meta.get("dim") or 0),
+                          recipe=meta.get("recipe"), recipe_version=int(version) if version else None,
+                          recipe_hash=meta.get("recipe_hash"))
 
 
 def check_backbone_name(stored: StoredIdentity, backbone: str) -> None:
