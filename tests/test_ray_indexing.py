@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 
@@ -36,9 +37,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (the engine uses it, and leaves it running)."""
+    # Ray waits 30 s for its GCS server to bind a port; a first start in a fresh venv on a
+    # busy 2-core CI machine took longer (fresh-clone run, 2026-11-28), failing the module.
+    wait = "RAY_gcs_server_port_wait_time_s"
+    ours = wait not in os.environ
+    os.environ.setdefault(wait, "180")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+    if ours:
+        os.environ.pop(wait, None)
 
 
 def _catalogue_rows(vs: VisualSearch) -> dict:
