@@ -39,7 +39,8 @@ def main() -> None:
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
     from visualsearch.vectors import SearchFilters, configure_threads
-    from visualsearch.vectors.segment import Segment, consecutive_runs
+    from visualsearch.vectors.row_reads import consecutive_runs
+    from visualsearch.vectors.segment import Segment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)

@@ -47,7 +47,7 @@ PLAN_TABLE = [
     *[(1 * M, 32, budget, "IVF2048,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     *[(10 * M, 32, budget, "IVF4096,SQ8 + exact re-rank") for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     (100 * M, 32, 512 * MiB, None),                       # 3.2 GB of the smallest (32-byte) codes
-    (100 * M, 32, 8 * GiB, "IVF4096,SQ8 + exact re-rank"),
+    (100 * M, 32, 8 * GiB, "IVF4096,SQ8 + exact re-rank"),  # full-size SQ8 codes: nothing to re-rank them with
     # dim 1280: up to 13,107 vectors are scanned exactly; beyond, 168-byte RaBitQ codes with
     # lists assigned in PCA256 space, or SQ8 codes of fewer PCA dimensions where those do not fit.
     *[(count, 1280, budget, FLAT) for count in (0, 1 * K, 10 * K) for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
@@ -55,13 +55,18 @@ PLAN_TABLE = [
       for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
     *[(1 * M, 1280, budget, "IVF2048,RaBitQ (lists assigned in PCA256) + exact re-rank")
       for budget in (512 * MiB, 4 * GiB, 8 * GiB)],
+    # Past 8 GiB of float32 vectors (1,677,721 at 1280 dimensions) plans add 8-bit re-rank
+    # codes of every dimension, kept on disk: the vectors no longer fit a page cache.
+    (1_600 * K, 1280, 4 * GiB, "IVF2048,RaBitQ (lists assigned in PCA256) + exact re-rank"),
+    (2 * M, 1280, 4 * GiB, "IVF2048,RaBitQ (lists assigned in PCA256) + SQ8 re-rank + exact re-rank"),
     # 10M x 168 bytes need 1.7 GB: under 512 MiB the codes shrink to SQ8 of 32 dimensions.
-    (10 * M, 1280, 512 * MiB, "PCA32,IVF4096,SQ8 + exact re-rank"),
-    (10 * M, 1280, 4 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + exact re-rank"),
-    (10 * M, 1280, 8 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + exact re-rank"),
+    (10 * M, 1280, 512 * MiB, "PCA32,IVF4096,SQ8 + SQ8 re-rank + exact re-rank"),
+    (10 * M, 1280, 4 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + SQ8 re-rank + exact re-rank"),
+    (10 * M, 1280, 8 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + SQ8 re-rank + exact re-rank"),
     (20 * M, 1280, 512 * MiB, None),                      # 640 MB of 32-byte codes
-    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8 + exact re-rank"),   # 3.4 GB of RaBitQ codes do not fit
-    (20 * M, 1280, 8 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + exact re-rank"),
+    # 3.4 GB of RaBitQ codes do not fit
+    (20 * M, 1280, 4 * GiB, "PCA128,IVF4096,SQ8 + SQ8 re-rank + exact re-rank"),
+    (20 * M, 1280, 8 * GiB, "IVF4096,RaBitQ (lists assigned in PCA256) + SQ8 re-rank + exact re-rank"),
     # dim 512 (a PCA-512 recipe's vectors): 72-byte RaBitQ codes.
     (1 * M, 512, 4 * GiB, "IVF2048,RaBitQ (lists assigned in PCA256) + exact re-rank"),
 ]
@@ -302,7 +307,9 @@ def test_escalate_rabitq_adds_bits(count, budget, expected):
     assert better.encoding == expected and better.rabitq_bits == int(expected[-1])
     assert better.code_bytes == rabitq_code_bytes(1280, better.rabitq_bits)
     assert (better.nlist, better.planned_for, better.reduce_dim) == (plan.nlist, plan.planned_for, CODE_DIM)
-    assert better.description == f"IVF{plan.nlist},{expected} (lists assigned in PCA256) + exact re-rank"
+    assert better.refine == plan.refine == ("SQ8" if count * 1280 * 4 > 8 * GiB else "")  # kept
+    rerank = " + SQ8 re-rank" if plan.refine else ""
+    assert better.description == f"IVF{plan.nlist},{expected} (lists assigned in PCA256){rerank} + exact re-rank"
 
 
 # --- merges ------------------------------------------------------------------------------------
@@ -431,7 +438,10 @@ def test_needs_compaction(alive, total, expected):
 def test_plan_round_trips_through_a_dict():
     plan = plan_index(10 * M, 1280, 512 * MiB)
     assert IndexPlan(**plan.to_dict()) == plan
-    assert plan.description == "PCA32,IVF4096,SQ8 + exact re-rank"
+    assert plan.description == "PCA32,IVF4096,SQ8 + SQ8 re-rank + exact re-rank"
+    # Manifests written before re-rank codes existed have no "refine": plans without them.
+    older = {key: value for key, value in plan.to_dict().items() if key != "refine"}
+    assert IndexPlan(**older).refine == "" and IndexPlan(**older).description == "PCA32,IVF4096,SQ8 + exact re-rank"
 
 
 def test_an_escalated_plan_is_not_re_planned_while_it_fits_the_budget():

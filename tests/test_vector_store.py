@@ -30,8 +30,9 @@ import pytest
 
 import visualsearch
 from visualsearch.errors import BackboneMismatchError, IndexCorruptError, InvalidRequestError, WriterBusyError
-from visualsearch.vectors import IndexPlan, SearchFilters, VectorRows, VectorStore, row_tokens
+from visualsearch.vectors import IndexPlan, SearchFilters, VectorRows, VectorStore, row_reads, row_tokens
 from visualsearch.vectors import planner as planner_module
+from visualsearch.vectors import refine as refine_module
 from visualsearch.vectors import segment as segment_module
 from visualsearch.vectors import store as store_module
 from visualsearch.vectors.filter_cache import FilterCache, FilteredRows
@@ -55,10 +56,14 @@ PLANS: dict[str, IndexPlan | None] = {
     # What the planner picks for long vectors: 1-bit codes of every dimension, lists assigned in PCA space.
     "ivf_rabitq": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=16, encoding="RaBitQ",
                             code_bytes=12),
+    # Past 8 GiB of vectors: candidates ranked again on 8-bit codes before the exact re-rank.
+    "ivf_rabitq_refine": IndexPlan(kind="ivf", dim=DIM, planned_for=ROWS, nlist=NLIST, reduce_dim=16,
+                                   encoding="RaBitQ", code_bytes=12, refine="SQ8"),
 }
 DESCRIPTIONS = {"flat": "Flat (exact)", "ivf": "IVF16,SQ8 + exact re-rank",
                 "ivf_pca": "PCA16,IVF16,SQ8 + exact re-rank",
-                "ivf_rabitq": "IVF16,RaBitQ (lists assigned in PCA16) + exact re-rank"}
+                "ivf_rabitq": "IVF16,RaBitQ (lists assigned in PCA16) + exact re-rank",
+                "ivf_rabitq_refine": "IVF16,RaBitQ (lists assigned in PCA16) + SQ8 re-rank + exact re-rank"}
 # Lowered thresholds (see the module docstring): filters passing at most this many rows
 # of a segment are scanned exactly, and segments of this many rows are ANN-encoded.
 EXACT_FILTER_ROWS = 150
@@ -218,10 +223,16 @@ def assert_encodings(store: VectorStore) -> None:
         wanted = manifest.codec if len(segment) >= store_module.MIN_ANN_SEGMENT_ROWS else None
         assert segment.codec_id == wanted, f"segment {segment.uid} ({len(segment)} rows) has {segment.codec_id}"
         assert (segment.ann is not None) == (wanted is not None)
+        refined = wanted is not None and bool(manifest.codec_plan(wanted).refine)
+        assert (segment.refine is not None) == refined
         if wanted is not None:
             assert segment.ann.ntotal == len(segment)  # every row, dead ones too: masked at search time
+        if refined:  # the codes of every row, as the codec encodes them
+            assert np.array_equal(segment.refine.codes, store._codec(manifest, wanted).refine_codes(
+                np.asarray(segment.rows.vectors)))
         assert segment.file_names() == [segment_name(segment.uid) + SEGMENT_SUFFIX] + (
-            [ann_file_name(segment.uid, wanted)] if wanted else [])
+            [ann_file_name(segment.uid, wanted)] if wanted else []) + (
+            [segment_module.refine_file_name(segment.uid, wanted)] if refined else [])
     assert manifest.ann == {str(s.uid): s.codec_id for s in segments if s.codec_id}
 
 
@@ -491,6 +502,31 @@ def test_many_small_commits_merge_and_stay_equal_to_brute_force(fresh):
     assert_state(open_store(fresh.data_dir), catalogue.rows)
 
 
+def test_re_rank_codes_leave_only_the_best_candidates_to_read_exactly(tmp_path, ann_thresholds, ann_search_works,
+                                                                       monkeypatch):
+    """A plan with re-rank codes (past 8 GiB of vectors) ranks a search's candidates on
+    them, over every segment together, and reads only the best refined_depth(k) exact
+    vectors: the neighbours are still those of brute force."""
+    require_ann("ivf_rabitq_refine", ann_search_works)
+    store, catalogue = open_store(tmp_path), Catalogue()
+    rng = np.random.default_rng(12)
+    catalogue.commit(store, make_rows(rng, range(0, 2000)))
+    store.rebuild(plan=PLANS["ivf_rabitq_refine"], tune=False)
+    catalogue.commit(store, make_rows(rng, range(2000, 2600)), deletes=[3, 4, 5])  # a second segment with codes
+    assert [s.refine is not None for s in store.snapshot().segments] == [True, True]
+    reads: list[int] = []
+    read_vectors = Segment.read_vectors
+    monkeypatch.setattr(Segment, "read_vectors",
+                        lambda self, rows, **kw: reads.append(len(rows)) or read_vectors(self, rows, **kw))
+    queries = catalogue.queries(rng, 30)
+    for k in (10, 30):
+        reads.clear()
+        store.search(queries[0], k, rerank=300, nprobe=NLIST)
+        assert sum(reads) == refine_module.refined_depth(k) < 300
+    check_search(store, catalogue, queries, rerank=300, nprobe=NLIST, min_recall=0.98)
+    check_search(store, catalogue, queries, k=30, rerank=300, nprobe=NLIST, min_recall=0.98)
+
+
 @pytest.mark.parametrize("built", ["ivf_pca"], indirect=True)
 def test_re_ranking_issues_every_segments_reads_before_waiting_for_any(fresh, monkeypatch):
     """Once the stored vectors outgrow the page cache, the re-ranked rows come from disk:
@@ -504,7 +540,7 @@ def test_re_ranking_issues_every_segments_reads_before_waiting_for_any(fresh, mo
     segments = store.snapshot().segments
     assert sum(1 for s in segments if s.ann is not None) == 2
     rows = np.array([0, 1, 2, 7, 500, 501, 999])
-    assert segment_module.consecutive_runs(rows) == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert row_reads.consecutive_runs(rows) == [(0, 3), (3, 4), (4, 6), (6, 7)]
     assert np.array_equal(segments[-1].read_vectors(rows), np.asarray(segments[-1].rows.vectors)[rows])
 
     events: list[tuple[str, int, int, int]] = []  # (what, fd, offset, length)
@@ -1195,7 +1231,7 @@ def test_a_reader_retries_when_the_writer_removes_ann_lists_it_is_loading(tmp_pa
     removes those lists (a compaction replaces the segment, a rebuild re-encodes it): the
     reader must read the manifest again, not call the index damaged. ``loading`` is what
     the reader loads: a segment new to it (Segment.load), or new lists of a segment it
-    has loaded (VectorStore._read_ann)."""
+    has loaded (Segment.with_encoding)."""
     data_dir = tmp_path / "data"
     writer = open_store(data_dir)
     catalogue = Catalogue()
@@ -1206,13 +1242,13 @@ def test_a_reader_retries_when_the_writer_removes_ann_lists_it_is_loading(tmp_pa
     reader = open_store(data_dir, read_only=True)
     if loading == "new-segment":  # encoded as it is committed, not yet loaded by the reader
         catalogue.commit(writer, make_rows(rng, range(1000, 1000 + ANN_SEGMENT_ROWS)))
-        target, module, replaced_id = writer.snapshot().segments[-1], segment_module, 1000
+        target, replaced_id = writer.snapshot().segments[-1], 1000
     else:  # segment 1 with new lists; the reader has it with the old ones
         writer.rebuild(plan=PLANS["ivf_pca"], tune=False)
-        target, module, replaced_id = writer.snapshot().segments[0], store_module, 0
+        target, replaced_id = writer.snapshot().segments[0], 0
     loading_file = ann_file_name(target.uid, writer.manifest.codec)
     assert target.file_names()[1] == loading_file
-    real_read_ann = module.read_ann
+    real_read_ann = segment_module.read_ann
     raced = []
 
     def read_ann_racing_the_writer(path):
@@ -1226,7 +1262,7 @@ def test_a_reader_retries_when_the_writer_removes_ann_lists_it_is_loading(tmp_pa
             assert not (data_dir / store_module.SEGMENTS_DIR / loading_file).exists()
         return real_read_ann(path)
 
-    monkeypatch.setattr(module, "read_ann", read_ann_racing_the_writer)
+    monkeypatch.setattr(segment_module, "read_ann", read_ann_racing_the_writer)
     reader.refresh()
     assert raced == [loading_file]
     assert reader.manifest == read_store_manifest(data_dir)
@@ -1360,7 +1396,7 @@ def leftover_names(data_dir: Path, store: VectorStore) -> set[str]:
     for segment in store.snapshot().segments:
         keep.update(segment.file_names())
     for codec_id in store.manifest.codecs if store.manifest else {}:
-        keep.update({f"codec-{codec_id}.ivf", f"codec-{codec_id}.pca"})
+        keep.update({f"codec-{codec_id}.ivf", f"codec-{codec_id}.pca", f"codec-{codec_id}.sq8"})
     drafts = {path.name for path in data_dir.glob(".manifest.json.*.tmp")}
     return ({path.name for path in segments_dir.iterdir()} - keep) | drafts
 
@@ -1517,22 +1553,31 @@ def test_a_missing_segment_file_is_a_corrupt_index(small_store):
         open_store(data_dir)
 
 
-@pytest.mark.parametrize("target", ["segment", "codec", "new-encoding"])
+@pytest.mark.parametrize("target", ["segment", "codec", "new-encoding", "re-rank codes", "re-rank codes lost",
+                                    "re-rank codec"])
 def test_a_damaged_ann_file_is_a_corrupt_index(small_store, ann_thresholds, target):
     """``segment``: the lists of the 600-row segment (seg-<uid>.<codec>.ivf) read by a store
     opening; ``codec``: the codec they need; ``new-encoding``: the new lists of a segment a
-    reader already has, read as it follows a rebuild."""
+    reader already has, read as it follows a rebuild; ``re-rank codes``: its 8-bit codes
+    (seg-<uid>.<codec>.sq8), damaged or gone, and their codec's ranges (codec-<id>.sq8)."""
     data_dir, _ = small_store
     reader = open_store(data_dir, read_only=True)
     store = open_store(data_dir)
-    store.rebuild(plan=PLANS["ivf"], tune=False)
+    refined = target.startswith("re-rank")
+    store.rebuild(plan=PLANS["ivf_rabitq_refine" if refined else "ivf"], tune=False)
     encoded = [segment for segment in store.snapshot().segments if segment.codec_id]
     assert [len(segment) for segment in encoded] == [600]  # (the 20-row segment has no lists)
     segments_dir = data_dir / store_module.SEGMENTS_DIR
     codec = store.manifest.codec
-    path = segments_dir / (f"codec-{codec}.ivf" if target == "codec" else ann_file_name(encoded[0].uid, codec))
+    path = {"codec": segments_dir / f"codec-{codec}.ivf", "re-rank codec": segments_dir / f"codec-{codec}.sq8",
+            "re-rank codes": segments_dir / segment_module.refine_file_name(encoded[0].uid, codec),
+            "re-rank codes lost": segments_dir / segment_module.refine_file_name(encoded[0].uid, codec),
+            }.get(target, segments_dir / ann_file_name(encoded[0].uid, codec))
     assert path.is_file()
-    path.write_bytes(path.read_bytes()[:100])
+    if target == "re-rank codes lost":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(IndexCorruptError, match="damaged"):
         if target == "new-encoding":
             reader.refresh()
@@ -1585,7 +1630,7 @@ def _lists(index) -> dict[int, set[tuple[int, bytes]]]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivf_pca", "ivf_rabitq"])
+@pytest.mark.parametrize("kind", ["ivf", "ivf_pca", "ivf_rabitq", "ivf_rabitq_refine"])
 def test_a_merge_copies_codes_exactly_as_encoding_again_would(kind, tmp_path, ann_thresholds, ann_search_works,
                                                               monkeypatch):
     """Merged segments reuse their inputs' codes (renumbered, dead rows dropped) instead
@@ -1610,4 +1655,5 @@ def test_a_merge_copies_codes_exactly_as_encoding_again_would(kind, tmp_path, an
     codec = store._current_codec()
     for segment in segments:
         assert _lists(segment.ann) == _lists(codec.encode(np.asarray(segment.rows.vectors)))
+    assert_encodings(store)  # re-rank codes too, copied or encoded
     check_search(store, catalogue, catalogue.queries(np.random.default_rng(3), 20), min_recall=0.9)

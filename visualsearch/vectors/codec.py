@@ -25,9 +25,13 @@ import numpy as np
 
 from ..durable import fsync_directory
 from .planner import IndexPlan
+from .refine import REFINE_SUFFIX, RefineScale
 
 logger = logging.getLogger(__name__)
 
+# The files of a codec (``codec-<id>`` + suffix) and of a segment's encoding by it
+# (``seg-<uid>.<id>`` + suffix): inverted lists or IVF template, PCA, re-rank codes.
+CODEC_SUFFIXES = (".ivf", ".pca", REFINE_SUFFIX)
 # Bits per dimension of a RaBitQ query (FAISS's default is 4); the recalls in
 # docs/performance.md were measured with 8.
 RABITQ_QUERY_BITS = 8
@@ -46,11 +50,15 @@ class Codec:
     """Trained PCA (optional) + IVF centroids + code parameters for one :class:`IndexPlan`."""
 
     def __init__(self, codec_id: str, plan: IndexPlan, template: faiss.IndexIVF,
-                 pca: faiss.PCAMatrix | None):
+                 pca: faiss.PCAMatrix | None, refiner: faiss.IndexScalarQuantizer | None = None):
         self.codec_id = codec_id
         self.plan = plan
         self.template = template  # trained, empty
         self.pca = pca
+        # Re-rank codes (see .refine): a trained, empty SQ8 index holds their ranges.
+        self.refiner = refiner
+        self.refine_scale = RefineScale.from_trained(faiss.vector_to_array(refiner.sq.trained), plan.dim) \
+            if refiner is not None else None
         if plan.rabitq_bits and pca is not None:
             # The template's quantizer holds the full-space centres the codes are offsets
             # from; lists are assigned with the same centres in the PCA space.
@@ -116,7 +124,11 @@ class Codec:
             template = faiss.IndexIVFScalarQuantizer(quantizer, dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit,
                                                      faiss.METRIC_INNER_PRODUCT)
             template.train(reduced)  # the quantizer is already trained: this learns the SQ ranges
-        return cls(codec_id, plan, template, pca)
+        refiner = None
+        if plan.refine:
+            refiner = faiss.IndexScalarQuantizer(plan.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            refiner.train(sample)  # the per-dimension ranges of the re-rank codes
+        return cls(codec_id, plan, template, pca, refiner)
 
     def reduce(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -136,6 +148,15 @@ class Codec:
         """What the codes compare queries with: the reduced vectors (SQ8 of PCA) or the
         vectors themselves (RaBitQ codes keep every dimension)."""
         return np.ascontiguousarray(vectors, dtype=np.float32) if self.plan.rabitq_bits else reduced
+
+    def refine_codes(self, vectors: np.ndarray) -> np.ndarray:
+        """The (n, dim) uint8 re-rank codes of ``vectors`` (see .refine); the plan must have them."""
+        if self.refiner is None:
+            raise ValueError(f"codec {self.codec_id} has no re-rank codes")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not len(vectors):
+            return np.zeros((0, self.plan.dim), dtype=np.uint8)
+        return self.refiner.sq.compute_codes(vectors)
 
     def encode(self, vectors: np.ndarray) -> faiss.IndexIVF:
         """A new IVF index of ``vectors``, labelled with their row numbers 0..n-1."""
@@ -203,7 +224,10 @@ class Codec:
         _write_atomic(lambda writer: faiss.write_index(self.template, writer), directory / names[0])
         if self.pca is not None:
             names.append(f"codec-{self.codec_id}.pca")
-            _write_atomic(lambda writer: faiss.write_VectorTransform(self.pca, writer), directory / names[1])
+            _write_atomic(lambda writer: faiss.write_VectorTransform(self.pca, writer), directory / names[-1])
+        if self.refiner is not None:
+            names.append(f"codec-{self.codec_id}{REFINE_SUFFIX}")
+            _write_atomic(lambda writer: faiss.write_index(self.refiner, writer), directory / names[-1])
         return names
 
     @classmethod
@@ -215,9 +239,10 @@ class Codec:
         pca = None
         if plan.reduce_dim:
             pca = faiss.read_VectorTransform(str(directory / f"codec-{codec_id}.pca"))
+        refiner = faiss.read_index(str(directory / f"codec-{codec_id}{REFINE_SUFFIX}")) if plan.refine else None
         # FAISS's Python readers return the concrete class already; downcasting again would
         # make a second, non-owning proxy while the owning one is freed with the index.
-        return cls(codec_id, plan, template, pca)
+        return cls(codec_id, plan, template, pca, refiner)
 
 
 @contextlib.contextmanager

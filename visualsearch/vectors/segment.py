@@ -1,7 +1,8 @@
 """Immutable segments: rows of vectors with their filter fields, plus deletes of older rows.
 
-A segment is written once (``seg-<uid>.vseg``, and ``seg-<uid>.ivf`` when its rows
-are ANN-encoded) and never modified. A row is an image: its id, its product's id,
+A segment is written once (``seg-<uid>.vseg``, and ``seg-<uid>.<codec>.ivf`` when its
+rows are ANN-encoded, plus ``seg-<uid>.<codec>.sq8`` when the codec has re-rank codes)
+and never modified. A row is an image: its id, its product's id,
 its float32 unit vector (the durable copy the index is rebuilt from), its
 product's price and its filter tokens. ``deletes`` lists ids whose rows in *older*
 segments are dead from this segment on; a newer row with the same id replaces an
@@ -10,9 +11,7 @@ older one. Which rows are alive is the business of :mod:`.state`.
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from .arrayfile import ArrayFileBuilder, read_array_file, write_array_file
+from .arrayfile import ArrayFileBuilder, ArrayFileError, read_array_file, write_array_file
 from .codec import Codec, read_ann, write_ann
 from .filters import SearchFilters
+from .refine import REFINE_SUFFIX, RefineCodes, RefineScale, refine_file_builder
+from .row_reads import RowReader
 
 SEGMENT_SUFFIX = ".vseg"
 ANN_SUFFIX = ".ivf"
@@ -113,24 +114,18 @@ class Segment:
     """
 
     def __init__(self, uid: int, rows: VectorRows, deletes: np.ndarray, meta: dict, *,
-                 ann: faiss.IndexIVF | None = None, codec_id: str | None = None):
+                 ann: faiss.IndexIVF | None = None, codec_id: str | None = None,
+                 refine: RefineCodes | None = None):
         self.uid = uid
         self.rows = rows
         self.deletes = deletes
         self.meta = meta
         self.ann = ann
         self.codec_id = codec_id if ann is not None else None
+        self.refine = refine if ann is not None else None  # re-rank codes, when the codec has them
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._masks_lock = threading.Lock()
-        # Opened now, while the file surely exists: a merge may delete it later, and a
-        # search that took its snapshot before must still read it (as the mapping can).
-        self._fd: int | None = None
-        if isinstance(rows.vectors, np.memmap):
-            try:
-                self._fd = os.open(rows.vectors.filename, os.O_RDONLY)
-                weakref.finalize(self, os.close, self._fd)
-            except FileNotFoundError:
-                pass  # read through the mapping instead
+        self._vectors = RowReader(rows.vectors)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -143,8 +138,12 @@ class Segment:
     def ann_file(self) -> str | None:
         return ann_file_name(self.uid, self.codec_id) if self.codec_id else None
 
+    @property
+    def refine_file(self) -> str | None:
+        return refine_file_name(self.uid, self.codec_id) if self.refine is not None else None
+
     def file_names(self) -> list[str]:
-        return [self.name + SEGMENT_SUFFIX] + ([self.ann_file] if self.ann_file else [])
+        return [self.name + SEGMENT_SUFFIX] + [name for name in (self.ann_file, self.refine_file) if name]
 
     # --- writing and reading ---------------------------------------------------------
 
@@ -189,6 +188,10 @@ class Segment:
         builder = ArrayFileBuilder(directory / (segment_name(uid) + SEGMENT_SUFFIX), specs, meta)
         ann = codec.encode(np.zeros((0, dim), np.float32)) if codec is not None and count else None
         ann_path = directory / ann_file_name(uid, codec.codec_id) if ann is not None else None
+        refine = None
+        if ann is not None and codec.refiner is not None:
+            refine = refine_file_builder(directory / refine_file_name(uid, codec.codec_id), count, dim,
+                                         {"uid": uid, "codec": codec.codec_id})
         try:
             out = builder.arrays
             if len(deletes):
@@ -207,82 +210,92 @@ class Segment:
                     out["tokens"][tok:tok + len(part.tokens)] = part.tokens
                     if ann is not None and not _has_codes(seg, codec):
                         codec.add(ann, part.vectors, row)
+                    if refine is not None:
+                        # The codec's ranges make a code valid in any segment: copy it.
+                        refine.arrays["codes"][row:end] = seg.refine.codes[rows[start:start + MERGE_CHUNK_ROWS]] \
+                            if _has_codes(seg, codec) and seg.refine is not None else codec.refine_codes(part.vectors)
                     row, tok = end, tok + len(part.tokens)
             if ann is not None:
                 ann = _with_copied_codes(ann, codec, inputs, alive_rows)
                 write_ann(ann, ann_path)
+            if refine is not None:
+                refine.commit()
             builder.commit()
         except BaseException:
             builder.abort()
+            if refine is not None:
+                refine.abort()
+                refine.path.unlink(missing_ok=True)
             if ann_path is not None:
                 ann_path.unlink(missing_ok=True)
             raise
-        return cls.load(directory, uid, codec_id=codec.codec_id if ann is not None else None)
+        return cls.load(directory, uid, codec_id=codec.codec_id if ann is not None else None,
+                        refine_scale=codec.refine_scale if ann is not None else None)
 
     def encoded(self, directory: Path, codec: Codec) -> "Segment":
         """This segment with its rows (all of them: dead ones are masked at search time)
         ANN-encoded by ``codec``, written to its own file; the rows are shared."""
         ann = codec.encode(np.zeros((0, codec.plan.dim), np.float32))
-        for start in range(0, len(self), MERGE_CHUNK_ROWS):
-            part = np.asarray(self.rows.vectors[start:start + MERGE_CHUNK_ROWS])
-            codec.add(ann, part, start)
-        write_ann(ann, directory / ann_file_name(self.uid, codec.codec_id))
-        return Segment(self.uid, self.rows, self.deletes, self.meta,
-                       ann=read_ann(directory / ann_file_name(self.uid, codec.codec_id)), codec_id=codec.codec_id)
+        refine = None
+        if codec.refiner is not None:
+            refine = refine_file_builder(directory / refine_file_name(self.uid, codec.codec_id), len(self),
+                                         codec.plan.dim, {"uid": self.uid, "codec": codec.codec_id})
+        try:
+            for start in range(0, len(self), MERGE_CHUNK_ROWS):
+                part = np.asarray(self.rows.vectors[start:start + MERGE_CHUNK_ROWS])
+                codec.add(ann, part, start)
+                if refine is not None:
+                    refine.arrays["codes"][start:start + len(part)] = codec.refine_codes(part)
+            if refine is not None:
+                refine.commit()
+            write_ann(ann, directory / ann_file_name(self.uid, codec.codec_id))
+        except BaseException:
+            if refine is not None:
+                refine.abort()
+                refine.path.unlink(missing_ok=True)
+            raise
+        return self.with_encoding(directory, codec.codec_id, codec.refine_scale)
 
     @classmethod
-    def load(cls, directory: Path, uid: int, *, codec_id: str | None = None) -> "Segment":
-        """Raises ArrayFileError, OSError or RuntimeError (FAISS) for a missing or damaged file."""
+    def load(cls, directory: Path, uid: int, *, codec_id: str | None = None,
+             refine_scale: RefineScale | None = None) -> "Segment":
+        """Load a segment, with its encoding by codec ``codec_id`` (re-rank codes too when
+        ``refine_scale``, the codec's, is given).
+
+        Raises ArrayFileError, OSError or RuntimeError (FAISS) for a missing or damaged file."""
         arrays, meta = read_array_file(directory / (segment_name(uid) + SEGMENT_SUFFIX))
         rows = VectorRows(arrays["ids"], arrays["product_ids"], arrays["vectors"], arrays["prices"],
                           arrays["token_offsets"], arrays["tokens"])
-        ann = None
+        segment = cls(uid, rows, arrays["deletes"], meta)
         if codec_id and len(rows):
-            ann = read_ann(directory / ann_file_name(uid, codec_id))
-        return cls(uid, rows, arrays["deletes"], meta, ann=ann, codec_id=codec_id)
+            segment = segment.with_encoding(directory, codec_id, refine_scale)
+        return segment
+
+    def with_encoding(self, directory: Path, codec_id: str | None,
+                      refine_scale: RefineScale | None = None) -> "Segment":
+        """This segment's rows with the encoding of codec ``codec_id`` (None: none), read
+        from its files.
+
+        Raises ArrayFileError, OSError or RuntimeError (FAISS) for a missing or damaged file."""
+        if not codec_id:
+            return Segment(self.uid, self.rows, self.deletes, self.meta)
+        ann = read_ann(directory / ann_file_name(self.uid, codec_id))
+        refine = None
+        if refine_scale is not None:
+            refine = RefineCodes.load(directory / refine_file_name(self.uid, codec_id), refine_scale)
+            if len(refine) != len(self):
+                raise ArrayFileError(f"re-rank codes of segment {self.uid} have {len(refine)} rows, not {len(self)}")
+        return Segment(self.uid, self.rows, self.deletes, self.meta, ann=ann, codec_id=codec_id, refine=refine)
 
     def prefetch(self, rows: np.ndarray) -> list[tuple[int, int]]:
-        """Ask the kernel to start reading the stored vectors of ``rows`` (sorted), all at
-        once, without waiting; returns the runs of consecutive rows for
-        :meth:`read_vectors`. Re-ranking reads hundreds of scattered rows per query; once
-        the float32 vectors outgrow the page cache (10M images: 51 GB) most of them come
-        from disk, and one blocking read after another costs a disk round trip each,
-        where requests issued together are served in parallel by the device's queue
-        (10M, rows evicted: 107 -> 52 ms p50, `benchmarks.cold_reads`). On cached rows
-        it costs one system call a run."""
-        runs = consecutive_runs(rows)
-        if self._fd is None or not hasattr(os, "posix_fadvise"):
-            return runs
-        for offset, length in self._byte_ranges(rows, runs):
-            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
-        return runs
-
-    def _byte_ranges(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(file offset, length) of each run's stored vectors."""
-        vectors = self.rows.vectors
-        row_bytes = vectors.shape[1] * vectors.dtype.itemsize
-        return [(vectors.offset + int(rows[start]) * row_bytes, (end - start) * row_bytes) for start, end in runs]
+        """Start reading the stored vectors of ``rows`` (sorted) without waiting; returns
+        the runs for :meth:`read_vectors` (see :class:`.row_reads.RowReader`)."""
+        return self._vectors.prefetch(rows)
 
     def read_vectors(self, rows: np.ndarray, *, runs: list[tuple[int, int]] | None = None) -> np.ndarray:
-        """The stored vectors of ``rows`` (sorted), read with pread rather than through the
-        mapping: re-ranking reads ~100 scattered rows per query, and faulting them in
-        through the mapping pulls whole page-cache folios (up to 2 MiB each) into the
-        process, so a server's resident memory grew by ~1 MB per re-ranked row.
-
-        Args:
-            runs: what :meth:`prefetch` returned for ``rows`` when the caller issued the
-                reads already (several segments' reads go out together); else this does.
-        """
-        vectors = self.rows.vectors
-        if self._fd is None or len(rows) == 0:
-            return np.asarray(vectors[rows])
-        if runs is None:
-            runs = self.prefetch(rows)
-        out = np.empty((len(rows), vectors.shape[1]), dtype=vectors.dtype)
-        for (start, end), (offset, length) in zip(runs, self._byte_ranges(rows, runs)):
-            if os.preadv(self._fd, [memoryview(out[start:end]).cast("B")], offset) != length:
-                raise OSError(f"short read of vector segment {self.uid} at row {int(rows[start])}")
-        return out
+        """The stored float32 vectors of ``rows`` (sorted); ``runs``: what :meth:`prefetch`
+        returned when the caller issued the reads already."""
+        return self._vectors.read(rows, runs=runs)
 
     # --- filters --------------------------------------------------------------------
 
@@ -322,19 +335,16 @@ class Segment:
         return mask
 
 
-def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) positions of the runs of consecutive values in sorted ``rows``: one
-    read per run (filters often select neighbours)."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()))
-
-
 def segment_name(uid: int) -> str:
     return f"seg-{uid:08d}"
 
 
 def ann_file_name(uid: int, codec_id: str) -> str:
     return f"{segment_name(uid)}.{codec_id}{ANN_SUFFIX}"
+
+
+def refine_file_name(uid: int, codec_id: str) -> str:
+    return f"{segment_name(uid)}.{codec_id}{REFINE_SUFFIX}"
 
 
 def _has_codes(segment: "Segment", codec: Codec) -> bool:

@@ -35,7 +35,7 @@ from ..durable import writer_gone
 from ..errors import ConfigurationError, IndexCorruptError, InvalidRequestError, WriterBusyError
 from ..file_locks import file_lock
 from .arrayfile import ArrayFileError
-from .codec import MAX_TRAIN_POINTS, Codec, all_cores, read_ann, search_segment
+from .codec import CODEC_SUFFIXES, MAX_TRAIN_POINTS, Codec, all_cores, search_segment
 from .filter_cache import FilterCache, FilteredRows
 from .filters import SearchFilters
 from .manifest import StoreManifest, Tuning, manifest_key, read_store_manifest, write_store_manifest
@@ -55,7 +55,8 @@ from .planner import (
     recall_plateaued,
     search_cost,
 )
-from .segment import ANN_SUFFIX, SEGMENT_SUFFIX, Segment, VectorRows, ann_file_name
+from .refine import refined_depth
+from .segment import SEGMENT_SUFFIX, Segment, VectorRows
 from .state import Snapshot, StoreState
 
 logger = logging.getLogger(__name__)
@@ -177,9 +178,7 @@ class VectorStore:
                 return
             manifest.check_compatible(**self.identity)
             try:
-                segments = [self._segment(uid, manifest.ann.get(str(uid))) for uid in manifest.segments]
-                for codec_id in {s.codec_id for s in segments if s.codec_id}:
-                    self._codec(manifest, codec_id)
+                segments = [self._segment(manifest, uid, manifest.ann.get(str(uid))) for uid in manifest.segments]
             except FileNotFoundError:
                 continue  # a merge replaced files after we read the manifest: read it again
             self._state.move_to(segments)
@@ -191,31 +190,27 @@ class VectorStore:
             return
         raise IndexCorruptError(f"the vector index in {self.data_dir} keeps changing under us or lost files")
 
-    def _segment(self, uid: int, codec_id: str | None) -> Segment:
-        segment = self._loaded.get(uid)
-        if segment is not None and segment.codec_id != codec_id:
-            # Same rows, new encoding (a re-plan): keep the mapped rows, load the new lists.
-            segment = Segment(uid, segment.rows, segment.deletes, segment.meta,
-                              ann=self._read_ann(uid, codec_id), codec_id=codec_id) if codec_id else \
-                Segment(uid, segment.rows, segment.deletes, segment.meta)
-        if segment is None:
-            try:
-                segment = Segment.load(self.segments_dir, uid, codec_id=codec_id)
-            except (ArrayFileError, RuntimeError) as exc:
-                if not self._still_committed(uid, codec_id):
-                    # A merge removed it between our reading the manifest and its files:
-                    # the caller reads the newer manifest.
-                    raise FileNotFoundError(uid) from None
-                raise IndexCorruptError(f"vector segment {uid} is damaged: {exc}") from None
-        return segment
+    def _segment(self, manifest: StoreManifest, uid: int, codec_id: str | None) -> Segment:
+        """Segment ``uid`` with the encoding of ``codec_id``, reusing what is loaded.
 
-    def _read_ann(self, uid: int, codec_id: str):
+        Raises:
+            FileNotFoundError: a merge or re-plan replaced its files after ``manifest`` was
+                read (the caller reads the newer manifest).
+            IndexCorruptError: a file the manifest still names is missing or damaged.
+        """
+        scale = self._codec(manifest, codec_id).refine_scale if codec_id else None
+        segment = self._loaded.get(uid)
+        if segment is not None and segment.codec_id == codec_id:
+            return segment
         try:
-            return read_ann(self.segments_dir / ann_file_name(uid, codec_id))
-        except RuntimeError:
+            if segment is not None:
+                # Same rows, new encoding (a re-plan): keep the mapped rows, load the new codes.
+                return segment.with_encoding(self.segments_dir, codec_id, scale)
+            return Segment.load(self.segments_dir, uid, codec_id=codec_id, refine_scale=scale)
+        except (ArrayFileError, RuntimeError, FileNotFoundError) as exc:
             if not self._still_committed(uid, codec_id):
                 raise FileNotFoundError(uid) from None
-            raise IndexCorruptError(f"the ANN lists of vector segment {uid} are damaged") from None
+            raise IndexCorruptError(f"vector segment {uid} is damaged or lost files: {exc}") from None
 
     def _still_committed(self, uid: int, codec_id: str | None) -> bool:
         """Whether the manifest on disk still names this segment with this encoding (if not,
@@ -316,7 +311,7 @@ class VectorStore:
             if kept.count < len(segment):
                 bitmap = kept.bitmap if filters.active else self._alive_bitmap(segment, alive)
             candidates.append((segment, *self._ann(segment, queries, probes, depth, bitmap, coarse_cache)))
-        for segment, rows, scores in _rerank(candidates, queries, depth):
+        for segment, rows, scores in _rerank(candidates, queries, depth, k):
             found_ids.append(np.asarray(segment.rows.ids)[rows])
             found_products.append(np.asarray(segment.rows.product_ids)[rows])
             found_scores.append(scores)
@@ -789,8 +784,9 @@ class VectorStore:
                     order[uids.index(segment.uid)] = encoded
                     self._install(order, self._manifest)
                 else:
-                    if encoded.ann_file:
-                        (self.segments_dir / encoded.ann_file).unlink(missing_ok=True)
+                    for name in (encoded.ann_file, encoded.refine_file):
+                        if name:
+                            (self.segments_dir / name).unlink(missing_ok=True)
                     if not current:
                         return
 
@@ -805,7 +801,7 @@ class VectorStore:
         self._install(list(self._state.segments), manifest, codecs=codecs)
         for codec_id in unused:
             self._codecs.pop(codec_id, None)
-            for suffix in (".ivf", ".pca"):
+            for suffix in CODEC_SUFFIXES:
                 (self.segments_dir / f"codec-{codec_id}{suffix}").unlink(missing_ok=True)
 
     def tune(self, *, queries: int = TUNING_QUERIES, target: float = TUNING_GOAL, seed: int = 1234) -> Tuning:
@@ -885,13 +881,13 @@ class VectorStore:
             for segment in self._state.segments:
                 keep.update(segment.file_names())
             for codec_id in (manifest.codecs if manifest else {}):
-                keep.update({f"codec-{codec_id}.ivf", f"codec-{codec_id}.pca"})
+                keep.update(f"codec-{codec_id}{suffix}" for suffix in CODEC_SUFFIXES)
             now = time.time()
             for path in self.segments_dir.iterdir():
                 name = path.name
                 if name == LOCK_FILE or name in keep:
                     continue
-                ours = name.endswith((SEGMENT_SUFFIX, ANN_SUFFIX, ".pca", ".tmp")) or name.startswith(".seg-")
+                ours = name.endswith((SEGMENT_SUFFIX, *CODEC_SUFFIXES, ".tmp")) or name.startswith(".seg-")
                 if not ours:
                     continue
                 try:
@@ -930,11 +926,13 @@ def _wanted_codec(segment: Segment, codec: str | None) -> str | None:
 
 
 def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: np.ndarray,
-            depth: int) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
+            depth: int, k: int) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
     """Exact scores for the ``depth`` best approximate candidates of each query, over all
     ANN segments together (the segments share a codec, so their approximate scores
     compare): re-ranking reads ``depth`` stored vectors per query, however many
-    segments there are."""
+    segments there are. Where the codec keeps re-rank codes (see .refine), the
+    candidates are ranked on those first and only the best :func:`refined_depth` of them
+    are read exactly."""
     out = []
     for q, query in enumerate(queries):
         pooled = [(index, rows[q], scores[q]) for index, (_, rows, scores) in enumerate(candidates)]
@@ -948,12 +946,32 @@ def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: n
             keep = np.argpartition(-approx, depth - 1)[:depth]
             owners, rows = owners[keep], rows[keep]
         picks = [(candidates[index][0], np.unique(rows[owners == index])) for index in np.unique(owners).tolist()]
-        # Every segment's reads are issued before any is waited for (see Segment.prefetch).
+        picks = _refined(picks, query, refined_depth(k))
+        # Every segment's reads are issued before any is waited for (see .row_reads).
         runs = [segment.prefetch(picked) for segment, picked in picks]
         for (segment, picked), segment_runs in zip(picks, runs):
             exact = segment.read_vectors(picked, runs=segment_runs) @ query
             out.append((segment, picked, exact.astype(np.float32)))
     return out
+
+
+def _refined(picks: list[tuple[Segment, np.ndarray]], query: np.ndarray,
+             keep: int) -> list[tuple[Segment, np.ndarray]]:
+    """``picks`` (segment, sorted rows) cut to the ``keep`` best by their re-rank codes,
+    over every segment that has them; the rows of segments without (encoded by an
+    older codec while a re-plan runs) stay, to be read exactly."""
+    coded = [(segment, rows) for segment, rows in picks if segment.refine is not None]
+    if sum(len(rows) for _, rows in coded) <= keep:
+        return picks
+    runs = [segment.refine.reader.prefetch(rows) for segment, rows in coded]
+    scores = np.concatenate([segment.refine.scale.scores(segment.refine.reader.read(rows, runs=segment_runs), query)
+                             for (segment, rows), segment_runs in zip(coded, runs)])
+    owners = np.concatenate([np.full(len(rows), index) for index, (_, rows) in enumerate(coded)])
+    rows = np.concatenate([rows for _, rows in coded])
+    best = np.argpartition(-scores, keep - 1)[:keep]
+    owners, rows = owners[best], rows[best]
+    kept = [(coded[index][0], np.sort(rows[owners == index])) for index in np.unique(owners).tolist()]
+    return kept + [(segment, rows) for segment, rows in picks if segment.refine is None]
 
 
 def _best(ids: np.ndarray, products: np.ndarray, scores: np.ndarray, k: int) -> StoreHits:
