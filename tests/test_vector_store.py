@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,6 +526,43 @@ def test_re_rank_codes_leave_only_the_best_candidates_to_read_exactly(tmp_path, 
         assert sum(reads) == refine_module.refined_depth(k) < 300
     check_search(store, catalogue, queries, rerank=300, nprobe=NLIST, min_recall=0.98)
     check_search(store, catalogue, queries, k=30, rerank=300, nprobe=NLIST, min_recall=0.98)
+
+
+def test_warming_the_page_cache_asks_for_every_segments_re_rank_codes(tmp_path, ann_thresholds, ann_search_works,
+                                                                      monkeypatch):
+    """A server's start asks the kernel to read the re-rank codes (all of them, nothing
+    else, in chunks); it asks for nothing when they would fill most of the machine's
+    memory, or once told to stop."""
+    require_ann("ivf_rabitq_refine", ann_search_works)
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here (macOS)")
+    store, catalogue = open_store(tmp_path), Catalogue()
+    rng = np.random.default_rng(13)
+    catalogue.commit(store, make_rows(rng, range(0, 1000)))
+    store.rebuild(plan=PLANS["ivf_rabitq_refine"], tune=False)
+    catalogue.commit(store, make_rows(rng, range(1000, 1400)))
+    catalogue.commit(store, make_rows(rng, range(1400, 1410)))  # too small for codes
+    coded = [s for s in store.snapshot().segments if s.refine is not None]
+    assert len(coded) == 2
+    asked: list[tuple[int, int, int]] = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((fd, offset, length))
+                        or real_fadvise(fd, offset, length, advice))
+    monkeypatch.setattr(row_reads, "WARM_CHUNK_BYTES", 64 * 1024)  # several chunks per segment
+    total = sum(segment.refine.codes.nbytes for segment in coded)
+    assert store.warm_page_cache() == total
+    for segment in coded:
+        codes = segment.refine.codes
+        mine = sorted((offset, length) for fd, offset, length in asked if fd == segment.refine.reader._fd)
+        assert len(mine) == math.ceil(codes.nbytes / (64 * 1024))
+        assert mine[0][0] == codes.offset and sum(length for _, length in mine) == codes.nbytes
+    assert len(asked) == sum(math.ceil(segment.refine.codes.nbytes / (64 * 1024)) for segment in coded)
+    asked.clear()
+    stop = threading.Event()
+    stop.set()
+    assert store.warm_page_cache(stop=stop) == total and asked == []
+    monkeypatch.setattr(store_module, "physical_memory", lambda: total)  # the codes would take all of it
+    assert store.warm_page_cache() == 0 and asked == []
 
 
 @pytest.mark.parametrize("built", ["ivf_pca"], indirect=True)

@@ -8,6 +8,7 @@ hands out ORM rows or asks callers for SQL.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import logging
@@ -61,6 +62,9 @@ from .vectors.store import DEFAULT_LOCK_TIMEOUT
 from .writer import CatalogueWriter
 
 logger = logging.getLogger(__name__)
+# Set at interpreter exit: background page-cache warming stops (see warm_page_cache_in_background).
+_SHUTTING_DOWN = threading.Event()
+atexit.register(_SHUTTING_DOWN.set)
 T = TypeVar("T")
 
 FAILURES_FILE = "failures.jsonl"
@@ -313,6 +317,26 @@ class VisualSearch:
     def store(self) -> VectorStore | None:
         """The vector store of the generation in use, or None while nothing was ever indexed here."""
         return self._tracker.current().store()
+
+    def warm_page_cache_in_background(self) -> threading.Thread:
+        """Start reading the vector store's re-rank codes into the page cache (see
+        :meth:`VectorStore.warm_page_cache`) on a daemon thread, as a server starts; it
+        stops within one chunk when the process exits. Failures are only logged: the
+        warming is a hint to the kernel, and searches report a damaged index themselves."""
+
+        def warm() -> None:
+            try:
+                store = self.store()
+                asked = store.warm_page_cache(stop=_SHUTTING_DOWN) if store is not None else 0
+            except Exception as exc:  # noqa: BLE001 (a background hint must never take the server down)
+                logger.warning("did not warm the page cache: %s", exc)
+                return
+            if asked:
+                logger.info("asked the kernel to cache %.1f GB of re-rank codes", asked / 1e9)
+
+        thread = threading.Thread(target=warm, name="visualsearch-warm-page-cache", daemon=True)
+        thread.start()
+        return thread
 
     def writable_store(self) -> VectorStore:
         """The store, for writers (after :meth:`claim_identity`)."""

@@ -19,6 +19,9 @@ import weakref
 
 import numpy as np
 
+# warm() asks for this much at a time.
+WARM_CHUNK_BYTES = 64 * 1024**2
+
 
 class RowReader:
     """Reads rows of one memory-mapped 2-d array (or of an in-memory one, by indexing)."""
@@ -65,6 +68,18 @@ class RowReader:
             if os.preadv(self._fd, [memoryview(out[start:end]).cast("B")], offset) != length:
                 raise OSError(f"short read of {self.array.filename} at row {int(rows[start])}")
         return out
+
+    def warm(self, *, stop=None) -> None:
+        """Ask the kernel to read the whole array into the page cache, WARM_CHUNK_BYTES at a
+        time (each request blocks while the device's queue is full); ``stop``: a
+        threading.Event that ends it between chunks."""
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
+            return
+        end = self.array.offset + self.array.nbytes
+        for offset in range(self.array.offset, end, WARM_CHUNK_BYTES):
+            if stop is not None and stop.is_set():
+                return
+            os.posix_fadvise(self._fd, offset, min(WARM_CHUNK_BYTES, end - offset), os.POSIX_FADV_WILLNEED)
 
     def _byte_ranges(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(file offset, length) of each run's rows."""

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -88,6 +89,9 @@ LOCKED_MERGE_ROWS = 65_536
 # progress elsewhere writes files before it installs them).
 LEFTOVER_GRACE_SECONDS = 3600.0
 DEFAULT_LOCK_TIMEOUT = 30.0
+# warm_page_cache() leaves codes bigger than this share of the machine's memory to be
+# read as searches need them.
+WARM_MEMORY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -866,6 +870,30 @@ class VectorStore:
             total += len(expected)
         return hits / total if total else 1.0
 
+    def warm_page_cache(self, *, stop: threading.Event | None = None) -> int:
+        """Ask the kernel to read every segment's re-rank codes into the page cache, as a
+        server starts (``pg_prewarm`` for the codes). Searches rank hundreds of candidates
+        on them; until they are cached each of those is a disk read. Reads in chunks, so
+        ``stop`` (set when the process shuts down) ends it within one chunk.
+
+        Returns:
+            The bytes asked for: 0 when there are no codes, or when they would take more
+            than WARM_MEMORY_SHARE of this machine's memory (they would only evict each other).
+        """
+        segments = [segment for segment in self.snapshot().segments if segment.refine is not None]
+        total = sum(segment.refine.nbytes for segment in segments)
+        memory = physical_memory()
+        if not total or (memory and total > memory * WARM_MEMORY_SHARE):
+            if total:
+                logger.info("not warming %.1f GB of re-rank codes: more than %d %% of this machine's memory",
+                            total / 1e9, WARM_MEMORY_SHARE * 100)
+            return 0
+        for segment in segments:
+            if stop is not None and stop.is_set():
+                break
+            segment.refine.reader.warm(stop=stop)
+        return total
+
     # --- housekeeping --------------------------------------------------------------------
 
     def collect_leftovers(self) -> list[str]:
@@ -1047,6 +1075,14 @@ def _exact_neighbours(snap: Snapshot, queries: np.ndarray, own_ids: np.ndarray, 
                   if i != own and i >= 0 and np.isfinite(s)]
         truth.append(set(ranked[:k]))
     return truth
+
+
+def physical_memory() -> int:
+    """Bytes of memory of this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def configure_threads(*, serving: bool = False) -> None:
