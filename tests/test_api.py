@@ -49,6 +49,24 @@ def test_search_returns_products_best_first(client, small_catalogue):
         assert image.status_code == 200 and image.mimetype == "image/png"
 
 
+def test_the_app_starts_warming_the_page_cache_once_as_it_opens_the_data_directory(app, small_catalogue,
+                                                                                    monkeypatch, caplog):
+    """The first request opens the data directory and starts the warming thread (a small
+    catalogue has no re-rank codes: it asks for nothing and logs no failure); later
+    requests do not start it again."""
+    threads = []
+    real = VisualSearch.warm_page_cache_in_background
+    monkeypatch.setattr(VisualSearch, "warm_page_cache_in_background", lambda self: threads.append(real(self)))
+    client = app.test_client()
+    for _ in range(3):
+        response = client.post("/api/v1/search", data=upload(small_catalogue.parent / "img" / "p2-1.png"))
+        assert response.status_code == 200
+    assert len(threads) == 1 and threads[0].name == "visualsearch-warm-page-cache" and threads[0].daemon
+    threads[0].join(timeout=30)
+    assert not threads[0].is_alive()
+    assert "did not warm" not in caplog.text
+
+
 def test_filters_and_crop(client, small_catalogue):
     query = small_catalogue.parent / "img" / "p0-0.png"
     body = client.post("/api/v1/search", data=upload(query, category="hats", min_price="50")).get_json()

@@ -1,7 +1,8 @@
 """The trained part of an ANN plan, shared by every segment encoded with it.
 
-A codec holds an optional PCA reduction, the IVF coarse centroids and the code
-parameters (SQ8 ranges, or nothing to train for RaBitQ). All ANN segments of one codec
+A codec holds an optional PCA reduction, the IVF coarse centroids, the code
+parameters (SQ8 ranges, or nothing to train for RaBitQ) and, for plans with re-rank
+codes (:mod:`.refine`), the ranges of those. All ANN segments of one codec
 share the centroids, so a query is reduced and coarse-assigned once and then scans
 each segment's inverted lists (``search_preassigned``); merging segments copies codes.
 

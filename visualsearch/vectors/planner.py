@@ -26,7 +26,11 @@ index" (https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-i
   rows, and at 10M those rows come from disk. On 60,000 real EfficientNet-Lite0
   embeddings (Fashion-MNIST, nprobe 16) recall@10 was 0.966 with 50 candidates
   re-ranked against SQ8's 0.920; the synthetic figures are in ``docs/performance.md``
-  (``python -m benchmarks.ann_codes``).
+  (``python -m benchmarks.ann_codes``);
+- past :data:`REFINE_ABOVE_BYTES` of float32 vectors, 8-bit re-rank codes of every
+  dimension too (``refine="SQ8"``, see :mod:`.refine`): the candidates are ranked on
+  them and only the best few are read from the float32 vectors, which no longer fit
+  a page cache.
 """
 
 from __future__ import annotations
