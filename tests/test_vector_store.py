@@ -1312,6 +1312,9 @@ def test_a_reader_retries_when_the_writer_removes_ann_lists_it_is_loading(tmp_pa
 WORKLOAD_POOL = 600        # ids 0..599 are added, replaced and deleted at random
 MARKER = 100_000           # batch b adds id MARKER + b and never touches it again
 CHILD_IVF_PLAN = IndexPlan(kind="ivf", dim=DIM, planned_for=600, nlist=8, encoding="SQ8", code_bytes=DIM)
+# Re-plans alternate with this one: kills also land while re-rank codes are written.
+CHILD_REFINE_PLAN = IndexPlan(kind="ivf", dim=DIM, planned_for=600, nlist=8, reduce_dim=16, encoding="RaBitQ",
+                              code_bytes=12, refine="SQ8")
 
 
 def workload_batch(batch: int) -> tuple[list[Row], list[int]]:
@@ -1368,7 +1371,7 @@ def child_main() -> None:
                 if batch % 3 == 0:
                     store.compact()
                 if batch % 10 == 0:
-                    store.rebuild(plan=CHILD_IVF_PLAN, tune=batch % 20 == 0)
+                    store.rebuild(plan=CHILD_REFINE_PLAN if batch % 20 else CHILD_IVF_PLAN, tune=batch % 20 == 0)
                 elif batch % 4 == 0:
                     store.rebuild()
             elif stop is not None and batch % 10 == 0:
@@ -1458,7 +1461,7 @@ def verify_after_crash(data_dir: Path, log: Path, states: Replay) -> int:
     after = leftover_names(data_dir, store)
     assert removed == before - after
     assert not [name for name in after if name.endswith(".tmp")], after
-    assert all(name.endswith((SEGMENT_SUFFIX, ANN_SUFFIX, ".pca")) for name in after), after
+    assert all(name.endswith((SEGMENT_SUFFIX, ANN_SUFFIX, ".pca", ".sq8")) for name in after), after
     return batches
 
 
@@ -1497,6 +1500,9 @@ def test_collect_leftovers_keeps_young_files_of_live_writers(tmp_path):
         "unreferenced": f"{segment_name(93)}{SEGMENT_SUFFIX}",
         "unreferenced_ann": ann_file_name(93, "00000007"),
         "old_unreferenced_ann": ann_file_name(1, "00000008"),  # a replaced encoding of a live segment
+        "old_unreferenced_codes": segment_module.refine_file_name(1, "00000008"),  # and its re-rank codes
+        "dead_codes_tmp": f".{segment_module.refine_file_name(97, '00000007')}.{dead.pid}.tmp",
+        "old_refine_codec": "codec-00000096.sq8",
         "old_live_tmp": f".{segment_name(94)}{SEGMENT_SUFFIX}.{os.getpid()}.tmp",
         "old_unreferenced": f"{segment_name(95)}{SEGMENT_SUFFIX}",
         "old_codec": "codec-00000096.pca",
@@ -1513,7 +1519,8 @@ def test_collect_leftovers_keeps_young_files_of_live_writers(tmp_path):
             os.utime(segments_dir / name, (old, old))
     removed = set(store.collect_leftovers())
     assert removed == {files[k] for k in ("dead_tmp", "dead_codec_tmp", "old_live_tmp", "old_unreferenced",
-                                          "old_unreferenced_ann", "old_codec")}
+                                          "old_unreferenced_ann", "old_codec", "old_unreferenced_codes",
+                                          "dead_codes_tmp", "old_refine_codec")}
     for key in ("live_tmp", "unreferenced", "unreferenced_ann", "old_foreign"):
         assert (segments_dir / files[key]).exists()
     assert store.count == 100
