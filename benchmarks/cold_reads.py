@@ -6,7 +6,7 @@ so most rows a search re-ranks (or scans exactly, for a small filter) are read f
 disk. This reproduces that on a smaller DIR: before every timed search it evicts the
 store's vector files from the page cache (``posix_fadvise(DONTNEED)``: no root
 needed; the ANN codes stay cached, as they do at 10M), then compares the reads issued
-together (``Segment.prefetch``, the engine's way) with one blocking read after another.
+together (``RowReader.prefetch``, the engine's way) with one blocking read after another.
 It is a worst case: at 10M about half of the rows are still cached.
 
     python -m benchmarks.cold_reads --data-dir DIR    # a DIR built by benchmarks.scale
@@ -39,8 +39,7 @@ def main() -> None:
     from visualsearch.service import VisualSearch
     from visualsearch.settings import Settings
     from visualsearch.vectors import SearchFilters, configure_threads
-    from visualsearch.vectors.row_reads import consecutive_runs
-    from visualsearch.vectors.segment import Segment
+    from visualsearch.vectors.row_reads import RowReader, consecutive_runs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -55,7 +54,7 @@ def main() -> None:
     segments_dir = vs.store().segments_dir
     for query in warm:
         find_products(vs, query[None], top_k=10, filters=SearchFilters())
-    prefetch = Segment.prefetch
+    prefetch = RowReader.prefetch  # vectors' and re-rank codes' reads alike
     modes = {"warm cache": (prefetch, False), "cold, reads issued together": (prefetch, True),
              "cold, one read at a time": (lambda self, rows: consecutive_runs(rows), True)}
     print(f"{'p50 / p95 ms':<16}" + "".join(f"{name:>30}" for name in modes))
@@ -63,7 +62,7 @@ def main() -> None:
         filters = SearchFilters.build(**spec)
         cells = []
         for prefetcher, cold in modes.values():
-            Segment.prefetch = prefetcher
+            RowReader.prefetch = prefetcher
             try:
                 if not cold:  # the same searches once before, so that their rows are cached
                     for query in timed:
@@ -76,7 +75,7 @@ def main() -> None:
                     find_products(vs, query[None], top_k=10, filters=filters)
                     took.append(time.perf_counter() - started)
             finally:
-                Segment.prefetch = prefetch
+                RowReader.prefetch = prefetch
             cells.append(f"{np.median(took) * 1000:.1f} / {np.percentile(took, 95) * 1000:.1f}")
         print(f"{filter_name:<16}" + "".join(f"{cell:>30}" for cell in cells))
 

@@ -184,6 +184,8 @@ def test_nlist_is_a_bounded_power_of_two_with_enough_training_points():
 IVF_1M = plan_index(1 * M, 1280, 4 * GiB)   # IVF2048,RaBitQ
 FLAT_10K = plan_index(10 * K, 1280, 4 * GiB)
 PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
+IVF_1M_512D = plan_index(1 * M, 512, 4 * GiB)
+REFINED_5M = plan_index(5 * M, 1280, 4 * GiB)   # with re-rank codes
 
 
 @pytest.mark.parametrize(("plan", "count", "dim", "budget", "expected"), [
@@ -193,8 +195,11 @@ PCA32_10M = plan_index(10 * M, 1280, 512 * MiB)
     (FLAT_10K, 0, 1280, 4 * GiB, False),
     (FLAT_10K, 20 * K, 1280, 4 * GiB, True),                         # grown past the exact scan
     (IVF_1M, 1 * M, 1280, 4 * GiB, False),
-    (IVF_1M, REPLAN_FACTOR * M, 1280, 4 * GiB, False),               # grown 4x: still fine
-    (IVF_1M, REPLAN_FACTOR * M + 1, 1280, 4 * GiB, True),            # grown more than 4x
+    (IVF_1M_512D, REPLAN_FACTOR * M, 512, 4 * GiB, False),           # grown 4x: still fine
+    (IVF_1M_512D, REPLAN_FACTOR * M + 1, 512, 4 * GiB, True),        # grown more than 4x
+    (IVF_1M, 1_600 * K, 1280, 4 * GiB, False),                       # 8.2 GB of vectors: no codes yet
+    (IVF_1M, 1_700 * K, 1280, 4 * GiB, True),                        # past 8 GiB: wants re-rank codes
+    (REFINED_5M, 1_500 * K, 1280, 4 * GiB, False),                   # shrunk under 8 GiB: keeps them
     (IVF_1M, M // REPLAN_FACTOR, 1280, 4 * GiB, False),              # shrunk 4x: still fine
     (IVF_1M, M // REPLAN_FACTOR - 1, 1280, 4 * GiB, True),           # shrunk more than 4x
     (IVF_1M, 10 * K, 1280, 4 * GiB, True),                           # small enough to scan

@@ -822,6 +822,31 @@ def test_compact_rewrites_one_segment_at_a_time(tmp_path, monkeypatch, ann_thres
     assert_state(open_store(data_dir), catalogue.rows)
 
 
+def test_a_merge_encoded_with_a_codec_dropped_meanwhile_leaves_none_of_its_files(tmp_path, ann_thresholds,
+                                                                                  ann_search_works):
+    """A merge built outside the commit lock with codec A, installed after a rebuild
+    replaced A: the merged rows are kept, its lists and re-rank codes of A are deleted."""
+    require_ann("ivf_rabitq_refine", ann_search_works)
+    data_dir = tmp_path / "data"
+    store, catalogue = open_store(data_dir), Catalogue()
+    rng = np.random.default_rng(33)
+    for start in (0, 600):
+        catalogue.commit(store, make_rows(rng, range(start, start + 600)))
+    store.rebuild(plan=PLANS["ivf_rabitq_refine"], tune=False)
+    inputs = list(store.snapshot().segments)
+    with store.writing():
+        uid = store.manifest.next_uid
+        store._install(inputs, store.manifest, next_uid=uid + 1)
+    merged = store._write_merged(uid, inputs, dict(store.snapshot().alive), drop_deletes=True)
+    assert merged.refine is not None and (data_dir / store_module.SEGMENTS_DIR / merged.refine_file).is_file()
+    store.rebuild(plan=PLANS["ivf"], tune=False)  # codec A is dropped
+    with store.writing():
+        assert store._replace(inputs, merged)
+    assert [segment.codec_id for segment in store.snapshot().segments] == [None]
+    assert_no_stale_files(data_dir, store)
+    assert_state(open_store(data_dir), catalogue.rows)
+
+
 def interrupt_a_rebuild(store: VectorStore, plan: IndexPlan) -> None:
     """A rebuild that dies once it has made its codec current, before re-encoding a segment."""
     def die(self, codec):

@@ -197,6 +197,7 @@ def test_an_empty_store_finds_nothing(backend, tmp_path):
     assert store.manifest is None and store.count == 0 and store.alive_ids().tolist() == []
     assert len(store.search(unit(np.ones((1, DIM))), 10)) == 0
     assert store.get_vectors([1, 2])[0].tolist() == []
+    assert store.warm_page_cache() == 0  # (a server start asks every store; nothing to read in)
 
 
 def test_exact_search_is_brute_force(filled):

@@ -613,6 +613,10 @@ class MilvusVectorStore:
         """[]: Milvus removes its own unused files."""
         return []
 
+    def warm_page_cache(self, *, stop=None) -> int:
+        """0: the vectors live in Milvus, which loads its collections itself."""
+        return 0
+
     def stats(self) -> StoreStats:
         """The live vector count and Milvus' index; ``rows`` is Milvus' row count (which may
         still include deleted rows until it compacts); segments and disk are Milvus' own

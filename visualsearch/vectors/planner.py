@@ -228,9 +228,12 @@ def needs_replan(plan: IndexPlan | None, count: int, dim: int, memory_budget: in
     if plan.kind == "flat":
         return False
     grown = count > plan.planned_for * REPLAN_FACTOR or count * REPLAN_FACTOR < plan.planned_for
+    # Past REFINE_ABOVE_BYTES searches read their candidates from disk until the plan has
+    # re-rank codes: add them then, not 4x later (a plan keeps codes it has while it shrinks).
+    needs_codes = bool(wanted.refine) and not plan.refine
     # Larger codes than plan_index would pick are fine (an escalation chose them for
     # recall) as long as they still fit the budget.
-    return grown or plan.code_bytes * count > memory_budget * CODE_SHARE_OF_BUDGET
+    return grown or needs_codes or plan.code_bytes * count > memory_budget * CODE_SHARE_OF_BUDGET
 
 
 def needs_retune(tuned_for: int, count: int) -> bool:

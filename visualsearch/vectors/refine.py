@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrayfile import ArrayFileBuilder, read_array_file
+from .arrayfile import ArrayFileBuilder, ArrayFileError, read_array_file
 from .row_reads import RowReader
 
 REFINE_SUFFIX = ".sq8"
 # Exact rows read per query after ranking on the re-rank codes: at least this many, and
-# at least REFINED_ROWS_PER_HIT per result asked for. An error of ~1e-3 reorders near
-# ties only; docs/performance.md has the recall measured with these.
+# at least REFINED_ROWS_PER_HIT per result asked for. A score error of ~1e-3 reorders
+# near ties only (100k benchmark: recall@10 0.980 with the cut, 0.981 without; the 10M
+# figures are in docs/performance.md).
 MIN_REFINED_ROWS = 40
 REFINED_ROWS_PER_HIT = 2
 
@@ -78,6 +79,8 @@ class RefineCodes:
     def load(cls, path: Path, scale: RefineScale) -> "RefineCodes":
         """Raises ArrayFileError or OSError for a missing or damaged file."""
         arrays, _ = read_array_file(path)
+        if "codes" not in arrays:
+            raise ArrayFileError(f"{path} holds no re-rank codes")
         return cls(arrays["codes"], scale)
 
     @property

@@ -164,7 +164,9 @@ class Segment:
         try:
             return segment.encoded(directory, codec)
         except BaseException:
-            path.unlink(missing_ok=True)  # not committed: nothing may keep it
+            # Not committed: nothing may keep them.
+            for name in (path.name, ann_file_name(uid, codec.codec_id), refine_file_name(uid, codec.codec_id)):
+                (directory / name).unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -283,8 +285,10 @@ class Segment:
         refine = None
         if refine_scale is not None:
             refine = RefineCodes.load(directory / refine_file_name(self.uid, codec_id), refine_scale)
-            if len(refine) != len(self):
-                raise ArrayFileError(f"re-rank codes of segment {self.uid} have {len(refine)} rows, not {len(self)}")
+            wanted = (len(self), len(refine_scale.vmin))
+            if refine.codes.dtype != np.uint8 or refine.codes.shape != wanted:
+                raise ArrayFileError(f"re-rank codes of segment {self.uid} are {refine.codes.dtype} "
+                                     f"{refine.codes.shape}, not uint8 {wanted}")
         return Segment(self.uid, self.rows, self.deletes, self.meta, ann=ann, codec_id=codec_id, refine=refine)
 
     def prefetch(self, rows: np.ndarray) -> list[tuple[int, int]]:
@@ -295,7 +299,7 @@ class Segment:
     def read_vectors(self, rows: np.ndarray, *, runs: list[tuple[int, int]] | None = None) -> np.ndarray:
         """The stored float32 vectors of ``rows`` (sorted); ``runs``: what :meth:`prefetch`
         returned when the caller issued the reads already."""
-        return self._vectors.read(rows, runs=runs)
+        return self._vectors.read(rows, runs=runs if runs is not None else self.prefetch(rows))
 
     # --- filters --------------------------------------------------------------------
 

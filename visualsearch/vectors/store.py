@@ -89,9 +89,9 @@ LOCKED_MERGE_ROWS = 65_536
 # progress elsewhere writes files before it installs them).
 LEFTOVER_GRACE_SECONDS = 3600.0
 DEFAULT_LOCK_TIMEOUT = 30.0
-# warm_page_cache() leaves codes bigger than this share of the machine's memory to be
-# read as searches need them.
-WARM_MEMORY_SHARE = 0.5
+# warm_page_cache() leaves codes bigger than this share of the memory this process may
+# use to be read as searches need them (warming them would only evict them again).
+WARM_MEMORY_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -504,7 +504,9 @@ class VectorStore:
         # its rows, not its lists (maintenance re-encodes it with the current codec).
         for position, segment in enumerate(order):
             if segment.codec_id is not None and segment.codec_id not in codecs:
-                (self.segments_dir / segment.ann_file).unlink(missing_ok=True)
+                for name in (segment.ann_file, segment.refine_file):
+                    if name:
+                        (self.segments_dir / name).unlink(missing_ok=True)
                 order[position] = Segment(segment.uid, segment.rows, segment.deletes, segment.meta)
         self._state.move_to(order)
         ann = {str(s.uid): s.codec_id for s in order if s.codec_id}
@@ -878,15 +880,16 @@ class VectorStore:
 
         Returns:
             The bytes asked for: 0 when there are no codes, or when they would take more
-            than WARM_MEMORY_SHARE of this machine's memory (they would only evict each other).
+            than WARM_MEMORY_SHARE of the memory this process may use (they would only
+            evict each other).
         """
         segments = [segment for segment in self.snapshot().segments if segment.refine is not None]
         total = sum(segment.refine.nbytes for segment in segments)
         memory = physical_memory()
         if not total or (memory and total > memory * WARM_MEMORY_SHARE):
             if total:
-                logger.info("not warming %.1f GB of re-rank codes: more than %d %% of this machine's memory",
-                            total / 1e9, WARM_MEMORY_SHARE * 100)
+                logger.info("not warming %.1f GB of re-rank codes: more than %d %% of the %.1f GB of memory here",
+                            total / 1e9, WARM_MEMORY_SHARE * 100, memory / 1e9)
             return 0
         for segment in segments:
             if stop is not None and stop.is_set():
@@ -1078,11 +1081,19 @@ def _exact_neighbours(snap: Snapshot, queries: np.ndarray, own_ids: np.ndarray, 
 
 
 def physical_memory() -> int:
-    """Bytes of memory of this machine (0 where the OS does not say)."""
+    """Bytes of memory this process may use: the machine's, or its container's limit
+    (cgroup v2 ``memory.max``) when lower; 0 where the OS does not say."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
-        return 0
+        memory = 0
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return memory
+    if limit.isdigit() and (not memory or int(limit) < memory):
+        return int(limit)
+    return memory
 
 
 def configure_threads(*, serving: bool = False) -> None:
