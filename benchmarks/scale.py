@@ -268,8 +268,8 @@ def serve_probe(data_dir: Path, queries_file: Path) -> dict:
     find_products(vs, queries[:1], top_k=10, filters=SearchFilters())
     load_seconds = time.perf_counter() - started
     rss_loaded = rss_mb()
-    # What a server does in the background at its start (web/library.py): re-rank codes
-    # of big catalogues into the page cache. Timed apart; searches start once it is done.
+    # What a server does in the background at its start (web/library.py): the ANN lists
+    # and re-rank codes into the page cache. Timed apart; searches start once it is done.
     started = time.perf_counter()
     warmed_bytes = store.warm_page_cache()
     warm_seconds = time.perf_counter() - started
@@ -490,7 +490,7 @@ def print_table(results: dict) -> None:
                  f"first query)")
     warm = serve.get("warm_page_cache") or {}
     if warm.get("gb"):
-        lines.append(f"  warm page cache  {warm['seconds']:>9.1f} s   ({warm['gb']} GB of re-rank codes read in, as a "
+        lines.append(f"  warm page cache  {warm['seconds']:>9.1f} s   ({warm['gb']} GB of ANN lists and re-rank codes asked for, as a "
                      "server does at its start)")
     lines.append(f"  RAM serving      {serve['rss_after_queries_mb'][0]:>9.0f} MB  "
                  f"({serve['rss_after_queries_mb'][1]:.0f} MB anonymous; the rest is mapped index files)")

@@ -528,41 +528,51 @@ def test_re_rank_codes_leave_only_the_best_candidates_to_read_exactly(tmp_path, 
     check_search(store, catalogue, queries, k=30, rerank=300, nprobe=NLIST, min_recall=0.98)
 
 
-def test_warming_the_page_cache_asks_for_every_segments_re_rank_codes(tmp_path, ann_thresholds, ann_search_works,
-                                                                      monkeypatch):
-    """A server's start asks the kernel to read the re-rank codes (all of them, nothing
-    else, in chunks); it asks for nothing when they would fill most of the machine's
-    memory, or once told to stop."""
+def test_warming_the_page_cache_asks_for_every_segments_lists_and_re_rank_codes(tmp_path, ann_thresholds,
+                                                                                ann_search_works, monkeypatch):
+    """A server's start asks the kernel to read each segment's inverted lists and re-rank
+    codes (all of them, nothing else, in chunks); it asks for nothing when they would
+    fill most of the machine's memory, or once told to stop."""
     require_ann("ivf_rabitq_refine", ann_search_works)
-    if not hasattr(os, "posix_fadvise"):
-        pytest.skip("no posix_fadvise here (macOS)")
+    if not hasattr(os, "posix_fadvise") or not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no posix_fadvise or /proc here")
     store, catalogue = open_store(tmp_path), Catalogue()
     rng = np.random.default_rng(13)
     catalogue.commit(store, make_rows(rng, range(0, 1000)))
     store.rebuild(plan=PLANS["ivf_rabitq_refine"], tune=False)
     catalogue.commit(store, make_rows(rng, range(1000, 1400)))
-    catalogue.commit(store, make_rows(rng, range(1400, 1410)))  # too small for codes
+    catalogue.commit(store, make_rows(rng, range(1400, 1410)))  # too small for an encoding
     coded = [s for s in store.snapshot().segments if s.refine is not None]
     assert len(coded) == 2
-    asked: list[tuple[int, int, int]] = []
+    asked: dict[str, list[tuple[int, int]]] = {}  # file name -> (offset, length) asked for
     real_fadvise = os.posix_fadvise
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((fd, offset, length))
-                        or real_fadvise(fd, offset, length, advice))
-    monkeypatch.setattr(row_reads, "WARM_CHUNK_BYTES", 64 * 1024)  # several chunks per segment
-    total = sum(segment.refine.codes.nbytes for segment in coded)
-    assert store.warm_page_cache() == total
+
+    def fadvise(fd, offset, length, advice):
+        asked.setdefault(Path(os.readlink(f"/proc/self/fd/{fd}")).name, []).append((offset, length))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    chunk = 64 * 1024
+    monkeypatch.setattr(row_reads, "WARM_CHUNK_BYTES", chunk)  # several chunks per file
+    segments_dir = tmp_path / store_module.SEGMENTS_DIR
+    wanted = {}  # file name -> (first byte, end)
     for segment in coded:
+        wanted[segment.ann_file] = (0, (segments_dir / segment.ann_file).stat().st_size)
         codes = segment.refine.codes
-        mine = sorted((offset, length) for fd, offset, length in asked if fd == segment.refine.reader._fd)
-        assert len(mine) == math.ceil(codes.nbytes / (64 * 1024))
-        assert mine[0][0] == codes.offset and sum(length for _, length in mine) == codes.nbytes
-    assert len(asked) == sum(math.ceil(segment.refine.codes.nbytes / (64 * 1024)) for segment in coded)
+        wanted[segment.refine_file] = (codes.offset, codes.offset + codes.nbytes)
+    total = sum(end - start for start, end in wanted.values())
+    assert store.warm_page_cache() == total
+    assert set(asked) == set(wanted)
+    for name, (start, end) in wanted.items():
+        ranges = sorted(asked[name])
+        assert len(ranges) == math.ceil((end - start) / chunk)
+        assert ranges[0][0] == start and sum(length for _, length in ranges) == end - start
     asked.clear()
     stop = threading.Event()
     stop.set()
-    assert store.warm_page_cache(stop=stop) == total and asked == []
-    monkeypatch.setattr(store_module, "physical_memory", lambda: total)  # the codes would take all of it
-    assert store.warm_page_cache() == 0 and asked == []
+    assert store.warm_page_cache(stop=stop) == total and asked == {}
+    monkeypatch.setattr(store_module, "physical_memory", lambda: total)  # it would take all of it
+    assert store.warm_page_cache() == 0 and asked == {}
 
 
 @pytest.mark.parametrize("built", ["ivf_pca"], indirect=True)

@@ -319,7 +319,7 @@ class VisualSearch:
         return self._tracker.current().store()
 
     def warm_page_cache_in_background(self) -> threading.Thread:
-        """Start reading the vector store's re-rank codes into the page cache (see
+        """Start reading the vector store's ANN lists and re-rank codes into the page cache (see
         :meth:`VectorStore.warm_page_cache`) on a daemon thread, as a server starts; it
         stops within one chunk when the process exits. Failures are only logged: the
         warming is a hint to the kernel, and searches report a damaged index themselves."""
@@ -332,7 +332,7 @@ class VisualSearch:
                 logger.warning("did not warm the page cache: %s", exc)
                 return
             if asked:
-                logger.info("asked the kernel to cache %.1f GB of re-rank codes", asked / 1e9)
+                logger.info("asked the kernel to cache %.1f GB of ANN lists and re-rank codes", asked / 1e9)
 
         thread = threading.Thread(target=warm, name="visualsearch-warm-page-cache", daemon=True)
         thread.start()

@@ -39,6 +39,6 @@ def _shared() -> VisualSearch:
                 if vs.write_blocked is not None:
                     current_app.logger.warning("serving searches only, writes answer 503/507: %s",
                                                vs.write_blocked)
-                # Big catalogues' re-rank codes: cached from the start, not query by query.
+                # The ANN lists and re-rank codes: cached from the start, not query by query.
                 vs.warm_page_cache_in_background()
     return vs

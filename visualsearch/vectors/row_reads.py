@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from pathlib import Path
 
 import numpy as np
 
@@ -70,22 +71,40 @@ class RowReader:
         return out
 
     def warm(self, *, stop=None) -> None:
-        """Ask the kernel to read the whole array into the page cache, WARM_CHUNK_BYTES at a
-        time (each request blocks while the device's queue is full); ``stop``: a
-        threading.Event that ends it between chunks."""
-        if self._fd is None or not hasattr(os, "posix_fadvise"):
-            return
-        end = self.array.offset + self.array.nbytes
-        for offset in range(self.array.offset, end, WARM_CHUNK_BYTES):
-            if stop is not None and stop.is_set():
-                return
-            os.posix_fadvise(self._fd, offset, min(WARM_CHUNK_BYTES, end - offset), os.POSIX_FADV_WILLNEED)
+        """Ask the kernel to read the whole array into the page cache (see :func:`warm_range`)."""
+        if self._fd is not None:
+            warm_range(self._fd, self.array.offset, self.array.offset + self.array.nbytes, stop=stop)
 
     def _byte_ranges(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(file offset, length) of each run's rows."""
         row_bytes = self.array.shape[1] * self.array.dtype.itemsize
         return [(self.array.offset + int(rows[start]) * row_bytes, (end - start) * row_bytes)
                 for start, end in runs]
+
+
+def warm_file(path: Path, *, stop=None) -> None:
+    """Ask the kernel to read the file at ``path`` into the page cache (see :func:`warm_range`);
+    a file gone meanwhile (merged away) is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        warm_range(fd, 0, os.fstat(fd).st_size, stop=stop)
+    finally:
+        os.close(fd)
+
+
+def warm_range(fd: int, start: int, end: int, *, stop=None) -> None:
+    """Ask the kernel to read bytes ``start``-``end`` of ``fd`` into the page cache,
+    WARM_CHUNK_BYTES at a time (each request blocks while the device's queue is full);
+    ``stop``: a threading.Event that ends it between chunks. A no-op without posix_fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for offset in range(start, end, WARM_CHUNK_BYTES):
+        if stop is not None and stop.is_set():
+            return
+        os.posix_fadvise(fd, offset, min(WARM_CHUNK_BYTES, end - offset), os.POSIX_FADV_WILLNEED)
 
 
 def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:

@@ -57,6 +57,7 @@ from .planner import (
     search_cost,
 )
 from .refine import refined_depth
+from .row_reads import warm_file
 from .segment import SEGMENT_SUFFIX, Segment, VectorRows
 from .state import Snapshot, StoreState
 
@@ -873,28 +874,33 @@ class VectorStore:
         return hits / total if total else 1.0
 
     def warm_page_cache(self, *, stop: threading.Event | None = None) -> int:
-        """Ask the kernel to read every segment's re-rank codes into the page cache, as a
-        server starts (``pg_prewarm`` for the codes). Searches rank hundreds of candidates
-        on them; until they are cached each of those is a disk read. Reads in chunks, so
-        ``stop`` (set when the process shuts down) ends it within one chunk.
+        """Ask the kernel to read what every search reads into the page cache, as a server
+        starts (``pg_prewarm`` for the index): each segment's inverted lists (a search
+        probes a few of each segment's lists; a cold list is a page fault per page, and at
+        10M the first hundreds of searches took 200 ms for them), then its re-rank codes
+        (hundreds of candidates per search; each an uncached disk read). Reads in chunks,
+        so ``stop`` (set when the process shuts down) ends it within one chunk. The
+        float32 vectors are left out: a search reads a few dozen of them.
 
         Returns:
-            The bytes asked for: 0 when there are no codes, or when they would take more
-            than WARM_MEMORY_SHARE of the memory this process may use (they would only
-            evict each other).
+            The bytes asked for: 0 when there is nothing to read, or when it would take
+            more than WARM_MEMORY_SHARE of the memory this process may use (it would
+            only evict itself).
         """
-        segments = [segment for segment in self.snapshot().segments if segment.refine is not None]
-        total = sum(segment.refine.nbytes for segment in segments)
+        segments = self.snapshot().segments
+        lists = [self.segments_dir / segment.ann_file for segment in segments if segment.ann_file]
+        codes = [segment.refine for segment in segments if segment.refine is not None]
+        total = sum(_file_size(path) for path in lists) + sum(code.nbytes for code in codes)
         memory = physical_memory()
         if not total or (memory and total > memory * WARM_MEMORY_SHARE):
             if total:
-                logger.info("not warming %.1f GB of re-rank codes: more than %d %% of the %.1f GB of memory here",
-                            total / 1e9, WARM_MEMORY_SHARE * 100, memory / 1e9)
+                logger.info("not warming %.1f GB of ANN lists and re-rank codes: more than %d %% of the %.1f GB "
+                            "of memory here", total / 1e9, WARM_MEMORY_SHARE * 100, memory / 1e9)
             return 0
-        for segment in segments:
-            if stop is not None and stop.is_set():
-                break
-            segment.refine.reader.warm(stop=stop)
+        for path in lists:
+            warm_file(path, stop=stop)
+        for code in codes:
+            code.reader.warm(stop=stop)
         return total
 
     # --- housekeeping --------------------------------------------------------------------
@@ -1078,6 +1084,13 @@ def _exact_neighbours(snap: Snapshot, queries: np.ndarray, own_ids: np.ndarray, 
                   if i != own and i >= 0 and np.isfinite(s)]
         truth.append(set(ranked[:k]))
     return truth
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # merged away since the snapshot
+        return 0
 
 
 def physical_memory() -> int:
