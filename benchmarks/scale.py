@@ -490,8 +490,8 @@ def print_table(results: dict) -> None:
                  f"first query)")
     warm = serve.get("warm_page_cache") or {}
     if warm.get("gb"):
-        lines.append(f"  warm page cache  {warm['seconds']:>9.1f} s   ({warm['gb']} GB of ANN lists and re-rank codes asked for, as a "
-                     "server does at its start)")
+        lines.append(f"  warm page cache  {warm['seconds']:>9.1f} s   ({warm['gb']} GB of ANN lists and re-rank codes "
+                     "read in, as a server does at its start)")
     lines.append(f"  RAM serving      {serve['rss_after_queries_mb'][0]:>9.0f} MB  "
                  f"({serve['rss_after_queries_mb'][1]:.0f} MB anonymous; the rest is mapped index files)")
     disk = results["disk_mb"]
