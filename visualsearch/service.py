@@ -322,7 +322,7 @@ class VisualSearch:
         """Start reading the vector store's ANN lists and re-rank codes into the page cache (see
         :meth:`VectorStore.warm_page_cache`) on a daemon thread, as a server starts; it
         stops within one chunk when the process exits. Failures are only logged: the
-        warming is a hint to the kernel, and searches report a damaged index themselves."""
+        warming only saves disk reads later, and searches report a damaged index themselves."""
 
         def warm() -> None:
             try:
@@ -332,7 +332,7 @@ class VisualSearch:
                 logger.warning("did not warm the page cache: %s", exc)
                 return
             if asked:
-                logger.info("asked the kernel to cache %.1f GB of ANN lists and re-rank codes", asked / 1e9)
+                logger.info("read %.1f GB of ANN lists and re-rank codes into the page cache", asked / 1e9)
 
         thread = threading.Thread(target=warm, name="visualsearch-warm-page-cache", daemon=True)
         thread.start()

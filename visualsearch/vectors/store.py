@@ -874,8 +874,8 @@ class VectorStore:
         return hits / total if total else 1.0
 
     def warm_page_cache(self, *, stop: threading.Event | None = None) -> int:
-        """Ask the kernel to read what every search reads into the page cache, as a server
-        starts (``pg_prewarm`` for the index): each segment's inverted lists (a search
+        """Read what every search reads into the page cache, as a server starts
+        (``pg_prewarm`` for the index): each segment's inverted lists (a search
         probes a few of each segment's lists; a cold list is a page fault per page, and at
         10M the first hundreds of searches took 200 ms for them), then its re-rank codes
         (hundreds of candidates per search; each an uncached disk read). Reads in chunks,
@@ -883,7 +883,7 @@ class VectorStore:
         float32 vectors are left out: a search reads a few dozen of them.
 
         Returns:
-            The bytes asked for: 0 when there is nothing to read, or when it would take
+            The bytes read: 0 when there is nothing to read, or when it would take
             more than WARM_MEMORY_SHARE of the memory this process may use (it would
             only evict itself).
         """
