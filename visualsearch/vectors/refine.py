@@ -19,7 +19,6 @@ ranges belong to the codec, so a code stays valid), replaced by a re-plan.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from .row_reads import RowReader
 REFINE_SUFFIX = ".sq8"
 # Exact rows read per query after ranking on the re-rank codes: at least this many, and
 # at least REFINED_ROWS_PER_HIT per result asked for. A score error of ~1e-3 reorders
-# near ties only (100k benchmark: recall@10 0.980 with the cut, 0.981 without; the 10M
-# figures are in docs/performance.md).
+# near ties only: at 10M images recall@10 stayed 0.963-1.000 with this cut
+# (`python -m benchmarks.scale --size 10M`, docs/performance.md).
 MIN_REFINED_ROWS = 40
 REFINED_ROWS_PER_HIT = 2
 
@@ -82,10 +81,6 @@ class RefineCodes:
         if "codes" not in arrays:
             raise ArrayFileError(f"{path} holds no re-rank codes")
         return cls(arrays["codes"], scale)
-
-    @property
-    def nbytes(self) -> int:
-        return int(math.prod(self.codes.shape))
 
 
 def refine_file_builder(path: Path, rows: int, dim: int, meta: dict) -> ArrayFileBuilder:

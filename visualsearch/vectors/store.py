@@ -90,8 +90,9 @@ LOCKED_MERGE_ROWS = 65_536
 # progress elsewhere writes files before it installs them).
 LEFTOVER_GRACE_SECONDS = 3600.0
 DEFAULT_LOCK_TIMEOUT = 30.0
-# warm_page_cache() leaves codes bigger than this share of the memory this process may
-# use to be read as searches need them (warming them would only evict them again).
+# warm_page_cache() leaves ANN lists and re-rank codes bigger than this share of the
+# memory this process may use to be read as searches need them (warming them would only
+# evict them again).
 WARM_MEMORY_SHARE = 0.75
 
 
@@ -890,7 +891,7 @@ class VectorStore:
         segments = self.snapshot().segments
         lists = [self.segments_dir / segment.ann_file for segment in segments if segment.ann_file]
         codes = [segment.refine for segment in segments if segment.refine is not None]
-        total = sum(_file_size(path) for path in lists) + sum(code.nbytes for code in codes)
+        total = sum(_file_size(path) for path in lists) + sum(code.codes.nbytes for code in codes)
         memory = physical_memory()
         if not total or (memory and total > memory * WARM_MEMORY_SHARE):
             if total:
@@ -972,17 +973,7 @@ def _rerank(candidates: list[tuple[Segment, np.ndarray, np.ndarray]], queries: n
     are read exactly."""
     out = []
     for q, query in enumerate(queries):
-        pooled = [(index, rows[q], scores[q]) for index, (_, rows, scores) in enumerate(candidates)]
-        owners = np.concatenate([np.full(len(rows), index) for index, rows, _ in pooled]) if pooled else \
-            np.zeros(0, np.int64)
-        rows = np.concatenate([rows for _, rows, _ in pooled]) if pooled else np.zeros(0, np.int64)
-        approx = np.concatenate([scores for _, _, scores in pooled]) if pooled else np.zeros(0, np.float32)
-        valid = rows >= 0
-        owners, rows, approx = owners[valid], rows[valid], approx[valid]
-        if len(rows) > depth:
-            keep = np.argpartition(-approx, depth - 1)[:depth]
-            owners, rows = owners[keep], rows[keep]
-        picks = [(candidates[index][0], np.unique(rows[owners == index])) for index in np.unique(owners).tolist()]
+        picks = _best_rows([(segment, rows[q], scores[q]) for segment, rows, scores in candidates], depth)
         picks = _refined(picks, query, refined_depth(k))
         # Every segment's reads are issued before any is waited for (see .row_reads).
         runs = [segment.prefetch(picked) for segment, picked in picks]
@@ -1001,14 +992,24 @@ def _refined(picks: list[tuple[Segment, np.ndarray]], query: np.ndarray,
     if sum(len(rows) for _, rows in coded) <= keep:
         return picks
     runs = [segment.refine.reader.prefetch(rows) for segment, rows in coded]
-    scores = np.concatenate([segment.refine.scale.scores(segment.refine.reader.read(rows, runs=segment_runs), query)
-                             for (segment, rows), segment_runs in zip(coded, runs)])
-    owners = np.concatenate([np.full(len(rows), index) for index, (_, rows) in enumerate(coded)])
-    rows = np.concatenate([rows for _, rows in coded])
-    best = np.argpartition(-scores, keep - 1)[:keep]
-    owners, rows = owners[best], rows[best]
-    kept = [(coded[index][0], np.sort(rows[owners == index])) for index in np.unique(owners).tolist()]
-    return kept + [(segment, rows) for segment, rows in picks if segment.refine is None]
+    scored = [(segment, rows, segment.refine.scale.scores(segment.refine.reader.read(rows, runs=segment_runs), query))
+              for (segment, rows), segment_runs in zip(coded, runs)]
+    return _best_rows(scored, keep) + [(segment, rows) for segment, rows in picks if segment.refine is None]
+
+
+def _best_rows(parts: list[tuple[Segment, np.ndarray, np.ndarray]], keep: int) -> list[tuple[Segment, np.ndarray]]:
+    """The ``keep`` best-scored rows of ``parts`` (segment, rows, scores; row -1: none)
+    pooled over all of them, as (segment, its sorted distinct rows) per segment kept."""
+    owners = np.concatenate([np.full(len(rows), index) for index, (_, rows, _) in enumerate(parts)] or
+                            [np.zeros(0, np.int64)])
+    rows = np.concatenate([rows for _, rows, _ in parts] or [np.zeros(0, np.int64)])
+    scores = np.concatenate([scores for _, _, scores in parts] or [np.zeros(0, np.float32)])
+    valid = rows >= 0
+    owners, rows, scores = owners[valid], rows[valid], scores[valid]
+    if len(rows) > keep:
+        best = np.argpartition(-scores, keep - 1)[:keep]
+        owners, rows = owners[best], rows[best]
+    return [(parts[index][0], np.unique(rows[owners == index])) for index in np.unique(owners).tolist()]
 
 
 def _best(ids: np.ndarray, products: np.ndarray, scores: np.ndarray, k: int) -> StoreHits:
