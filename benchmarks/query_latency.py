@@ -34,13 +34,13 @@ def bare_forward_ms(photo: Path, runs: int) -> float:
     from visualsearch.images import load_image
 
     embedder = Embedder("efficientnet_lite0")
-    image = load_image(photo, target_size=embedder.decode_size)
+    image = load_image(photo, target_size=embedder.query_decode_size)
     for _ in range(5):
-        embedder.embed_images([image])
+        embedder.embed_queries([image])
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        embedder.embed_images([image])
+        embedder.embed_queries([image])
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 

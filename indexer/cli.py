@@ -790,7 +790,9 @@ def recipes(as_json: bool) -> None:
         size = f"{recipe.resize} {recipe.input_size}" + (f"/{recipe.resize_size}" if recipe.resize == "crop" else "")
         extras = [f"GeM p={recipe.gem_p:g}", *(["flip"] if recipe.flip else []),
                   *([f"scales {','.join(f'{scale:g}' for scale in recipe.scales)}"] if len(recipe.scales) > 1 else []),
-                  *([f"projection {recipe.projection}"] if recipe.projection else [])]
+                  *([f"projection {recipe.projection}"] if recipe.projection else []),
+                  *([f"queries at {recipe.query_input_size}"] if recipe.query_input_size else []),
+                  *([f"query centre prior {recipe.query_centre_prior:g}"] if recipe.query_centre_prior else [])]
         click.echo(f"{recipe.name:<20} v{recipe.version} {recipe.backbone:<20} {size:<12} {', '.join(extras)}"
                    f"  {recipe.description}".rstrip())
 

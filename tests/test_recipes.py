@@ -19,7 +19,7 @@ from visualsearch import recipes
 from visualsearch.backbones import get_backbone
 from visualsearch.backbones_builtin import DEFAULT_BACKBONE
 from visualsearch.catalogue import store as catalogue
-from visualsearch.embedder import GEM_P, Embedder, gem_pool
+from visualsearch.embedder import GEM_P, Embedder, centre_prior, gem_pool
 from visualsearch.errors import BackboneMismatchError, ConfigurationError
 from visualsearch.recipes import (
     Projection,
@@ -42,6 +42,8 @@ register_recipe(Recipe(name=PAD, backbone=TINY, resize="pad", input_size=48, hid
 register_recipe(Recipe(name=SCALES, backbone=TINY, scales=(1.0, 0.5, 1.5), hidden=True))
 register_recipe(Recipe(name=GEM1, backbone=TINY, gem_p=1.0, hidden=True))
 register_recipe(Recipe(name=PCA, backbone=TINY, projection="pca8.npz", hidden=True))
+QUERIES = f"{TINY}-queries"
+register_recipe(Recipe(name=QUERIES, backbone=TINY, query_input_size=48, query_centre_prior=0.35, hidden=True))
 
 
 def _pictures() -> list[Image.Image]:
@@ -193,6 +195,80 @@ def test_scales_preprocess_at_the_largest_and_decode_for_it(tiny_weights):
     assert embedder.decode_size == 48 and embedder.input_size == 32
     assert embedder.preprocess(_pictures()[1]).shape == (3, 48, 48)
     assert get_recipe(SCALES).views == 3 and get_recipe(FLIP).views == 2
+
+
+# --- query photos ---------------------------------------------------------------------------
+
+
+def test_recipes_without_query_settings_keep_the_fingerprints_their_indexes_recorded():
+    recipe = get_recipe(TINY)
+    # The parameters every recipe had before query settings existed, hashed as then.
+    before = {"backbone": TINY, "input_size": 32, "resize_size": 32, "resize": "crop", "gem_p": 3.0, "flip": False,
+              "scales": [1.0], "projection_sha256": None}
+    assert recipe.parameters() == before
+    assert recipe.fingerprint() == hashlib.sha256(
+        json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    queries = get_recipe(QUERIES)
+    assert queries.parameters() == {**before, "query_input_size": 48, "query_centre_prior": 0.35}
+    assert queries.fingerprint() != recipe.fingerprint()
+    assert dataclasses.replace(queries, query_centre_prior=0.5).fingerprint() != queries.fingerprint()
+    for bad in (dict(query_input_size=4), dict(query_centre_prior=0.0), dict(query_centre_prior=11)):
+        with pytest.raises(ConfigurationError, match="query_"):
+            Recipe(name="bad", backbone=TINY, **bad)
+
+
+def test_query_photos_are_seen_larger_and_pooled_towards_the_centre(tiny_weights):
+    images = _pictures()
+    plain = Embedder(TINY, weights_path=tiny_weights)
+    embedder = Embedder(TINY, recipe=QUERIES, weights_path=tiny_weights)
+    # Catalogue images embed exactly as with the backbone's own recipe...
+    assert embedder.embed_images(images).tobytes() == plain.embed_images(images).tobytes()
+    assert embedder.decode_size == 32 and embedder.query_decode_size == 48
+    # ... and a recipe without query settings embeds query photos like catalogue images.
+    assert plain.embed_queries(images).tobytes() == plain.embed_images(images).tobytes()
+    # Query photos: the 48-pixel input, GeM weighed by the centred Gaussian.
+    batch = torch.stack([embedder.query_transform(image) for image in images])
+    assert batch.shape == (len(images), 3, 48, 48)
+    with torch.inference_mode():
+        feature_map = embedder.network(batch.contiguous(memory_format=torch.channels_last)).float()
+        weights = centre_prior(*feature_map.shape[2:], 0.35)
+        expected = torch.nn.functional.normalize(gem_pool(feature_map, weights=weights), dim=1).numpy()
+    queries = embedder.embed_queries(images)
+    assert np.allclose(queries, expected, atol=1e-6)
+    assert not np.allclose(queries, embedder.embed_images(images), atol=1e-3)
+    assert np.allclose(embedder.embed_queries(images[1:2])[0], queries[1], atol=1e-5)  # batch-independent
+
+
+def test_the_centre_prior_is_a_centred_gaussian_and_matches_the_benchmark_harness():
+    from benchmarks.quality.explore import centre_weights
+
+    weights = centre_prior(7, 5, 0.35)
+    assert weights.shape == (7, 5) and float(weights[3, 2]) == pytest.approx(1.0)
+    assert torch.allclose(weights, weights.flip(0)) and torch.allclose(weights, weights.flip(1))
+    assert float(weights[0, 0]) < float(weights[1, 1]) < float(weights[3, 2])
+    # 35 positions right of the centre of 201 are 35 / 100.5 half-sides from it.
+    assert float(centre_prior(1, 201, 0.35)[0, 100 + 35]) == pytest.approx(np.exp(-(35 / 100.5) ** 2 / (2 * 0.35**2)))
+    assert np.allclose(weights.numpy(), centre_weights(7, 5, 0.35), atol=1e-6)
+    # Even weights make the plain GeM.
+    feature_map = torch.rand(2, 4, 3, 3)
+    assert torch.allclose(gem_pool(feature_map, weights=torch.ones(3, 3)), gem_pool(feature_map), atol=1e-6)
+
+
+def test_a_search_embeds_the_upload_as_a_query_photo(tiny_settings, small_catalogue):
+    settings = dataclasses.replace(tiny_settings, recipe=QUERIES)
+    vs = VisualSearch(settings)
+    vs.index(small_catalogue)
+    assert vs.stored_identity().recipe_hash == get_recipe(QUERIES).fingerprint()
+    photo = _query(small_catalogue, 3)
+    top = vs.search(photo, top_k=1).hits[0]
+    with Image.open(photo) as opened:
+        picture = opened.convert("RGB")
+    embedder = Embedder(TINY, recipe=QUERIES, weights_path=tiny_settings.weights)
+    query = embedder.embed_queries([picture])[0]
+    stored = embedder.embed_images([picture])[0]  # the catalogue holds this very image
+    assert top.sku == "P3"
+    assert top.score == pytest.approx(float(query @ stored), abs=1e-4)
+    assert top.score < 0.9999  # the query is not embedded like the catalogue image
 
 
 # --- PCA whitening --------------------------------------------------------------------------

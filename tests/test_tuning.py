@@ -47,9 +47,19 @@ def catalogue40(tmp_path) -> Path:
     rows = []
     for number in range(40):
         for view in range(2):
-            make_image(folder / "img" / f"p{number}-{view}.png", seed=number * 10 + view, size=64)
+            _product_shot(folder / "img" / f"p{number}-{view}.png", seed=number * 10 + view)
             rows.append({"sku": f"P{number}", "image": f"img/p{number}-{view}.png", "title": f"Product {number}"})
     return write_catalogue(folder, rows)
+
+
+def _product_shot(path: Path, seed: int, size: int = 64) -> Path:
+    """A catalogue-style shot: a product of random blocks of colour on white."""
+    make_image(path, seed=seed, size=size * 5 // 8)
+    with Image.open(path) as product:
+        shot = Image.new("RGB", (size, size), (255, 255, 255))
+        shot.paste(product.convert("RGB"), ((size - product.width) // 2, (size - product.height) // 2))
+    shot.save(path)
+    return path
 
 
 def _image(catalogue_file: Path, number: int) -> Path:
@@ -193,6 +203,30 @@ def test_shopper_views_are_repeatable_and_differ_from_the_original(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert all(photo.shape == (64, 64, 3) for photo in first)
     assert not np.array_equal(first[0], first[1])
+
+
+def test_shopper_views_put_the_product_among_other_products():
+    blue, red = (Image.new("RGB", (64, 64), (255, 255, 255)) for _ in range(2))
+    blue.paste((20, 40, 230), (12, 12, 52, 52))
+    red.paste((230, 20, 20), (20, 20, 44, 44))
+    others = [tuning.cutout(red)]
+    assert others[0].size == (24, 24) and others[0].mode == "RGBA"
+    views = ShopperViews(96)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    photos = [np.asarray(views(blue, rng, others)).astype(int) for _ in range(12)]
+
+    def share(photo: np.ndarray, channel: int) -> float:
+        rest = [c for c in range(3) if c != channel]
+        return float(np.mean((photo[..., channel] > 120) & (photo[..., rest] < 110).all(axis=-1)))
+
+    assert all(photo.shape == (96, 96, 3) for photo in photos)
+    assert all(share(photo, 2) > 0.03 for photo in photos)  # the product is always in the photo
+    # Other products are often in the photo too (pasted, or a close-up of one as the
+    # background); without them only the noise backgrounds have any red.
+    alone = [np.asarray(views(blue, rng)).astype(int) for _ in range(12)]
+    assert sum(share(photo, 0) > 0.002 for photo in photos) >= 3
+    assert np.mean([share(photo, 0) for photo in photos]) > 3 * np.mean([share(photo, 0) for photo in alone])
 
 
 def test_data_directory_recipes_resolve_after_registered_ones():

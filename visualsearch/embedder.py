@@ -28,9 +28,22 @@ GEM_P = 3.0
 GEM_EPS = 1e-6
 
 
-def gem_pool(feature_map: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch.Tensor:
-    """Generalised-mean pooling of (N, C, H, W) over H and W -> (N, C)."""
-    return feature_map.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+def gem_pool(feature_map: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Generalised-mean pooling of (N, C, H, W) over H and W -> (N, C), each position
+    weighed by ``weights`` (H, W) when given."""
+    powered = feature_map.clamp(min=eps).pow(p)
+    if weights is None:
+        return powered.mean(dim=(2, 3)).pow(1.0 / p)
+    return (powered * weights).sum(dim=(2, 3)).div(weights.sum()).pow(1.0 / p)
+
+
+def centre_prior(height: int, width: int, sigma: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W) weights of a Gaussian centred on the map, ``sigma`` in half-sides of the map
+    (1 at the centre, exp(-0.5) at ``sigma`` half-sides from it)."""
+    rows = (torch.arange(height, dtype=torch.float32, device=device) - (height - 1) / 2) / (height / 2)
+    columns = (torch.arange(width, dtype=torch.float32, device=device) - (width - 1) / 2) / (width / 2)
+    return torch.exp(-(rows[:, None] ** 2 + columns[None, :] ** 2) / (2 * sigma**2))
 
 
 class PadToSquare(torch.nn.Module):
@@ -158,6 +171,10 @@ class Embedder:
         # channels_last is ~1.4x faster for these CNNs on CPU (oneDNN) and on tensor cores.
         self.network = network.to(self.device, memory_format=torch.channels_last)
         self.transform = build_transform(self.spec, self.recipe)
+        # Uploaded photos may be seen at another size than catalogue images (Recipe.for_queries).
+        self.query_recipe = self.recipe.for_queries()
+        self.query_transform = (self.transform if self.query_recipe is self.recipe
+                                else build_transform(self.spec, self.query_recipe))
         self._lock = threading.Lock()
         logger.info("loaded backbone %s (%s, recipe %s) on %s", backbone, self.weights_path, self.recipe.name,
                     self.device)
@@ -176,6 +193,11 @@ class Embedder:
         scale (JPEGs decode at about that)."""
         return self.recipe.decode_size
 
+    @property
+    def query_decode_size(self) -> int:
+        """The short side a query photo needs before preprocessing."""
+        return self.query_recipe.decode_size
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One RGB image -> its (3, S, S) input tensor (safe to call in worker processes)."""
         return self.transform(image)
@@ -193,34 +215,50 @@ class Embedder:
         with self._lock:
             return self._embed_batch(batch)
 
-    def _embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+    def _embed_batch(self, batch: torch.Tensor, *, query: bool = False) -> np.ndarray:
+        recipe = self.query_recipe if query else self.recipe
+        sigma = self.recipe.query_centre_prior if query else None
         with torch.inference_mode():
             batch = batch.to(self.device, non_blocking=True)
-            pooled = [torch.nn.functional.normalize(gem_pool(self._feature_map(view).float(), p=self.recipe.gem_p),
-                                                    dim=1) for view in self._views(batch)]
+            pooled = []
+            for view in self._views(batch, recipe):
+                feature_map = self._feature_map(view).float()
+                weights = None if sigma is None else centre_prior(*feature_map.shape[2:], sigma, feature_map.device)
+                pooled.append(torch.nn.functional.normalize(gem_pool(feature_map, p=recipe.gem_p, weights=weights),
+                                                            dim=1))
             vectors = pooled[0]
             if len(pooled) > 1:  # one view stays bit-for-bit what it was before recipes
                 vectors = torch.nn.functional.normalize(torch.stack(pooled).sum(dim=0), dim=1)
         vectors = vectors.cpu().numpy().astype(np.float32, copy=False)
         return self.projection.apply(vectors) if self.projection is not None else vectors
 
-    def _views(self, batch: torch.Tensor):
+    def _views(self, batch: torch.Tensor, recipe: Recipe):
         """The recipe's inputs of one preprocessed batch: each scale (resized from the
         largest), and its mirror image when the recipe flips."""
         mode = self.spec.preprocessing.interpolation
-        for scale in self.recipe.scales:
-            side = self.recipe.scaled(self.recipe.input_size, scale)
+        for scale in recipe.scales:
+            side = recipe.scaled(recipe.input_size, scale)
             view = batch if side == batch.shape[-1] else torch.nn.functional.interpolate(
                 batch, size=(side, side), mode=mode, antialias=True, align_corners=False)
             yield view
-            if self.recipe.flip:
+            if recipe.flip:
                 yield view.flip(-1)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB PIL images -> (N, dim) float32 unit vectors."""
+        """Catalogue images (RGB PIL) -> (N, dim) float32 unit vectors."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_batch(torch.stack([self.preprocess(img) for img in images]))
+
+    def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Uploaded query photos (RGB PIL) -> (N, dim) float32 unit vectors, seen as the
+        recipe sees queries (its query input size and centre prior); the same as
+        :meth:`embed_images` for a recipe without them."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = torch.stack([self.query_transform(img) for img in images])
+        with self._lock:
+            return self._embed_batch(batch, query=True)
 
     def classify(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """ImageNet logits (N, 1000) of the pretrained head: proves the weights are real."""

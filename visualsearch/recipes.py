@@ -73,6 +73,14 @@ class Recipe:
         projection: an ``.npz`` :class:`Projection` applied after pooling (a file name
             in the data directory, or an absolute path); its SHA-256 is part of the
             recipe's fingerprint.
+        query_input_size: side of the square that uploaded query photos are seen at
+            (None: ``input_size``). A shopper's product fills less of the frame than a
+            catalogue shot: a larger input gives it more feature-map positions. Catalogue
+            images keep ``input_size``.
+        query_centre_prior: when set, a query photo's GeM weighs each feature-map position
+            by a Gaussian centred on the map with this sigma (in half-sides of the map), so
+            that what the shopper aimed at outweighs the clutter at the edges. Catalogue
+            images are pooled evenly.
         description: one line for ``visualsearch recipes``.
         hidden: registered but not listed (test recipes).
     """
@@ -89,11 +97,15 @@ class Recipe:
     projection: str | None = None
     description: str = ""
     hidden: bool = False
+    query_input_size: int | None = None
+    query_centre_prior: float | None = None
 
     def __post_init__(self) -> None:
         # Canonical numbers (1 and 1.0 must hash alike).
         object.__setattr__(self, "scales", tuple(float(scale) for scale in self.scales))
         object.__setattr__(self, "gem_p", float(self.gem_p))
+        if self.query_centre_prior is not None:
+            object.__setattr__(self, "query_centre_prior", float(self.query_centre_prior))
         problems = []
         if not self.name or not self.backbone:
             problems.append("a recipe needs a name and a backbone")
@@ -105,7 +117,9 @@ class Recipe:
             problems.append(f"scales must be one or more numbers in (0, 4], not {self.scales}")
         if len(set(self.scales)) != len(self.scales):
             problems.append(f"scales repeat: {self.scales}")
-        for size_name in ("input_size", "resize_size"):
+        if self.query_centre_prior is not None and not (0.05 <= self.query_centre_prior <= 10.0):
+            problems.append(f"query_centre_prior must be between 0.05 and 10, not {self.query_centre_prior}")
+        for size_name in ("input_size", "resize_size", "query_input_size"):
             size = getattr(self, size_name)
             if size is not None and size < 8:
                 problems.append(f"{size_name} must be at least 8, not {size}")
@@ -136,6 +150,17 @@ class Recipe:
             return self.scaled(self._input_size(), largest)
         return self.scaled(max(self.resize_size or 0, self._input_size()), largest)
 
+    def for_queries(self) -> "Recipe":
+        """The recipe query photos are preprocessed with: ``query_input_size`` as the input
+        size (the crop keeps the backbone's ratio), or this recipe itself."""
+        if self.query_input_size is None or self.query_input_size == self._input_size():
+            return self
+        if self.resize == "pad":
+            resize_size = self.query_input_size
+        else:
+            resize_size = round(self.query_input_size * (self.resize_size or self._input_size()) / self._input_size())
+        return replace(self, input_size=self.query_input_size, resize_size=resize_size)
+
     @property
     def views(self) -> int:
         """Forward passes per image."""
@@ -145,9 +170,15 @@ class Recipe:
         """What determines the vectors (not the name, version or description)."""
         if not self.resolved:
             raise ConfigurationError(f"recipe {self.name!r} is not resolved against its backbone yet")
-        return {"backbone": self.backbone, "input_size": self.input_size, "resize_size": self.resize_size,
-                "resize": self.resize, "gem_p": self.gem_p, "flip": self.flip, "scales": list(self.scales),
-                "projection_sha256": projection_sha256 if self.projection else None}
+        parameters = {"backbone": self.backbone, "input_size": self.input_size, "resize_size": self.resize_size,
+                      "resize": self.resize, "gem_p": self.gem_p, "flip": self.flip, "scales": list(self.scales),
+                      "projection_sha256": projection_sha256 if self.projection else None}
+        # Query-side settings count only when set, so that every recipe without them keeps
+        # the fingerprint its indexes recorded before they existed.
+        for name in ("query_input_size", "query_centre_prior"):
+            if getattr(self, name) is not None:
+                parameters[name] = getattr(self, name)
+        return parameters
 
     def fingerprint(self, projection_sha256: str | None = None) -> str:
         """SHA-256 of the canonical JSON of :meth:`parameters` (recorded in the catalogue)."""
@@ -552,3 +583,13 @@ register_recipe(Recipe(name="lite0-multiscale", backbone="efficientnet_lite0", s
                        description="EfficientNet-Lite0 at 224 and 158 pixels, averaged"))
 register_recipe(Recipe(name="lite0-gem4", backbone="efficientnet_lite0", gem_p=4.0,
                        description="EfficientNet-Lite0 at 224 with GeM p=4 (closer to max pooling)"))
+
+# Uploaded photos are not catalogue shots: the product is smaller and off the white, with
+# other things around it. These recipes see query photos at a larger input and pool them
+# towards the middle (catalogue images embed as with the backbone's own recipe). Measured
+# in docs/retrieval-quality.md ("Query photos apart"); follow them with `visualsearch tune`.
+register_recipe(Recipe(name="lite0-shopper", backbone="efficientnet_lite0", query_input_size=288,
+                       query_centre_prior=0.35,
+                       description="EfficientNet-Lite0; query photos at 288, pooled towards their centre"))
+register_recipe(Recipe(name="mnv2-shopper", backbone="mobilenet_v2", query_input_size=320, query_centre_prior=0.35,
+                       description="MobileNetV2; query photos at 320, pooled towards their centre"))

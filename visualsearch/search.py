@@ -76,10 +76,10 @@ def search_image(vs: "VisualSearch", image: ImageSource, *, top_k: int = 10, off
     validate_offset(offset)
     started = time.perf_counter()
     embedder = vs.embedder
-    picture = load_image(image, max_pixels=vs.settings.max_image_pixels, target_size=embedder.decode_size,
+    picture = load_image(image, max_pixels=vs.settings.max_image_pixels, target_size=embedder.query_decode_size,
                          crop=crop)
     decoded = time.perf_counter()
-    query = embedder.embed_images([picture])
+    query = embedder.embed_queries([picture])
     embedded = time.perf_counter()
     hits = find_products(vs, query, top_k=top_k, offset=offset, filters=filters or SearchFilters(),
                          exclude_image_ids=exclude_image_ids)

@@ -80,6 +80,9 @@ DEFAULTS = {
     "qa": 3.0,           # its alpha (weights = score^alpha)
     "dba": 0,            # database-side augmentation with each image's top-k neighbours
     "da": 3.0,           # its alpha
+    "qsize": 0,          # >0: CNN input side of query photos (catalogue images keep `size`)
+    "centre": 0.0,       # >0: query photos' GeM weights positions by a centred Gaussian of this sigma
+                         # (in half-sides of the map; the engine's Recipe.query_centre_prior)
 }
 
 # Presets, in table order; "x+y" style names combine earlier ideas.
@@ -128,6 +131,20 @@ CONFIGS: dict[str, str] = {
     "lite0+mnv2+rmac+pca512-shrink": "bb=lite0+mnv2,pool=rmac,pca=512,shrink=0.5",
     "lite0+mnv2+mask-both+pca512-shrink": "bb=lite0+mnv2,mask=1,maskside=both,pca=512,shrink=0.5",
     "lite0+mnv2+mask-both+pca512-shrink+qe1": "bb=lite0+mnv2,mask=1,maskside=both,pca=512,shrink=0.5,qe=1",
+    # Query photos apart: a larger input and a centre prior on the query side only.
+    "q320": "qsize=320",
+    "centre0.5": "centre=0.5", "centre0.35": "centre=0.35", "centre0.25": "centre=0.25",
+    "q320+centre0.5": "qsize=320,centre=0.5", "q320+centre0.35": "qsize=320,centre=0.35",
+    "q320+centre0.25": "qsize=320,centre=0.25",
+    "q288+centre0.35": "qsize=288,centre=0.35", "q288+centre0.25": "qsize=288,centre=0.25",
+    "mnv2+q288+centre0.35": "bb=mnv2,qsize=288,centre=0.35",
+    "mnv2+centre0.35": "bb=mnv2,centre=0.35",
+    "q320+centre0.35+pca512-shrink": "qsize=320,centre=0.35,pca=512,shrink=0.5",
+    "q320+centre0.35+pca512-rot": "qsize=320,centre=0.35,pca=512,shrink=0",
+    "mnv2+q320+centre0.35": "bb=mnv2,qsize=320,centre=0.35",
+    "mnv2+q320+centre0.35+pca512-shrink": "bb=mnv2,qsize=320,centre=0.35,pca=512,shrink=0.5",
+    "lite0+mnv2+q320+centre0.35": "bb=lite0+mnv2,qsize=320,centre=0.35",
+    "lite0+mnv2+centre0.35+pca512-shrink": "bb=lite0+mnv2,centre=0.35,pca=512,shrink=0.5",
 }
 
 
@@ -227,7 +244,7 @@ def query_cost(config: dict) -> float:
     total = 0.0
     for backbone in config["bb"].split("+"):
         gmacs, native = CNN_GMACS[backbone]
-        for size in scales(config):
+        for size in ([config["qsize"]] if config["qsize"] else scales(config)):
             total += gmacs * (size / native) ** 2 * (2 if config["flip"] else 1)
     return total / base
 
@@ -236,14 +253,22 @@ def query_cost(config: dict) -> float:
 
 
 def gem(maps: np.ndarray, p: float, mask: np.ndarray | None = None) -> np.ndarray:
-    """(N, C, H, W) -> (N, C) generalised mean over the (masked) positions."""
+    """(N, C, H, W) -> (N, C) generalised mean over the (masked or weighted) positions."""
     x = np.maximum(maps, GEM_EPS) ** p
     if mask is None:
         pooled = x.mean(axis=(2, 3))
     else:
-        weights = mask[:, None, :, :].astype(np.float32)
+        weights = (mask if mask.ndim == 3 else mask[None]).astype(np.float32)[:, None, :, :]
         pooled = (x * weights).sum(axis=(2, 3)) / weights.sum(axis=(2, 3))
     return pooled ** (1.0 / p)
+
+
+def centre_weights(height: int, width: int, sigma: float) -> np.ndarray:
+    """(H, W) Gaussian weights centred on the map, sigma in half-sides (the engine's
+    ``visualsearch.embedder.centre_prior``)."""
+    y = (np.arange(height) - (height - 1) / 2) / (height / 2)
+    x = (np.arange(width) - (width - 1) / 2) / (width / 2)
+    return np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2)).astype(np.float32)
 
 
 def activation_mask(maps: np.ndarray, threshold: float) -> np.ndarray:
@@ -295,9 +320,9 @@ class Descriptors:
         self.bench, self.device, self.workers, self.batch_size = bench, device, workers, batch_size
         self._cache: dict[tuple, np.ndarray] = {}
 
-    def pooled(self, variant: Variant, pool: str, p: float, mask: float) -> np.ndarray:
+    def pooled(self, variant: Variant, pool: str, p: float, mask: float, centre: float = 0.0) -> np.ndarray:
         """(all cached images, C) L2-normalised descriptors of one variant and pooling."""
-        key = (variant, pool, p, mask)
+        key = (variant, pool, p, mask, centre)
         if key not in self._cache:
             maps = feature_maps(self.bench.folder, variant, device=self.device, workers=self.workers,
                                 batch_size=self.batch_size)
@@ -306,6 +331,8 @@ class Descriptors:
                 block = np.asarray(maps[start:start + 256], dtype=np.float32)
                 if pool == "rmac":
                     chunks.append(rmac(block, p))
+                elif centre > 0:
+                    chunks.append(gem(block, p, centre_weights(*block.shape[2:], centre)))
                 else:
                     chunks.append(gem(block, p, activation_mask(block, mask) if mask > 0 else None))
             self._cache[key] = l2n(np.concatenate(chunks))
@@ -315,10 +342,12 @@ class Descriptors:
         """Descriptors of the images at cache ``rows`` for the catalogue or query side."""
         policy = config[side] if config[side] != "same" else config["policy"]
         mask = config["mask"] if (side == "q" or config["maskside"] == "both") else 0.0
+        centre = config["centre"] if side == "q" else 0.0
+        sizes = [config["qsize"]] if side == "q" and config["qsize"] else scales(config)
         parts = []
         for backbone in config["bb"].split("+"):
-            views = [self.pooled(Variant(backbone, policy, size, flip), config["pool"], config["p"], mask)[rows]
-                     for size in scales(config) for flip in ((False, True) if config["flip"] else (False,))]
+            views = [self.pooled(Variant(backbone, policy, size, flip), config["pool"], config["p"], mask, centre)[rows]
+                     for size in sizes for flip in ((False, True) if config["flip"] else (False,))]
             parts.append(l2n(np.mean(views, axis=0)))
         return l2n(np.concatenate(parts, axis=1))
 
