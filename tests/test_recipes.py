@@ -239,6 +239,38 @@ def test_query_photos_are_seen_larger_and_pooled_towards_the_centre(tiny_weights
     assert np.allclose(embedder.embed_queries(images[1:2])[0], queries[1], atol=1e-5)  # batch-independent
 
 
+@pytest.mark.parametrize("settings, tensor_side, decode_size", [
+    (dict(), 48, 48),                                                  # crop: the backbone's 1:1 ratio
+    (dict(resize_size=40), 48, 60),                                    # crop ratio 40/32 kept at 48
+    (dict(resize="pad", input_size=40), 48, 48),                       # pad: resized to the query side
+    (dict(scales=(1.0, 0.5)), 48, 48),                                 # scales of the query side
+    (dict(scales=(1.0, 1.5), flip=True), 72, 72),
+])
+def test_query_photos_keep_the_recipes_geometry_at_their_own_size(tiny_weights, settings, tensor_side, decode_size):
+    recipe = Recipe(name="query-geometry", backbone=TINY, query_input_size=48, hidden=True, **settings)
+    embedder = Embedder(TINY, recipe=recipe, weights_path=tiny_weights)
+    queries = embedder.query_recipe
+    assert queries.input_size == 48 and (queries.resize, queries.scales, queries.flip) == (
+        recipe.resize, recipe.scales, recipe.flip)
+    assert embedder.query_transform(_pictures()[1]).shape == (3, tensor_side, tensor_side)
+    assert embedder.query_decode_size == decode_size
+    vectors = embedder.embed_queries(_pictures())
+    assert vectors.shape == (3, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The catalogue side is untouched by the query size.
+    assert embedder.transform(_pictures()[1]).shape[-1] == embedder.recipe.tensor_size
+
+
+def test_query_settings_survive_the_catalogues_record_and_older_records_still_read():
+    tuned = dataclasses.replace(get_recipe(QUERIES), name=QUERIES + "+tuned", projection="tuned/x.npz")
+    record = recipes.DataRecipe(tuned, base=QUERIES, projection_sha256="c" * 64)
+    again = recipes.DataRecipe.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again.recipe == tuned and again.fingerprint() == record.fingerprint()
+    assert (again.recipe.query_input_size, again.recipe.query_centre_prior) == (48, 0.35)
+    # A recipe without them records exactly the fields every earlier build knows.
+    assert set(get_recipe(FLIP).to_dict()) == {"name", "backbone", "version", "input_size", "resize_size", "resize",
+                                               "gem_p", "flip", "scales", "projection", "description", "hidden"}
+
+
 def test_the_centre_prior_is_a_centred_gaussian_and_matches_the_benchmark_harness():
     from benchmarks.quality.explore import centre_weights
 
@@ -462,6 +494,11 @@ def test_cli_recipes_index_search_and_reembed(run, small_catalogue, tmp_path):
     assert by_name["lite0-flip"]["flip"] is True and by_name["efficientnet_lite0"]["input_size"] == 224
     assert len(by_name["efficientnet_lite0"]["fingerprint"]) == 64
     assert "lite0-pad-288" in run("recipes").stdout
+    shopper = by_name["mnv2-shopper"]
+    assert (shopper["backbone"], shopper["input_size"], shopper["query_input_size"], shopper["query_centre_prior"]) == (
+        "mobilenet_v2", 224, 320, 0.35)
+    assert "query_input_size" not in by_name["efficientnet_lite0"]  # unset: left out of records
+    assert "queries at 320, query centre prior 0.35" in run("recipes").stdout
 
     assert run("index", str(small_catalogue), "--backbone", TINY).exit_code == 0
     query = str(_query(small_catalogue, 3))

@@ -18,7 +18,10 @@ from visualsearch import tuning
 from visualsearch.backbones_builtin import DEFAULT_BACKBONE
 from visualsearch.catalogue import store as catalogue
 from visualsearch.catalogue.models import StoredProjection
+from visualsearch.embedder import Embedder
 from visualsearch.errors import ConfigurationError
+from visualsearch.images import load_image
+from visualsearch.indexing import ImageTask
 from visualsearch.recipes import (
     DataRecipe,
     Projection,
@@ -27,6 +30,7 @@ from visualsearch.recipes import (
     choose_recipe,
     get_recipe,
     pick_data_recipes,
+    register_recipe,
     resolve_recipe,
 )
 from visualsearch.service import VisualSearch
@@ -227,6 +231,41 @@ def test_shopper_views_put_the_product_among_other_products():
     alone = [np.asarray(views(blue, rng)).astype(int) for _ in range(12)]
     assert sum(share(photo, 0) > 0.002 for photo in photos) >= 3
     assert np.mean([share(photo, 0) for photo in photos]) > 3 * np.mean([share(photo, 0) for photo in alone])
+
+
+QUERY_PHOTOS = f"{TINY}-tune-queries"
+register_recipe(Recipe(name=QUERY_PHOTOS, backbone=TINY, query_input_size=48, query_centre_prior=0.35, hidden=True))
+
+
+def _tasks(catalogue_file: Path, count: int) -> list[ImageTask]:
+    return [ImageTask(image_id=number + 1, product_id=number + 1, sku=f"P{number}",
+                      path=str(_image(catalogue_file, number))) for number in range(count)]
+
+
+def test_tune_embeds_its_photos_as_queries(tiny_weights, catalogue40, monkeypatch):
+    embedder = Embedder(TINY, recipe=QUERY_PHOTOS, weights_path=tiny_weights)
+    tasks = _tasks(catalogue40, 5)
+    # Photos that are the catalogue images themselves: the embedding path alone differs.
+    monkeypatch.setattr(ShopperViews, "__call__", lambda self, image, rng, others=(), product=None: image)
+    features = tuning.embed_features(embedder, tasks, views=2, seed=0, max_pixels=10**7)
+    images = [load_image(task.path, target_size=2 * embedder.query_decode_size) for task in tasks]
+    assert np.allclose(features.originals, embedder.embed_images(images), atol=1e-5)
+    for view in range(2):
+        assert np.allclose(features.views[:, view], embedder.embed_queries(images), atol=1e-5)
+    assert not np.allclose(features.views[:, 0], features.originals, atol=1e-3)
+
+
+def test_tune_photos_depend_on_the_seed_not_the_batch_size(tiny_weights, catalogue40):
+    embedder = Embedder(TINY, weights_path=tiny_weights)
+    tasks = _tasks(catalogue40, 12)
+
+    def features(batch_images: int, seed: int = 0) -> np.ndarray:
+        return tuning.embed_features(embedder, tasks, views=3, seed=seed, max_pixels=10**7,
+                                     batch_images=batch_images).views
+
+    one = features(1)
+    assert np.allclose(one, features(7), atol=1e-5) and np.allclose(one, features(16), atol=1e-5)
+    assert not np.allclose(one, features(7, seed=1), atol=1e-3)
 
 
 def test_data_directory_recipes_resolve_after_registered_ones():

@@ -188,6 +188,12 @@ class Recipe:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["scales"] = list(self.scales)
+        # Unset query settings stay out of the record, so that a build from before they
+        # existed can still read the recipes a data directory records (its
+        # recipe_from_dict refuses unknown fields).
+        for name in ("query_input_size", "query_centre_prior"):
+            if data[name] is None:
+                del data[name]
         return data
 
     def _input_size(self) -> int:

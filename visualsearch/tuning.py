@@ -68,9 +68,9 @@ MIN_TRAIN_PRODUCTS = 2
 # product is pasted into a scene.
 WHITE_LEVEL = 236
 # Share of the shopper photos that show the product among other catalogue products (the
-# rest: the whole catalogue image warped, at times over noise). Such photos taught the
-# projection to find a product in clutter: shopper benchmark R@1 0.119 -> 0.193 with
-# EfficientNet-Lite0 (docs/retrieval-quality.md, "Catalogue tuning").
+# rest: the whole catalogue image warped, at times over noise). Such photos teach the
+# projection to find a product in clutter (docs/retrieval-quality.md, "Tuning that puts
+# the product among other products").
 AMONG_OTHERS = 0.75
 # Cut-out products kept for the clutter of later photos (the most recently read images).
 CLUTTER_POOL = 64
@@ -192,11 +192,13 @@ class ShopperViews:
             T.RandomApply([T.GaussianBlur(5, sigma=(0.2, 1.8))], p=0.5),
         ])
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator,
-                 others: Sequence[Image.Image] = ()) -> Image.Image:
-        """A photo of ``image``; ``others`` are cut-out products (:func:`cutout`) it may lie among."""
+    def __call__(self, image: Image.Image, rng: np.random.Generator, others: Sequence[Image.Image] = (),
+                 product: Image.Image | None = None) -> Image.Image:
+        """A photo of ``image``; ``others`` are cut-out products (:func:`cutout`) it may lie
+        among; ``product`` is ``image``'s own cut-out when the caller has it already."""
         if others and rng.random() < AMONG_OTHERS:
-            photo = self._photometric(self._among_others(cutout(image), others, rng), rng)
+            cut = product if product is not None else cutout(image)
+            photo = self._photometric(self._among_others(cut, others, rng), rng)
         else:
             if rng.random() < 0.5:
                 image = self._in_scene(image, rng)
@@ -334,7 +336,7 @@ def embed_features(embedder: Embedder, tasks: Sequence[ImageTask], *, views: int
         torch.manual_seed(seed)
         for start in range(0, len(tasks), batch_images):
             batch = tasks[start:start + batch_images]
-            images, kept = [], []
+            images, kept, shots = [], [], []
             for task in batch:
                 try:
                     image = load_image(task.path, max_pixels=max_pixels,
@@ -343,13 +345,15 @@ def embed_features(embedder: Embedder, tasks: Sequence[ImageTask], *, views: int
                     logger.warning("tune: skipping %s: %s", task.path, exc)
                     unreadable += 1
                     continue
+                # Photos among the products read before this one (never batch-mates only):
+                # a seed gives the same photos whatever the batch size.
+                own = cutout(image)
+                others = [item for product, item in pool if product != task.product_id]
+                shots += [augment(image, rng, others, own) for _ in range(views)]
+                # Clutter is pasted at a quarter of the photo at most: a small copy will do.
+                pool.append((task.product_id, own if max(own.size) <= augment.size else _fit(own, augment.size)))
                 images.append(image)
                 kept.append(task)
-                pool.append((task.product_id, cutout(image)))
-            shots = []
-            for task, image in zip(kept, images):
-                others = [item for product, item in pool if product != task.product_id]
-                shots += [augment(image, rng, others) for _ in range(views)]
             if kept:
                 originals.append(embedder.embed_images(images))
                 photos.append(embedder.embed_queries(shots).reshape(len(kept), views, -1))

@@ -222,6 +222,11 @@ def parse_config(text: str) -> dict:
         if key not in DEFAULTS:
             raise SystemExit(f"unknown config key {key!r}; known: {', '.join(DEFAULTS)}")
         config[key] = type(DEFAULTS[key])(value) if not isinstance(DEFAULTS[key], str) else value
+    # Combinations the harness would compute otherwise than the engine: refused, not recorded.
+    if config["qsize"] and config["ms"]:
+        raise SystemExit("qsize with ms is not supported: the engine scales every scale to the query size")
+    if config["centre"] and config["mask"]:
+        raise SystemExit("centre with mask is not supported: the pooling takes one weighting")
     return config
 
 
