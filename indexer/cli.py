@@ -578,8 +578,9 @@ def tune(dim: int, epochs: int, views: int, holdout: float, max_images: int, see
          as_json: bool, wait: float, **options: Any) -> None:
     """Learn a projection from the catalogue's own images, then switch to it.
 
-    Shopper-style photos of each sampled image (scene, angle, crop, light, blur, JPEG)
-    teach a linear map on top of the current recipe's vectors to bring a photo
+    Shopper-style photos of each sampled image (mostly the product cropped and turned
+    among other products of the catalogue, else the whole image at an angle; light,
+    blur, JPEG) teach a linear map on top of the current recipe's vectors to bring a photo
     near its product's images. Recall@1 of held-out products' photos is shown before
     and after; then the recipe <current>+tuned is recorded in the data directory and
     the catalogue is re-embedded with it without downtime (as `reembed` does), unless
