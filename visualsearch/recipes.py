@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESIZE_POLICIES = ("crop", "pad")
+# Recipe fields that concern uploaded photos only. Unset, they stay out of a recipe's
+# parameters and records, so that recipes without them keep the fingerprints their
+# indexes recorded, and builds from before them can still read the records.
+QUERY_SETTINGS = ("query_input_size", "query_centre_prior")
 # p=3 is the value Radenovic et al. (2018) found best for retrieval without training
 # (the embedder's GEM_P; a test keeps the two equal).
 DEFAULT_GEM_P = 3.0
@@ -173,9 +177,7 @@ class Recipe:
         parameters = {"backbone": self.backbone, "input_size": self.input_size, "resize_size": self.resize_size,
                       "resize": self.resize, "gem_p": self.gem_p, "flip": self.flip, "scales": list(self.scales),
                       "projection_sha256": projection_sha256 if self.projection else None}
-        # Query-side settings count only when set, so that every recipe without them keeps
-        # the fingerprint its indexes recorded before they existed.
-        for name in ("query_input_size", "query_centre_prior"):
+        for name in QUERY_SETTINGS:  # only when set (see QUERY_SETTINGS)
             if getattr(self, name) is not None:
                 parameters[name] = getattr(self, name)
         return parameters
@@ -188,10 +190,7 @@ class Recipe:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["scales"] = list(self.scales)
-        # Unset query settings stay out of the record, so that a build from before they
-        # existed can still read the recipes a data directory records (its
-        # recipe_from_dict refuses unknown fields).
-        for name in ("query_input_size", "query_centre_prior"):
+        for name in QUERY_SETTINGS:  # only when set: an older recipe_from_dict refuses unknown fields
             if data[name] is None:
                 del data[name]
         return data

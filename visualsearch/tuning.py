@@ -198,7 +198,7 @@ class ShopperViews:
         among; ``product`` is ``image``'s own cut-out when the caller has it already."""
         if others and rng.random() < AMONG_OTHERS:
             cut = product if product is not None else cutout(image)
-            photo = self._photometric(self._among_others(cut, others, rng), rng)
+            photo = self._lamp_light(self._among_others(cut, others, rng), rng)
         else:
             if rng.random() < 0.5:
                 image = self._in_scene(image, rng)
@@ -251,7 +251,7 @@ class ShopperViews:
         return scene
 
     @staticmethod
-    def _photometric(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def _lamp_light(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
         """Lamp light or shade: per-channel gains, brightness, contrast and saturation off by
         up to 35 %, then a little blur."""
         gains = rng.uniform(0.8, 1.2, 3)

@@ -225,8 +225,8 @@ def parse_config(text: str) -> dict:
     # Combinations the harness would compute otherwise than the engine: refused, not recorded.
     if config["qsize"] and config["ms"]:
         raise SystemExit("qsize with ms is not supported: the engine scales every scale to the query size")
-    if config["centre"] and config["mask"]:
-        raise SystemExit("centre with mask is not supported: the pooling takes one weighting")
+    if config["centre"] and (config["mask"] or config["pool"] != "gem"):
+        raise SystemExit("centre with mask or pool=rmac is not supported: the pooling takes one weighting")
     return config
 
 
